@@ -1,0 +1,181 @@
+"""Reading WikiText-format text, finding it on disk, and fetching WikiText-2 when absent."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bertlite.errors import DataError
+
+#: The reserved tokens of the book's vocabulary (``<unk>`` comes first, at index 0).
+SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<sep>")
+
+#: The book's WikiText-2 archive (d2l 0.17.6, ``DATA_HUB['wikitext-2']``).
+WIKITEXT2_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
+WIKITEXT2_SHA1 = "3c914d17d80b1459be871a5039ac23e752a53cbe"
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+CORPORA = ("sample", "wikitext-2")
+
+
+def get_tokens_and_segments(tokens_a: Sequence[str], tokens_b: Sequence[str] | None = None
+                            ) -> tuple[list[str], list[int]]:
+    """The BERT input of one text or a text pair: ``<cls> a <sep> [b <sep>]`` and segment ids."""
+    tokens = ["<cls>", *tokens_a, "<sep>"]
+    segments = [0] * (len(tokens_a) + 2)
+    if tokens_b is not None:
+        tokens += [*tokens_b, "<sep>"]
+        segments += [1] * (len(tokens_b) + 1)
+    return tokens, segments
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a corpus file, with errors that say what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"corpus file {path} does not exist")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:1 << 16]:
+        raise DataError(f"corpus file {path} looks binary (it contains NUL bytes); "
+                        "give a WikiText-format text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"corpus file {path} is not UTF-8 text (byte {err.start}: "
+                        f"{raw[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
+
+
+def read_wiki(path: str | os.PathLike) -> list[list[str]]:
+    """Paragraphs of a WikiText split, each a list of lowercased sentences (the book's rules).
+
+    A line is a paragraph when it splits on ``' . '`` into at least two sentences. Unlike the
+    book, the paragraphs are not shuffled here: the order is the file's, randomness comes later
+    from an explicit seed.
+    """
+    text = read_text(path)
+    paragraphs = [line.strip().lower().split(" . ")
+                  for line in text.splitlines() if len(line.split(" . ")) >= 2]
+    if not paragraphs:
+        raise DataError(f"corpus file {path} has no paragraph of two or more sentences "
+                        "(sentences are separated by ' . ', one paragraph per line, as in "
+                        "WikiText); is it a WikiText-format file?")
+    return paragraphs
+
+
+def default_data_root() -> Path:
+    """Where corpora live: ``$BERTLITE_DATA``, else ``~/.cache/bertlite``."""
+    env = os.environ.get("BERTLITE_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "bertlite"
+
+
+def find_split_file(data_dir: str | os.PathLike, split: str = "train") -> Path:
+    """``data_dir/wiki.<split>.tokens``, or an error that says what the folder holds."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist")
+    path = data_dir / f"wiki.{split}.tokens"
+    if not path.is_file():
+        have = sorted(p.name for p in data_dir.glob("wiki.*.tokens"))
+        raise DataError(f"{path} is missing (the folder has {have or 'no wiki.*.tokens files'}); "
+                        f"choose another split or put wiki.{split}.tokens there")
+    return path
+
+
+def resolve_corpus_file(corpus: str = "wikitext-2", split: str = "train", *,
+                        data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The file of a corpus split: the sample shipped with bertlite, or WikiText-2.
+
+    WikiText-2 is looked for in ``data_dir``, else ``$BERTLITE_DATA/wikitext-2``, else
+    ``~/.cache/bertlite/wikitext-2``, and downloaded there (SHA-1 checked) when absent.
+    ``corpus`` may also be the path of a folder that holds ``wiki.<split>.tokens``.
+    """
+    if corpus == "sample":
+        return find_split_file(SAMPLE_DIR, split)
+    if data_dir is not None:
+        return find_split_file(data_dir, split)
+    if corpus == "wikitext-2":
+        folder = default_data_root() / "wikitext-2"
+        if not folder.is_dir():
+            if not download:
+                raise DataError(f"WikiText-2 is not in {folder}; put wiki.{split}.tokens there")
+            download_wikitext2(folder)
+        return find_split_file(folder, split)
+    if Path(corpus).is_dir():
+        return find_split_file(corpus, split)
+    raise DataError(f"unknown corpus {corpus!r}: use one of {list(CORPORA)}, or a folder "
+                    "with wiki.<split>.tokens files (data_dir=...)")
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_wikitext2(folder: str | os.PathLike, url: str | None = None,
+                       sha1: str = WIKITEXT2_SHA1, timeout: float = 30.0) -> Path:
+    """Download the book's WikiText-2 archive, check its SHA-1 and extract it to ``folder``.
+
+    Everything happens in a temporary folder beside ``folder`` and is renamed into place at the
+    end, so a failure (offline, server error, interrupted transfer, wrong checksum) leaves
+    nothing behind.
+    """
+    from tqdm.auto import tqdm
+
+    url = url or os.environ.get("BERTLITE_WIKITEXT2_URL", WIKITEXT2_URL)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    hint = (f"Put wiki.train.tokens (and wiki.valid.tokens, wiki.test.tokens) in {folder} "
+            "yourself, set BERTLITE_DATA or data_dir=..., or use corpus='sample' "
+            "(the small corpus shipped with bertlite).")
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".wikitext-2-") as tmp:
+        archive = Path(tmp) / "wikitext-2-v1.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, \
+                    open(archive, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc="WikiText-2",
+                          leave=False, delay=0.5) as bar:
+                    received = 0
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        out.write(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+                if total is not None and received != total:
+                    raise DataError(f"the download of {url} was interrupted ({received} of "
+                                    f"{total} bytes). {hint}")
+        except urllib.error.HTTPError as err:
+            raise DataError(f"could not download WikiText-2 from {url}: HTTP {err.code} "
+                            f"{err.reason}. {hint}") from None
+        except (urllib.error.URLError, OSError) as err:
+            if isinstance(err, DataError):
+                raise
+            reason = getattr(err, "reason", err)
+            raise DataError(f"could not download WikiText-2 from {url} ({reason}). "
+                            f"{hint}") from None
+        got = _sha1(archive)
+        if got != sha1:
+            raise DataError(f"the archive from {url} has SHA-1 {got}, expected {sha1}; "
+                            f"it was not kept. {hint}")
+        extracted = Path(tmp) / "extracted"
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(extracted)
+        except zipfile.BadZipFile:
+            raise DataError(f"the archive from {url} is not a valid zip file. {hint}") from None
+        found = sorted(extracted.rglob("wiki.train.tokens"))
+        if not found:
+            raise DataError(f"the archive from {url} has no wiki.train.tokens. {hint}")
+        if folder.exists():  # another process finished first
+            return folder
+        shutil.move(str(found[0].parent), str(folder))
+    return folder

@@ -1,0 +1,115 @@
+"""The word-level vocabulary of the book: ``<unk>`` first, reserved tokens, then by frequency."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import overload
+
+from bertlite.data.corpus import SPECIAL_TOKENS
+from bertlite.errors import DataError
+
+
+class Vocab:
+    """Maps tokens to indices and back; unknown tokens map to ``<unk>`` (index 0).
+
+    Tokens seen at least ``min_freq`` times are kept, most frequent first; ties are broken by
+    the token's text so that the vocabulary does not depend on the order of the corpus.
+    """
+
+    def __init__(self, tokens: Iterable[str] | Iterable[Sequence[str]] | None = None,
+                 min_freq: int = 0, reserved_tokens: Sequence[str] | None = None) -> None:
+        counter: Counter[str] = Counter()
+        if tokens is not None:
+            tokens = list(tokens)
+            if tokens and not isinstance(tokens[0], str):
+                for line in tokens:
+                    counter.update(line)
+            else:
+                counter.update(tokens)
+        self._token_freqs = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+        self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
+        self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
+        for token, freq in self._token_freqs:
+            if freq < min_freq:
+                break
+            if token not in self.token_to_idx:
+                self.token_to_idx[token] = len(self.idx_to_token)
+                self.idx_to_token.append(token)
+
+    @classmethod
+    def from_tokens(cls, idx_to_token: Sequence[str]) -> Vocab:
+        """A vocabulary with exactly these tokens in this order (index 0 must be ``<unk>``)."""
+        if not idx_to_token or idx_to_token[0] != "<unk>":
+            raise DataError("a vocabulary must start with '<unk>' at index 0")
+        if len(set(idx_to_token)) != len(idx_to_token):
+            raise DataError("a vocabulary has duplicate tokens")
+        vocab = cls()
+        vocab.idx_to_token = list(idx_to_token)
+        vocab.token_to_idx = {t: i for i, t in enumerate(vocab.idx_to_token)}
+        return vocab
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    @overload
+    def __getitem__(self, tokens: str) -> int: ...
+    @overload
+    def __getitem__(self, tokens: list | tuple) -> list: ...
+
+    def __getitem__(self, tokens):
+        if not isinstance(tokens, (list, tuple)):
+            return self.token_to_idx.get(tokens, 0)
+        return [self[token] for token in tokens]
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.token_to_idx
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.idx_to_token == other.idx_to_token
+
+    def __repr__(self) -> str:
+        return f"Vocab(size={len(self)})"
+
+    def to_tokens(self, indices):
+        """The token of an index, or the tokens of a list of indices."""
+        if not isinstance(indices, (list, tuple)):
+            return self.idx_to_token[int(indices)]
+        return [self.idx_to_token[int(i)] for i in indices]
+
+    @property
+    def unk(self) -> int:
+        return 0
+
+    @property
+    def token_freqs(self) -> list[tuple[str, int]]:
+        return self._token_freqs
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Indices of ``<unk>`` and the reserved tokens present."""
+        return {t: self.token_to_idx[t] for t in ("<unk>", *SPECIAL_TOKENS)
+                if t in self.token_to_idx}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One token a line, in index order (the format of BERT's ``vocab.txt``)."""
+        from bertlite.io import atomic_write_text
+
+        atomic_write_text(path, "".join(t + "\n" for t in self.idx_to_token))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Vocab:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"vocabulary file {path} does not exist")
+        tokens = path.read_text(encoding="utf-8").split("\n")
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        return cls.from_tokens(tokens)
+
+
+def build_vocab(sentences: Iterable[Sequence[str]], min_freq: int = 5) -> Vocab:
+    """The book's vocabulary for pretraining: ``min_freq`` 5 and the four reserved tokens."""
+    return Vocab(sentences, min_freq=min_freq, reserved_tokens=list(SPECIAL_TOKENS))

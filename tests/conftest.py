@@ -1,0 +1,98 @@
+"""Shared fixtures: the backend matrix, the real WikiText-2 data, the book's d2l package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from bertlite.registry import BUILTIN
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT_DIR = Path(os.environ.get("BERTLITE_TEST_WIKITEXT",
+                                   REPO.parent / "shared" / "data" / "wikitext-2"))
+BACKEND_NAMES = list(BUILTIN)
+
+
+def framework_installed(name: str) -> bool:
+    return importlib.util.find_spec(BUILTIN[name][2]) is not None
+
+
+def skip_unless_backend(name: str) -> None:
+    if not framework_installed(name):
+        pytest.skip(f"backend {name!r} skipped: {BUILTIN[name][2]} is not installed "
+                    f'(pip install "bertlite[{name}]")')
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend_name(request) -> str:
+    skip_unless_backend(request.param)
+    return request.param
+
+
+@pytest.fixture
+def backend(backend_name):
+    from bertlite.registry import get_backend
+
+    return get_backend(backend_name)
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    if not (WIKITEXT_DIR / "wiki.valid.tokens").is_file():
+        pytest.skip(f"real WikiText-2 data not found in {WIKITEXT_DIR} "
+                    "(set BERTLITE_TEST_WIKITEXT to the folder of wiki.valid.tokens)")
+    return WIKITEXT_DIR
+
+
+@pytest.fixture(scope="session")
+def wikitext_train_dir(wikitext_dir, tmp_path_factory) -> Path:
+    """A folder whose wiki.train.tokens is the real validation split (for the book's code,
+    which always reads the train split)."""
+    folder = tmp_path_factory.mktemp("wikitext") / "wikitext-2"
+    folder.mkdir()
+    for split, source in (("train", "valid"), ("valid", "valid"), ("test", "test")):
+        (folder / f"wiki.{split}.tokens").symlink_to(wikitext_dir / f"wiki.{source}.tokens")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test session gets its own preparation cache; no test reads the user's."""
+    monkeypatch.setenv("BERTLITE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+def _stub(name: str) -> None:
+    if name in sys.modules or importlib.util.find_spec(name.split(".")[0]) is not None:
+        return
+    module = types.ModuleType(name)
+    module.__getattr__ = lambda attr: types.SimpleNamespace()  # anything d2l touches at import
+    sys.modules[name] = module
+
+
+def import_d2l(framework: str):
+    """The book's reference code, d2l 0.17.6, with the modules it imports but bertlite's tests
+    never use (torchvision fails beside CPU torch here; pandas, IPython, ...) stubbed."""
+    if importlib.util.find_spec("d2l") is None:
+        pytest.skip("d2l 0.17.6 (the book's code) is not installed: "
+                    "pip install --no-deps d2l==0.17.6")
+    skip_unless_backend(framework)
+    if framework == "torch":
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            for name in ("torchvision", "torchvision.transforms"):
+                sys.modules.pop(name, None)
+                module = types.ModuleType(name)
+                module.__getattr__ = lambda attr: types.SimpleNamespace()
+                sys.modules[name] = module
+            sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    for name in ("PIL", "PIL.Image", "pandas", "requests", "IPython", "IPython.display",
+                 "matplotlib_inline", "matplotlib_inline.backend_inline"):
+        _stub(name)
+    return importlib.import_module(f"d2l.{framework}")
