@@ -1,0 +1,19 @@
+"""bertlite: BERT pretraining (masked language modeling + next sentence prediction) with one
+backend-neutral core and PyTorch and MXNet backends.
+
+Importing bertlite imports no framework; a backend's framework is imported when it is used.
+"""
+
+from bertlite._version import __version__
+from bertlite.api import TrainResult, info, train
+from bertlite.checkpoint import load, save
+from bertlite.config import BERTConfig
+from bertlite.data import Vocab, get_tokens_and_segments, load_data_wiki
+from bertlite.model import Pretrained, get_bert_encoding
+from bertlite.registry import available_backends, get_backend
+
+__all__ = [
+    "BERTConfig", "Pretrained", "TrainResult", "Vocab", "__version__", "available_backends",
+    "get_backend", "get_bert_encoding", "get_tokens_and_segments", "info", "load",
+    "load_data_wiki", "save", "train",
+]

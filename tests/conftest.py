@@ -15,7 +15,10 @@ from bertlite.registry import BUILTIN
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT_DIR = Path(os.environ.get("BERTLITE_TEST_WIKITEXT",
                                    REPO.parent / "shared" / "data" / "wikitext-2"))
-BACKEND_NAMES = list(BUILTIN)
+#: the backends the shared suite is parametrized over (tox sets one per env)
+BACKEND_NAMES = [name.strip() for name in
+                 os.environ.get("BERTLITE_TEST_BACKENDS", ",".join(BUILTIN)).split(",")
+                 if name.strip()]
 
 
 def framework_installed(name: str) -> bool:

@@ -1,0 +1,5 @@
+import sys
+
+from bertlite.cli import main
+
+sys.exit(main())

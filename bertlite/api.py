@@ -1,0 +1,227 @@
+"""``bertlite.train``: data, model, schedule, summary, plot and checkpoints in one call."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertlite import checkpoint as ckpt
+from bertlite.backend import Backend
+from bertlite.config import BERTConfig, resolve_config
+from bertlite.data.loader import BatchIterator, load_data_wiki
+from bertlite.errors import CheckpointError, DataError
+from bertlite.model import Pretrained
+from bertlite.optim import OptimizerSettings
+from bertlite.params import init_params
+from bertlite.registry import get_backend
+from bertlite.trainer import History, TrainState, summary_lines, train_bert
+
+DEFAULT_PLOT = "bertlite-loss.png"
+
+
+@dataclass
+class TrainResult(Pretrained):
+    """The trained model plus how training went."""
+
+    history: History = field(default_factory=History)
+    num_steps: int = 0
+    seed: int = 0
+
+    @property
+    def mlm_loss(self) -> float:
+        """Mean MLM loss over the run (what the book prints)."""
+        return self.history.mean_mlm_loss
+
+    @property
+    def nsp_loss(self) -> float:
+        return self.history.mean_nsp_loss
+
+    @property
+    def pairs_per_sec(self) -> float:
+        return self.history.pairs_per_sec
+
+    def summary(self) -> str:
+        return "\n".join(summary_lines(self.history,
+                                       self.backend.describe_devices(self.devices)))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {err.strerror or err}; "
+                              "choose another checkpoint_dir") from None
+
+
+def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState, optimizer: Any,
+                         settings: OptimizerSettings, training: dict[str, Any], keep: int) -> None:
+    be = result.backend
+    arrays = dict(be.optimizer_state(optimizer))
+    arrays.update({f"rng.{k}": v for k, v in be.rng_state().items()})
+    ckpt.write_checkpoint(
+        directory / f"step-{state.step:06d}", config=result.config, vocab=result.vocab,
+        weights=be.state_dict(result.model), backend_name=be.name, training=training,
+        trainer_arrays=arrays,
+        trainer_state={"step": state.step, "epoch": state.epoch,
+                       "batch_index": state.batch_index, "optimizer": settings.to_dict(),
+                       "history": state.history.to_dict()})
+    ckpt.prune_checkpoints(directory, keep)
+
+
+def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any]
+            ) -> TrainState | None:
+    if not ckpt.list_checkpoints(directory):
+        return None
+    found = ckpt.read_checkpoint(directory, with_trainer=True)
+    if found["config"] != result.config:
+        raise CheckpointError(f"{found['path']} holds a model of another config "
+                              f"({found['config']}); use a new checkpoint_dir or the same config")
+    saved = found["meta"].get("training", {})
+    for key in ("batch_size", "max_len", "seed", "masking", "corpus_digest"):
+        if saved.get(key) != training.get(key):
+            raise CheckpointError(f"{found['path']} was trained with {key}={saved.get(key)!r}, "
+                                  f"this run has {training.get(key)!r}; resume with the same "
+                                  "settings or use a new checkpoint_dir")
+    be = result.backend
+    be.load_state_dict(result.model, found["weights"])
+    arrays = found["trainer_arrays"]
+    be.load_optimizer_state(optimizer, {k: v for k, v in arrays.items()
+                                        if not k.startswith("rng.")})
+    be.set_rng_state({k[4:]: v for k, v in arrays.items() if k.startswith("rng.")})
+    meta = found["trainer_state"]
+    return TrainState(step=meta["step"], epoch=meta["epoch"], batch_index=meta["batch_index"],
+                      history=History.from_dict(meta["history"]))
+
+
+def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
+          data_dir: str | os.PathLike | None = None, split: str = "train",
+          config: str | BERTConfig | dict = "tiny", batch_size: int = 512, max_len: int = 64,
+          num_steps: int = 50, lr: float = 0.01, optimizer: str = "adam",
+          weight_decay: float = 0.0, schedule: str = "constant", warmup_steps: int = 0,
+          clip_norm: float | None = None, devices: Any = None, seed: int | None = None,
+          masking: str = "static", plot: str | os.PathLike | None = DEFAULT_PLOT,
+          progress: bool = True, verbose: bool = True, max_time: float | None = None,
+          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+          keep_checkpoints: int = 3, resume: bool = False) -> TrainResult:
+    """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
+
+    ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
+    (``corpus="sample"`` for the small corpus shipped with bertlite), the model a preset
+    (``"tiny"`` is the book's) or a BERTConfig. Prints the book's summary lines, writes the loss
+    plot to ``plot`` (None to skip), and with ``checkpoint_dir`` saves every
+    ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest
+    checkpoint there, exactly as if never interrupted.
+    """
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("max_len", max_len)
+    if checkpoint_every is not None:
+        _check_positive_int("checkpoint_every", checkpoint_every)
+    be = get_backend(backend)
+    seed = 0 if seed is None else int(seed)
+    settings = OptimizerSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                                 clip_norm=clip_norm, schedule=schedule,
+                                 warmup_steps=warmup_steps, total_steps=num_steps)
+    if isinstance(config, str):
+        resolve_config(config, 1)  # an unknown preset fails before the data is read
+    devs = be.parse_devices(devices)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None:
+        _check_writable(ckpt_dir)
+
+    batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
+                                    split=split, seed=seed, masking=masking)
+    model_config = resolve_config(config, len(vocab), max_len=max_len)
+    be.seed(seed)
+    net = be.build_model(model_config, devs)
+    be.load_state_dict(net, init_params(model_config, seed))
+    opt = be.create_optimizer(net, settings)
+    training = {"corpus": str(corpus), "split": split, "batch_size": batch_size,
+                "max_len": max_len, "seed": seed, "masking": masking, "num_steps": num_steps,
+                "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches)}
+    result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
+                         num_steps=num_steps, seed=seed)
+    state = None
+    if resume and ckpt_dir is not None:
+        state = _resume(ckpt_dir, result, opt, training)
+    state = state or TrainState()
+
+    callbacks = []
+    if ckpt_dir is not None:
+        every = checkpoint_every or num_steps
+
+        def save_checkpoint(st: TrainState) -> None:
+            if st.step % every == 0 or st.step == num_steps:
+                _training_checkpoint(ckpt_dir, result, st, opt, settings, training,
+                                     keep_checkpoints)
+
+        callbacks.append(save_checkpoint)
+    state = train_bert(batches, be, net, opt, settings, num_steps, state=state,
+                       devices_text=be.describe_devices(devs), progress=progress,
+                       max_time=max_time, callbacks=callbacks)
+    saved_steps = [step for step, _ in ckpt.list_checkpoints(ckpt_dir)] if ckpt_dir else []
+    if ckpt_dir is not None and state.step not in saved_steps:  # stopped early by max_time
+        _training_checkpoint(ckpt_dir, result, state, opt, settings, training, keep_checkpoints)
+    result.history = state.history
+    if verbose:
+        print(result.summary(), flush=True)
+    if plot is not None:
+        from bertlite.plot import plot_history
+
+        plot_history(state.history, plot, title=f"{be.name}, {model_config.num_layers} layers, "
+                                                f"batch {batch_size} x {max_len}")
+    return result
+
+
+def _corpus_digest(batches: BatchIterator) -> str:
+    """A short fingerprint of the prepared data, so a resume cannot silently switch corpora."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    ex = batches.examples
+    for array in (ex.tokens, ex.segments, ex.nsp_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def info(config: str | None = None) -> dict[str, Any]:
+    """Versions, backends (installed or not) and their devices; with ``config``, its size and
+    the chance-level losses that answer the book's first exercise."""
+    from bertlite._version import __version__
+    from bertlite.registry import available_backends, installed_backends
+
+    report: dict[str, Any] = {"bertlite": __version__, "python": sys.version.split()[0],
+                              "platform": platform.platform(), "numpy": np.__version__,
+                              "backends": {}}
+    installed = set(installed_backends())
+    for name in available_backends():
+        if name not in installed:
+            report["backends"][name] = {"installed": False,
+                                        "install": f'pip install "bertlite[{name}]"'}
+            continue
+        try:
+            report["backends"][name] = {"installed": True, **get_backend(name).info()}
+        except Exception as err:  # a broken backend is reported, not fatal
+            report["backends"][name] = {"installed": False, "error": str(err)}
+    if config is not None:
+        cfg = resolve_config(config, 20000)
+        mlm, nsp = cfg.chance_losses()
+        report["config"] = {"name": config, **cfg.to_dict(),
+                            "parameters (vocab 20000)": cfg.num_parameters(),
+                            "chance MLM loss ln|V| (vocab 20000)": round(mlm, 3),
+                            "chance NSP loss ln 2": round(nsp, 3)}
+    return report

@@ -1,0 +1,149 @@
+"""The ``bertlite`` command: pretrain, encode, info. Usage errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from bertlite.config import PRESETS
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``2h``."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use 90, 90s, 10m, 2h)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertlite", description="BERT pretraining (MLM + NSP) on PyTorch or MXNet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a BERT and print the book's summary")
+    p.add_argument("--backend", help="torch or mxnet (default: $BERTLITE_BACKEND)")
+    p.add_argument("--corpus", default="wikitext-2",
+                   help="sample (shipped with bertlite), wikitext-2, or a folder")
+    p.add_argument("--data-dir", help="folder with wiki.<split>.tokens")
+    p.add_argument("--split", default="train")
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--clip-norm", type=float)
+    p.add_argument("--masking", default="static", choices=["static", "dynamic"])
+    p.add_argument("--devices", help='e.g. cpu, cuda, cuda:0,1, cpu:0,cpu:1, gpu:0 '
+                                     '(default: all GPUs, else the CPU)')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="bertlite-loss.png", help="PNG of the loss curves")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--max-time", type=_duration, help="stop after this long (10m, 2h)")
+    p.add_argument("--checkpoint-dir", help="save checkpoints here")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--save", help="save the final model as a checkpoint folder here")
+    p.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("encode", help="print BERT encodings of a text or text pair")
+    e.add_argument("text", help="text A (words separated by spaces)")
+    e.add_argument("text_b", nargs="?", help="text B of a pair")
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder or directory")
+    e.add_argument("--backend", help="backend to run on (default: the one it was trained with)")
+    e.add_argument("--devices")
+    e.add_argument("--dims", type=int, default=3, help="features shown per token (default 3)")
+
+    i = sub.add_parser("info", help="versions, backends and devices")
+    i.add_argument("--config", choices=sorted(PRESETS),
+                   help="also show a preset's size and chance-level losses")
+    i.add_argument("--json", action="store_true")
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import bertlite
+
+    result = bertlite.train(
+        args.backend, corpus=args.corpus, data_dir=args.data_dir, split=args.split,
+        config=args.config, batch_size=args.batch_size, max_len=args.max_len,
+        num_steps=args.steps, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        clip_norm=args.clip_norm, devices=args.devices, seed=args.seed, masking=args.masking,
+        plot=None if args.no_plot else args.plot, progress=not args.no_progress,
+        max_time=args.max_time, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume)
+    if not args.no_plot:
+        print(f"loss plot: {args.plot}")
+    if args.save:
+        result.save(args.save)
+        print(f"saved: {args.save}")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import bertlite
+
+    model = bertlite.load(args.checkpoint, backend=args.backend, devices=args.devices)
+    tokens_a = args.text.lower().split()
+    tokens_b = args.text_b.lower().split() if args.text_b else None
+    encoded = model.encode(tokens_a, tokens_b)[0]
+    tokens, _ = bertlite.get_tokens_and_segments(tokens_a, tokens_b)
+    print(f"backend {model.backend.name}; encodings {tuple(encoded.shape)} "
+          f"(tokens x hidden); first {args.dims} features")
+    for token, vector in zip(tokens, encoded):
+        shown = " ".join(f"{x:+.4f}" for x in vector[:args.dims])
+        known = "" if token in model.vocab else "  (<unk>)"
+        print(f"{token:>12}  {shown}{known}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import bertlite
+
+    report = bertlite.info(config=args.config)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"bertlite {report['bertlite']}  python {report['python']}  numpy {report['numpy']}")
+    print(f"platform {report['platform']}")
+    for name, data in report["backends"].items():
+        if data.get("installed"):
+            details = ", ".join(f"{k} {v}" for k, v in data.items() if k != "installed")
+            print(f"backend {name}: {details}")
+        else:
+            print(f"backend {name}: not installed ({data.get('install') or data.get('error')})")
+    if "config" in report:
+        print("config " + ", ".join(f"{k} {v}" for k, v in report["config"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from bertlite.errors import BertliteError
+
+    try:
+        return {"pretrain": _pretrain, "encode": _encode, "info": _info}[args.command](args)
+    except (BertliteError, ValueError, ImportError, FloatingPointError) as err:
+        print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bertlite: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

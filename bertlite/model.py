@@ -1,0 +1,70 @@
+"""A trained BERT in some backend, with its vocabulary: what ``train`` and ``load`` return."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bertlite.backend import Backend
+from bertlite.config import BERTConfig
+from bertlite.data.corpus import get_tokens_and_segments
+from bertlite.data.vocab import Vocab
+from bertlite.errors import DataError
+
+
+def _as_tokens(text: str | Sequence[str] | None, name: str) -> list[str] | None:
+    if text is None:
+        return None
+    tokens = text.lower().split() if isinstance(text, str) else [str(t) for t in text]
+    if not tokens:
+        raise DataError(f"{name} is empty: give at least one token")
+    return tokens
+
+
+@dataclass
+class Pretrained:
+    """A BERT model of a backend, with the vocabulary and config it was trained with."""
+
+    model: Any
+    backend: Backend
+    vocab: Vocab
+    config: BERTConfig
+    devices: list[Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The weights as numpy arrays under the canonical names."""
+        return self.backend.state_dict(self.model)
+
+    def encode(self, tokens_a: str | Sequence[str], tokens_b: str | Sequence[str] | None = None
+               ) -> np.ndarray:
+        """The BERT encoding ``(1, len, hidden)`` of a text or text pair, dropout off.
+
+        Tokens are words (a string is lowercased and split on spaces), unknown ones map to
+        ``<unk>``; the input with ``<cls>`` and ``<sep>`` must fit the positional table
+        (``config.max_len``), otherwise a DataError says by how much it is too long.
+        """
+        tokens, segments = get_tokens_and_segments(_as_tokens(tokens_a, "tokens_a"),
+                                                   _as_tokens(tokens_b, "tokens_b"))
+        if len(tokens) > self.config.max_len:
+            raise DataError(f"the input has {len(tokens)} tokens with <cls> and <sep>, more "
+                            f"than the model's maximum length {self.config.max_len}; shorten it")
+        ids = np.asarray([self.vocab[tokens]], dtype=np.int32)
+        return self.backend.encode(self.model, ids, np.asarray([segments], dtype=np.int32),
+                                   np.asarray([len(tokens)], dtype=np.float32))
+
+    def save(self, path: str, **kwargs: Any) -> None:
+        """Write a framework-neutral checkpoint folder (see :func:`bertlite.save`)."""
+        from bertlite.checkpoint import save
+
+        save(self, path, **kwargs)
+
+
+def get_bert_encoding(model: Pretrained, tokens_a: str | Sequence[str],
+                      tokens_b: str | Sequence[str] | None = None) -> np.ndarray:
+    """The book's ``get_bert_encoding``: encodings ``(1, len, hidden)`` of every token of
+    ``<cls> tokens_a <sep> [tokens_b <sep>]``; index 0 (``<cls>``) represents the whole input."""
+    return model.encode(tokens_a, tokens_b)

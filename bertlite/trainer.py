@@ -1,0 +1,118 @@
+"""The step-based training schedule shared by every backend: steps, not epochs; metrics; a timer
+that leaves data loading out; the d2l-style summary; callbacks for checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bertlite.backend import Backend
+from bertlite.data.loader import BatchIterator
+from bertlite.optim import OptimizerSettings
+
+
+@dataclass
+class History:
+    """Per-step losses and learning rates, plus the running sums the book prints."""
+
+    step: list[int] = field(default_factory=list)
+    mlm_loss: list[float] = field(default_factory=list)
+    nsp_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    pairs: int = 0          # sentence pairs trained on
+    step_time: float = 0.0  # seconds inside the steps (data loading excluded)
+    eval: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, step: int, mlm: float, nsp: float, lr: float) -> None:
+        self.step.append(step)
+        self.mlm_loss.append(mlm)
+        self.nsp_loss.append(nsp)
+        self.lr.append(lr)
+
+    @property
+    def mean_mlm_loss(self) -> float:
+        return sum(self.mlm_loss) / max(1, len(self.mlm_loss))
+
+    @property
+    def mean_nsp_loss(self) -> float:
+        return sum(self.nsp_loss) / max(1, len(self.nsp_loss))
+
+    @property
+    def pairs_per_sec(self) -> float:
+        return self.pairs / self.step_time if self.step_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "mlm_loss": self.mlm_loss, "nsp_loss": self.nsp_loss,
+                "lr": self.lr, "pairs": self.pairs, "step_time": self.step_time,
+                "eval": self.eval}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls(**data)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the next step, the data cursor (pass, batch) and the metrics."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    history: History = field(default_factory=History)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def summary_lines(history: History, devices_text: str) -> list[str]:
+    """The book's two summary lines."""
+    return [f"MLM loss {history.mean_mlm_loss:.3f}, NSP loss {history.mean_nsp_loss:.3f}",
+            f"{history.pairs_per_sec:.1f} sentence pairs/sec on {devices_text}"]
+
+
+def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: Any,
+               settings: OptimizerSettings, num_steps: int, *, state: TrainState | None = None,
+               devices_text: str = "", progress: bool = True, max_time: float | None = None,
+               callbacks: Sequence[Callable[[TrainState], None]] = ()) -> TrainState:
+    """Train for ``num_steps`` optimizer steps in total (passes over the data repeat as needed),
+    continuing from ``state`` when given. Callbacks run after every step (checkpoints,
+    evaluation). ``max_time`` (seconds) stops early, after a whole step."""
+    from tqdm.auto import tqdm
+
+    state = state or TrainState()
+    history = state.history
+    stream = batches.stream(state.epoch, state.batch_index)
+    bar = tqdm(total=num_steps, initial=state.step, desc="pretrain", unit="step",
+               disable=not progress, dynamic_ncols=True, leave=True)
+    started = time.perf_counter()
+    try:
+        while state.step < num_steps:
+            epoch, index, batch = next(stream)
+            lr = settings.lr_at(state.step)
+            tik = time.perf_counter()
+            mlm, nsp = backend.train_step(model, optimizer, batch, lr)
+            mlm, nsp = float(mlm), float(nsp)
+            history.step_time += time.perf_counter() - tik
+            state.epoch, state.batch_index = (epoch, index + 1) if index + 1 < len(batches) \
+                else (epoch + 1, 0)
+            if not (math.isfinite(mlm) and math.isfinite(nsp)):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {state.step + 1} (MLM {mlm}, NSP {nsp}); the "
+                    "last checkpoint is kept: lower the learning rate, add warmup or clip_norm")
+            history.pairs += len(batch.tokens)
+            state.step += 1
+            history.add(state.step, mlm, nsp, lr)
+            bar.update(1)
+            bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}",
+                            pairs_s=f"{history.pairs_per_sec:.0f}", refresh=False)
+            for callback in callbacks:
+                callback(state)
+            if max_time is not None and time.perf_counter() - started >= max_time:
+                break
+    finally:
+        bar.close()
+    return state
