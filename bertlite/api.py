@@ -71,7 +71,6 @@ def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState
                          settings: OptimizerSettings, training: dict[str, Any], keep: int) -> None:
     be = result.backend
     arrays = dict(be.optimizer_state(optimizer))
-    arrays.update({f"rng.{k}": v for k, v in be.rng_state().items()})
     ckpt.write_checkpoint(
         directory / f"step-{state.step:06d}", config=result.config, vocab=result.vocab,
         weights=be.state_dict(result.model), backend_name=be.name, training=training,
@@ -98,10 +97,7 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
                                   "settings or use a new checkpoint_dir")
     be = result.backend
     be.load_state_dict(result.model, found["weights"])
-    arrays = found["trainer_arrays"]
-    be.load_optimizer_state(optimizer, {k: v for k, v in arrays.items()
-                                        if not k.startswith("rng.")})
-    be.set_rng_state({k[4:]: v for k, v in arrays.items() if k.startswith("rng.")})
+    be.load_optimizer_state(optimizer, found["trainer_arrays"])
     meta = found["trainer_state"]
     return TrainState(step=meta["step"], epoch=meta["epoch"], batch_index=meta["batch_index"],
                       history=History.from_dict(meta["history"]))
@@ -170,7 +166,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                      keep_checkpoints)
 
         callbacks.append(save_checkpoint)
-    state = train_bert(batches, be, net, opt, settings, num_steps, state=state,
+    state = train_bert(batches, be, net, opt, settings, num_steps, seed=seed, state=state,
                        devices_text=be.describe_devices(devs), progress=progress,
                        max_time=max_time, callbacks=callbacks)
     saved_steps = [step for step, _ in ckpt.list_checkpoints(ckpt_dir)] if ckpt_dir else []

@@ -42,14 +42,9 @@ class Backend(ABC):
 
     @abstractmethod
     def seed(self, seed: int) -> None:
-        """Seed the framework's own random numbers (dropout)."""
-
-    def rng_state(self) -> dict[str, np.ndarray]:
-        """The framework's RNG state, as arrays, for exact resume."""
-        return {}
-
-    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`rng_state` returned."""
+        """Seed the framework's own random numbers (dropout). The trainer calls it before every
+        step with a seed derived from (run seed, step), which is what makes resume exact; it
+        must be cheap."""
 
     # -- the model ----------------------------------------------------------------------------
     @abstractmethod

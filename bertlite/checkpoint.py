@@ -3,8 +3,9 @@
     config.json          format version, bertlite version, backend, model config, training
     vocab.txt            one token a line
     model.safetensors    weights under the canonical names of :mod:`bertlite.params`
-    trainer.safetensors  optimizer moments (same names + ``.exp_avg``/``.exp_avg_sq``), RNG state
-    trainer.json         step, data cursor, optimizer settings, metrics so far
+    trainer.safetensors  optimizer moments (same names + ``.exp_avg``/``.exp_avg_sq``), step
+    trainer.json         step, data cursor (pass, batch), optimizer settings, metrics so far;
+                         dropout is seeded from (seed, step), so no RNG state is needed
 
 A checkpoint is written into a temporary folder and renamed into place, so a process killed
 while saving leaves the previous checkpoint whole. Training keeps the last K checkpoints as

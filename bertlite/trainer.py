@@ -74,8 +74,15 @@ def summary_lines(history: History, devices_text: str) -> list[str]:
             f"{history.pairs_per_sec:.1f} sentence pairs/sec on {devices_text}"]
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The framework seed for step ``step``: dropout depends on (seed, step) alone, so a resumed
+    run draws the same dropout masks as an uninterrupted one, in any backend."""
+    return (seed * 1_000_003 + step) % (2**31 - 1)
+
+
 def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: Any,
-               settings: OptimizerSettings, num_steps: int, *, state: TrainState | None = None,
+               settings: OptimizerSettings, num_steps: int, *, seed: int = 0,
+               state: TrainState | None = None,
                devices_text: str = "", progress: bool = True, max_time: float | None = None,
                callbacks: Sequence[Callable[[TrainState], None]] = ()) -> TrainState:
     """Train for ``num_steps`` optimizer steps in total (passes over the data repeat as needed),
@@ -93,6 +100,7 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
         while state.step < num_steps:
             epoch, index, batch = next(stream)
             lr = settings.lr_at(state.step)
+            backend.seed(step_seed(seed, state.step))
             tik = time.perf_counter()
             mlm, nsp = backend.train_step(model, optimizer, batch, lr)
             mlm, nsp = float(mlm), float(nsp)
