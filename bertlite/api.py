@@ -112,7 +112,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           masking: str = "static", plot: str | os.PathLike | None = DEFAULT_PLOT,
           progress: bool = True, verbose: bool = True, max_time: float | None = None,
           checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-          keep_checkpoints: int = 3, resume: bool = False) -> TrainResult:
+          keep_checkpoints: int = 3, resume: bool = False, eval_every: int | None = None,
+          eval_split: str = "valid", eval_batches: int | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -120,13 +121,15 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     (``"tiny"`` is the book's) or a BERTConfig. Prints the book's summary lines, writes the loss
     plot to ``plot`` (None to skip), and with ``checkpoint_dir`` saves every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest
-    checkpoint there, exactly as if never interrupted.
+    checkpoint there, exactly as if never interrupted. ``eval_every`` evaluates on the held-out
+    ``eval_split`` (masked-token accuracy, perplexity, NSP accuracy) into the history and plot.
     """
     _check_positive_int("num_steps", num_steps)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("max_len", max_len)
-    if checkpoint_every is not None:
-        _check_positive_int("checkpoint_every", checkpoint_every)
+    for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
+        if value is not None:
+            _check_positive_int(name, value)
     be = get_backend(backend)
     seed = 0 if seed is None else int(seed)
     settings = OptimizerSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
@@ -157,6 +160,18 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     state = state or TrainState()
 
     callbacks = []
+    if eval_every is not None:
+        from bertlite.evaluate import evaluate_batches, heldout_batches
+
+        heldout = heldout_batches(result, corpus=corpus, split=eval_split, data_dir=data_dir,
+                                  max_len=max_len)
+
+        def evaluate_now(st: TrainState) -> None:
+            if st.step % eval_every == 0 or st.step == num_steps:
+                metrics = evaluate_batches(result, heldout, max_batches=eval_batches)
+                st.history.eval.append({"step": st.step, **metrics})
+
+        callbacks.append(evaluate_now)
     if ckpt_dir is not None:
         every = checkpoint_every or num_steps
 

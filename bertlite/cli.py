@@ -1,4 +1,7 @@
-"""The ``bertlite`` command: pretrain, encode, info. Usage errors print one line, exit 2."""
+"""The ``bertlite`` command: pretrain, encode, evaluate, info.
+
+Usage errors print one line (no traceback) and exit with status 2.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--save", help="save the final model as a checkpoint folder here")
+    p.add_argument("--eval-every", type=int, help="evaluate on --eval-split every N steps")
+    p.add_argument("--eval-split", default="valid")
     p.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("evaluate", help="held-out masked-token accuracy, perplexity, NSP "
+                                        "accuracy of a checkpoint")
+    v.add_argument("--checkpoint", required=True, help="checkpoint folder or directory")
+    v.add_argument("--backend", help="backend to run on (default: the one it was trained with)")
+    v.add_argument("--corpus", default="wikitext-2")
+    v.add_argument("--data-dir")
+    v.add_argument("--split", default="valid")
+    v.add_argument("--batch-size", type=int, default=128)
+    v.add_argument("--max-len", type=int, help="default: the max_len it was trained with")
+    v.add_argument("--json", action="store_true")
 
     e = sub.add_parser("encode", help="print BERT encodings of a text or text pair")
     e.add_argument("text", help="text A (words separated by spaces)")
@@ -84,7 +100,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         plot=None if args.no_plot else args.plot, progress=not args.no_progress,
         max_time=args.max_time, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume)
+        resume=args.resume, eval_every=args.eval_every, eval_split=args.eval_split)
     if not args.no_plot:
         print(f"loss plot: {args.plot}")
     if args.save:
@@ -107,6 +123,21 @@ def _encode(args: argparse.Namespace) -> int:
         shown = " ".join(f"{x:+.4f}" for x in vector[:args.dims])
         known = "" if token in model.vocab else "  (<unk>)"
         print(f"{token:>12}  {shown}{known}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import bertlite
+
+    metrics = bertlite.evaluate(args.checkpoint, corpus=args.corpus, split=args.split,
+                                data_dir=args.data_dir, batch_size=args.batch_size,
+                                max_len=args.max_len, backend=args.backend)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.split}: masked-token accuracy {metrics['mlm_accuracy']:.4f}, "
+              f"MLM perplexity {metrics['mlm_perplexity']:.2f}, "
+              f"NSP accuracy {metrics['nsp_accuracy']:.4f} ({metrics['examples']} examples)")
     return 0
 
 
@@ -136,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertlite.errors import BertliteError
 
     try:
-        return {"pretrain": _pretrain, "encode": _encode, "info": _info}[args.command](args)
+        return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
+                "info": _info}[args.command](args)
     except (BertliteError, ValueError, ImportError, FloatingPointError) as err:
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 2
