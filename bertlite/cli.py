@@ -1,4 +1,4 @@
-"""The ``bertlite`` command: pretrain, encode, evaluate, info.
+"""The ``bertlite`` command: pretrain, encode, evaluate, plan, info.
 
 Usage errors print one line (no traceback) and exit with status 2.
 """
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--devices")
     e.add_argument("--dims", type=int, default=3, help="features shown per token (default 3)")
 
+    m = sub.add_parser("plan", help="estimate memory per device for a configuration")
+    m.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    m.add_argument("--vocab-size", type=int, default=20000)
+    m.add_argument("--batch-size", type=int, default=512)
+    m.add_argument("--max-len", type=int, default=64)
+    m.add_argument("--precision", default="float32", choices=["float32", "bf16", "fp16"])
+    m.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    m.add_argument("--devices", type=int, default=1, help="number of devices sharing the batch")
+    m.add_argument("--memory", type=float, help="GiB available per device (default: this "
+                                                "machine's RAM)")
+
     i = sub.add_parser("info", help="versions, backends and devices")
     i.add_argument("--config", choices=sorted(PRESETS),
                    help="also show a preset's size and chance-level losses")
@@ -141,6 +152,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from bertlite.config import BERTConfig
+    from bertlite.memory import GIB, estimate_memory
+
+    config = BERTConfig.from_preset(args.config, args.vocab_size,
+                                    max_len=max(512, args.max_len))
+    estimate = estimate_memory(config, args.batch_size, args.max_len, precision=args.precision,
+                               optimizer=args.optimizer, num_devices=args.devices)
+    print(f"{args.config}: {config.num_parameters() / 1e6:.1f}M parameters, batch "
+          f"{args.batch_size} x {args.max_len} over {args.devices} device(s), {args.precision}")
+    print(estimate.describe())
+    available = args.memory * GIB if args.memory else _physical_memory()
+    if available:
+        verdict = "fits" if estimate.total <= available else "does NOT fit"
+        print(f"{verdict} in {available / GIB:.1f} GiB")
+        if estimate.total > available:
+            per_example = estimate.activations / args.batch_size
+            room = available - (estimate.total - estimate.activations)
+            largest = int(room // per_example) if room > 0 else 0
+            print(f"largest batch that fits: about {largest} (use gradient accumulation for "
+                  "the rest), or bf16, or a shorter max_len")
+    return 0
+
+
+def _physical_memory() -> float | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _info(args: argparse.Namespace) -> int:
     import bertlite
 
@@ -168,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
-                "info": _info}[args.command](args)
+                "plan": _plan, "info": _info}[args.command](args)
     except (BertliteError, ValueError, ImportError, FloatingPointError) as err:
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 2
