@@ -70,12 +70,28 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
-def _stub(name: str) -> None:
-    if name in sys.modules or importlib.util.find_spec(name.split(".")[0]) is not None:
-        return
+def _stub_module(name: str) -> types.ModuleType:
+    """A module whose every public attribute is a harmless placeholder."""
     module = types.ModuleType(name)
-    module.__getattr__ = lambda attr: types.SimpleNamespace()  # anything d2l touches at import
-    sys.modules[name] = module
+
+    def __getattr__(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return types.SimpleNamespace()
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+def _stub(name: str) -> None:
+    top = name.split(".")[0]
+    if name in sys.modules:
+        return
+    if top not in sys.modules and importlib.util.find_spec(top) is not None:
+        return
+    if top in sys.modules and getattr(sys.modules[top], "__spec__", None) is not None:
+        return  # the real package is there
+    sys.modules[name] = _stub_module(name)
 
 
 def import_d2l(framework: str):
@@ -90,10 +106,7 @@ def import_d2l(framework: str):
             import torchvision  # noqa: F401
         except Exception:
             for name in ("torchvision", "torchvision.transforms"):
-                sys.modules.pop(name, None)
-                module = types.ModuleType(name)
-                module.__getattr__ = lambda attr: types.SimpleNamespace()
-                sys.modules[name] = module
+                sys.modules[name] = _stub_module(name)
             sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     for name in ("PIL", "PIL.Image", "pandas", "requests", "IPython", "IPython.display",
                  "matplotlib_inline", "matplotlib_inline.backend_inline"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -60,8 +61,11 @@ def read_wiki(path: str | os.PathLike) -> list[list[str]]:
     from an explicit seed.
     """
     text = read_text(path)
+    # Lines end at \n, \r\n or \r, as in the book's text-mode readlines(); str.splitlines()
+    # would also break them at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     paragraphs = [line.strip().lower().split(" . ")
-                  for line in text.splitlines() if len(line.split(" . ")) >= 2]
+                  for line in lines if len(line.split(" . ")) >= 2]
     if not paragraphs:
         raise DataError(f"corpus file {path} has no paragraph of two or more sentences "
                         "(sentences are separated by ' . ', one paragraph per line, as in "
@@ -122,7 +126,7 @@ def _sha1(path: Path) -> str:
 
 
 def download_wikitext2(folder: str | os.PathLike, url: str | None = None,
-                       sha1: str = WIKITEXT2_SHA1, timeout: float = 30.0) -> Path:
+                       sha1: str | None = None, timeout: float = 30.0) -> Path:
     """Download the book's WikiText-2 archive, check its SHA-1 and extract it to ``folder``.
 
     Everything happens in a temporary folder beside ``folder`` and is renamed into place at the
@@ -132,6 +136,7 @@ def download_wikitext2(folder: str | os.PathLike, url: str | None = None,
     from tqdm.auto import tqdm
 
     url = url or os.environ.get("BERTLITE_WIKITEXT2_URL", WIKITEXT2_URL)
+    sha1 = sha1 or WIKITEXT2_SHA1  # read at call time, not bound at import
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     hint = (f"Put wiki.train.tokens (and wiki.valid.tokens, wiki.test.tokens) in {folder} "
@@ -156,7 +161,8 @@ def download_wikitext2(folder: str | os.PathLike, url: str | None = None,
         except urllib.error.HTTPError as err:
             raise DataError(f"could not download WikiText-2 from {url}: HTTP {err.code} "
                             f"{err.reason}. {hint}") from None
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            # HTTPException: e.g. IncompleteRead when a chunked transfer is cut off
             if isinstance(err, DataError):
                 raise
             reason = getattr(err, "reason", err)

@@ -120,11 +120,7 @@ class BatchIterator:
         order = self.order(epoch)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            if len(idx) > 1 and np.all(np.diff(idx) == 1):
-                sl = slice(int(idx[0]), int(idx[-1]) + 1)
-                yield Batch(*(a[sl] for a in arrays))
-            else:
-                yield Batch(*(a[idx] for a in arrays))
+            yield Batch(*(a[idx] for a in arrays))  # copies: a batch never aliases the data
 
     def stream(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """Endless ``(pass, batch index, batch)`` from a position on, for step-based training."""
