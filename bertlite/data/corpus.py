@@ -43,7 +43,7 @@ def read_text(path: str | os.PathLike) -> str:
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist")
     raw = path.read_bytes()
-    if b"\x00" in raw[:1 << 16]:
+    if b"\x00" in raw:
         raise DataError(f"corpus file {path} looks binary (it contains NUL bytes); "
                         "give a WikiText-format text file")
     try:
@@ -63,9 +63,8 @@ def read_wiki(path: str | os.PathLike) -> list[list[str]]:
     text = read_text(path)
     # Lines end at \n, \r\n or \r, as in the book's text-mode readlines(); str.splitlines()
     # would also break them at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    paragraphs = [line.strip().lower().split(" . ")
-                  for line in lines if len(line.split(" . ")) >= 2]
+    lines = text.lower().replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    paragraphs = [line.strip().split(" . ") for line in lines if " . " in line]
     if not paragraphs:
         raise DataError(f"corpus file {path} has no paragraph of two or more sentences "
                         "(sentences are separated by ' . ', one paragraph per line, as in "

@@ -6,6 +6,7 @@ built with whole-array numpy operations instead of a Python loop per token.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -30,16 +31,48 @@ class EncodedCorpus:
     paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
 
 
-def encode_corpus(paragraphs: Sequence[Sequence[Sequence[str]]], vocab: Vocab) -> EncodedCorpus:
-    """Token ids of tokenized paragraphs (lists of sentences, each a list of words)."""
-    lookup = vocab.token_to_idx.get
-    sentence_lens = [len(s) for p in paragraphs for s in p]
-    ids = [lookup(t, 0) for p in paragraphs for s in p for t in s]
-    lens = np.asarray(sentence_lens, dtype=np.int64)
-    starts = np.zeros(len(lens), dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    return EncodedCorpus(np.asarray(ids, dtype=np.int32), starts, lens,
-                         np.asarray([len(p) for p in paragraphs], dtype=np.int64))
+_BOUNDARY = "\x00"  # never a word of a corpus: read_text rejects NUL bytes
+
+
+@dataclass
+class TokenizedCorpus:
+    """All words of all sentences in one list, each sentence followed by a boundary marker:
+    one ``split()`` over one string instead of one per sentence (the same words)."""
+
+    words: list[str]
+    paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
+
+    def word_counts(self) -> Counter[str]:
+        counts = Counter(self.words)
+        del counts[_BOUNDARY]
+        return counts
+
+
+def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
+    """Word tokens of paragraphs of sentence strings, as the book's ``sentence.split()``."""
+    sentences = [s for p in paragraphs for s in p]
+    words = f" {_BOUNDARY} ".join(sentences).split()
+    words.append(_BOUNDARY)
+    return TokenizedCorpus(words, np.asarray([len(p) for p in paragraphs], dtype=np.int64))
+
+
+class _IndexOrUnk(dict):
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab) -> EncodedCorpus:
+    """Token ids of a tokenized corpus (unknown words are ``<unk>``, 0)."""
+    lookup = _IndexOrUnk(vocab.token_to_idx)
+    lookup[_BOUNDARY] = -1
+    ids = np.fromiter(map(lookup.__getitem__, corpus.words), dtype=np.int32,
+                      count=len(corpus.words))
+    boundary = ids < 0
+    ends = np.flatnonzero(boundary)
+    lens = np.diff(ends, prepend=-1) - 1
+    starts = ends - lens - np.arange(len(ends))  # offsets once the markers are dropped
+    return EncodedCorpus(ids[~boundary], starts.astype(np.int64), lens.astype(np.int64),
+                         corpus.paragraph_sizes)
 
 
 @dataclass

@@ -12,7 +12,13 @@ import numpy as np
 
 from bertlite.data import cache as _cache
 from bertlite.data.corpus import read_wiki, resolve_corpus_file
-from bertlite.data.examples import PretrainingExamples, build_examples, encode_corpus, mask_tokens
+from bertlite.data.examples import (
+    PretrainingExamples,
+    build_examples,
+    encode_corpus,
+    mask_tokens,
+    tokenize_corpus,
+)
 from bertlite.data.vocab import Vocab, build_vocab
 from bertlite.errors import DataError
 
@@ -52,10 +58,10 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
         hit = _cache.load_cached(cache_file)
         if hit is not None:
             return hit
-    paragraphs = [[sentence.split() for sentence in p] for p in read_wiki(path)]
+    corpus = tokenize_corpus(read_wiki(path))
     if vocab is None:
-        vocab = build_vocab((s for p in paragraphs for s in p), min_freq=min_freq)
-    examples = build_examples(encode_corpus(paragraphs, vocab), vocab, max_len, seed)
+        vocab = build_vocab(corpus.word_counts(), min_freq=min_freq)
+    examples = build_examples(encode_corpus(corpus, vocab), vocab, max_len, seed)
     if cache_file is not None:
         try:
             _cache.save_cached(cache_file, examples, vocab)

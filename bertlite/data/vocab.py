@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import overload
 
@@ -19,17 +20,18 @@ class Vocab:
     the token's text so that the vocabulary does not depend on the order of the corpus.
     """
 
-    def __init__(self, tokens: Iterable[str] | Iterable[Sequence[str]] | None = None,
-                 min_freq: int = 0, reserved_tokens: Sequence[str] | None = None) -> None:
-        counter: Counter[str] = Counter()
-        if tokens is not None:
-            tokens = list(tokens)
+    def __init__(self, tokens: Iterable[str] | Iterable[Sequence[str]] | Mapping[str, int]
+                 | None = None, min_freq: int = 0,
+                 reserved_tokens: Sequence[str] | None = None) -> None:
+        if isinstance(tokens, Mapping):  # already counted
+            counter = Counter(tokens)
+        else:
+            tokens = list(tokens or [])
             if tokens and not isinstance(tokens[0], str):
-                for line in tokens:
-                    counter.update(line)
-            else:
-                counter.update(tokens)
-        self._token_freqs = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+                tokens = [t for line in tokens for t in line]
+            counter = Counter(tokens)
+        self._token_freqs = sorted(counter.items())  # by token, then (stable) by frequency
+        self._token_freqs.sort(key=itemgetter(1), reverse=True)
         self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
         self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
         for token, freq in self._token_freqs:
@@ -110,6 +112,8 @@ class Vocab:
         return cls.from_tokens(tokens)
 
 
-def build_vocab(sentences: Iterable[Sequence[str]], min_freq: int = 5) -> Vocab:
-    """The book's vocabulary for pretraining: ``min_freq`` 5 and the four reserved tokens."""
-    return Vocab(sentences, min_freq=min_freq, reserved_tokens=list(SPECIAL_TOKENS))
+def build_vocab(tokens: Iterable[str] | Iterable[Sequence[str]] | Mapping[str, int],
+                min_freq: int = 5) -> Vocab:
+    """The book's vocabulary for pretraining: ``min_freq`` 5 and the four reserved tokens;
+    ``tokens`` is a flat list of words, a list of sentences, or word counts."""
+    return Vocab(tokens, min_freq=min_freq, reserved_tokens=list(SPECIAL_TOKENS))
