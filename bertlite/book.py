@@ -41,7 +41,7 @@ class Accumulator:
         self.data = [0.0] * n
 
     def add(self, *args: Any) -> None:
-        self.data = [a + float(b) for a, b in zip(self.data, args)]
+        self.data = [a + _to_float(b) for a, b in zip(self.data, args)]
 
     def reset(self) -> None:
         self.data = [0.0] * len(self.data)
@@ -50,10 +50,18 @@ class Accumulator:
         return self.data[idx]
 
 
+def _to_float(value: Any) -> float:
+    """``float()`` of a number or a framework scalar (detached first if it tracks gradients)."""
+    detach = getattr(value, "detach", None)
+    return float(detach() if callable(detach) else value)
+
+
 def _in_notebook() -> bool:
     try:
         from IPython import get_ipython
     except ImportError:
+        return False
+    if not callable(get_ipython):
         return False
     shell = get_ipython()
     return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -73,6 +74,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def _stub_module(name: str) -> types.ModuleType:
     """A module whose every public attribute is a harmless placeholder."""
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
 
     def __getattr__(attr: str):
         if attr.startswith("__"):
@@ -83,32 +85,46 @@ def _stub_module(name: str) -> types.ModuleType:
     return module
 
 
-def _stub(name: str) -> None:
-    top = name.split(".")[0]
-    if name in sys.modules:
-        return
-    if top not in sys.modules and importlib.util.find_spec(top) is not None:
-        return
-    if top in sys.modules and getattr(sys.modules[top], "__spec__", None) is not None:
-        return  # the real package is there
-    sys.modules[name] = _stub_module(name)
+def _missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
 
 
 def import_d2l(framework: str):
     """The book's reference code, d2l 0.17.6, with the modules it imports but bertlite's tests
-    never use (torchvision fails beside CPU torch here; pandas, IPython, ...) stubbed."""
+    never use (torchvision fails beside CPU torch here; pandas, IPython, ...) stubbed while it
+    imports; the stubs are removed again so that nothing else ever sees them."""
     if importlib.util.find_spec("d2l") is None:
         pytest.skip("d2l 0.17.6 (the book's code) is not installed: "
                     "pip install --no-deps d2l==0.17.6")
     skip_unless_backend(framework)
+    if f"d2l.{framework}" in sys.modules:
+        return sys.modules[f"d2l.{framework}"]
+    stubs = [name for name in ("PIL", "PIL.Image", "pandas", "requests", "IPython",
+                               "IPython.display", "matplotlib_inline",
+                               "matplotlib_inline.backend_inline")
+             if name not in sys.modules and _missing(name)]
     if framework == "torch":
         try:
             import torchvision  # noqa: F401
         except Exception:
             for name in ("torchvision", "torchvision.transforms"):
-                sys.modules[name] = _stub_module(name)
-            sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    for name in ("PIL", "PIL.Image", "pandas", "requests", "IPython", "IPython.display",
-                 "matplotlib_inline", "matplotlib_inline.backend_inline"):
-        _stub(name)
-    return importlib.import_module(f"d2l.{framework}")
+                sys.modules.pop(name, None)
+                stubs.append(name)
+    saved = {name: sys.modules.get(name) for name in stubs}
+    try:
+        for name in stubs:
+            sys.modules[name] = _stub_module(name)
+        for name in stubs:
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, sys.modules[name])
+        return importlib.import_module(f"d2l.{framework}")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -1,0 +1,48 @@
+"""The book's PyTorch-tab API ("Dive into Deep Learning", BERT pretraining), on bertlite.
+
+Replace ``from d2l import torch as d2l`` with ``from bertlite.backends import torch as d2l``
+and the chapter's ``#@tab pytorch`` / ``#@tab all`` cells run unchanged, with bertlite's data
+pipeline, model and masked loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertlite.book import Accumulator, Animator, ConvertedBatches, Timer
+from bertlite.data import load_data_wiki as _load_data_wiki
+from bertlite.data.corpus import get_tokens_and_segments
+from bertlite.data.vocab import Vocab
+
+from .devices import try_all_gpus, try_gpu
+from .loss import _get_batch_loss_bert
+from .model import BERTEncoder, BERTModel, MaskLM, NextSentencePred
+
+__all__ = [
+    "Accumulator", "Animator", "BERTEncoder", "BERTModel", "MaskLM", "NextSentencePred",
+    "Timer", "_get_batch_loss_bert", "get_tokens_and_segments", "load_data_wiki",
+    "try_all_gpus", "try_gpu",
+]
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    # Integer arrays (tokens, segments, positions, labels) as int64: the book's
+    # nn.CrossEntropyLoss needs Long labels. Floats (valid_lens, weights) stay float32.
+    if np.issubdtype(array.dtype, np.integer):
+        return torch.from_numpy(array.astype(np.int64))
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def load_data_wiki(batch_size: int, max_len: int, **kwargs: Any
+                   ) -> tuple[ConvertedBatches, Vocab]:
+    """The book's ``load_data_wiki``: WikiText-2 (from ``$BERTLITE_DATA/wikitext-2``, fetched
+    when absent) as a re-iterable of torch-tensor batches in the book's field order, and the
+    vocabulary. ``kwargs`` go to :func:`bertlite.data.load_data_wiki` (``seed``, ``corpus``,
+    ``data_dir``, ``masking``, ...)."""
+    batches, vocab = _load_data_wiki(batch_size, max_len, **kwargs)
+    return ConvertedBatches(batches, _to_torch), vocab
+
+

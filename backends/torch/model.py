@@ -1,0 +1,330 @@
+"""The book's BERT in PyTorch, with the canonical parameter names of :mod:`bertlite.params`.
+
+Same architecture as d2l's PyTorch tab (post-LN Transformer encoder blocks with biased
+attention and dropout on the attention weights, a learned positional embedding, the MLM head at
+the predicted positions only, the NSP head on ``<cls>``). Differences: the positional embedding
+is trained (the book reads it through ``.data``); the initial weights are
+:func:`bertlite.params.init_params` (Xavier, the same in every backend); Q, K and V are one
+GEMM; attention is :func:`torch.nn.functional.scaled_dot_product_attention` except when training
+with dropout on the CPU, where it is written out with a dropout mask drawn 5x faster than
+torch's CPU ``bernoulli_`` (see :func:`dropout`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertlite.config import BERTConfig
+from bertlite.params import init_params
+
+#: Added to the attention scores of padded keys. Finite (unlike a boolean mask, which means
+#: -inf) so that a row with no valid key gives no NaN; exp(-1e6) is 0 in float32 as in the book.
+MASK_VALUE = -1e6
+
+
+def attention_mask(valid_lens: torch.Tensor | None, num_keys: int, dtype: torch.dtype
+                   ) -> torch.Tensor | None:
+    """The additive mask ``(batch, 1, 1, num_keys)`` that gives keys at or beyond each
+    example's valid length no attention weight; ``None`` when ``valid_lens`` is ``None``."""
+    if valid_lens is None:
+        return None
+    valid_lens = valid_lens.reshape(-1, 1)
+    keys = torch.arange(num_keys, device=valid_lens.device)
+    padded = keys.unsqueeze(0) >= valid_lens
+    mask = torch.zeros(padded.shape, dtype=dtype, device=valid_lens.device)
+    return mask.masked_fill_(padded, MASK_VALUE).view(-1, 1, 1, num_keys)
+
+
+def _keep_scale(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """A dropout mask already scaled by ``1 / (1 - p)``, from torch's CPU generator.
+
+    torch's CPU ``bernoulli_`` costs about 9 ns per element here (it is a fifth of a training
+    step). Drawing 64 random bits per int64 and comparing them 16 bits at a time is 5x faster;
+    ``p`` is rounded to a multiple of 1/65536 and the scale uses the rounded value, so the
+    expectation is kept exactly.
+    """
+    n = math.prod(shape)
+    drop = round(p * 65536)  # drop when a uniform int16 is among its `drop` smallest values
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+    keep = bits.view(torch.int16)[:n] >= drop - 32768
+    return keep.to(dtype).mul_(65536 / (65536 - drop)).view(shape)
+
+
+def dropout(X: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; on the CPU with the fast mask of :func:`_keep_scale`."""
+    if not training or p <= 0.0:
+        return X
+    if X.device.type != "cpu" or round(p * 65536) >= 65536:
+        return F.dropout(X, p, True)
+    if round(p * 65536) == 0:
+        return X
+    return X * _keep_scale(X.shape, p, X.dtype)
+
+
+class Dropout(nn.Module):
+    """:class:`torch.nn.Dropout` with the faster CPU mask of :func:`dropout`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return dropout(X, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             attn_mask: torch.Tensor | None, dropout_p: float = 0.0,
+                             training: bool = False) -> torch.Tensor:
+    """``dropout(softmax(q k^T / sqrt(d) + mask)) v`` of ``(batch, heads, len, d)`` tensors,
+    written out: the training path on the CPU, where SDPA's dropout is torch's slow
+    ``bernoulli_`` (one ``baddbmm`` adds the mask and scales the scores)."""
+    batch_size, num_heads, length, head_size = q.shape
+    q3, k3, v3 = (t.reshape(batch_size * num_heads, -1, head_size) for t in (q, k, v))
+    if attn_mask is None:
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * (1.0 / math.sqrt(head_size))
+    else:
+        mask = attn_mask.expand(batch_size, num_heads, 1, -1).reshape(
+            batch_size * num_heads, 1, -1)
+        scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(head_size))
+    weights = dropout(torch.softmax(scores, dim=-1), dropout_p, training)
+    return torch.bmm(weights, v3).view(batch_size, num_heads, length, head_size)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention with biased projections ``W_q, W_k, W_v, W_o``
+    and dropout on the attention weights."""
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, bias: bool = True
+                 ) -> None:
+        super().__init__()
+        if num_hiddens % num_heads:
+            raise ValueError(f"num_hiddens ({num_hiddens}) must be divisible by num_heads "
+                             f"({num_heads})")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.W_q = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_k = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_v = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+        self.W_o = nn.Linear(num_hiddens, num_hiddens, bias=bias)
+
+    def _heads(self, X: torch.Tensor) -> torch.Tensor:
+        # (batch, len, hidden) -> (batch, heads, len, hidden / heads)
+        return X.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask`` is what :func:`attention_mask` returns (or ``None``)."""
+        if queries is keys and keys is values:  # self-attention: one GEMM for Q, K and V
+            weight = torch.cat((self.W_q.weight, self.W_k.weight, self.W_v.weight))
+            bias = (None if self.W_q.bias is None else
+                    torch.cat((self.W_q.bias, self.W_k.bias, self.W_v.bias)))
+            q, k, v = F.linear(queries, weight, bias).unflatten(
+                -1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (self._heads(self.W_q(queries)), self._heads(self.W_k(keys)),
+                       self._heads(self.W_v(values)))
+        dropout_p = self.dropout if self.training else 0.0
+        if dropout_p > 0.0 and q.device.type == "cpu":
+            out = masked_softmax_attention(q, k, v, attn_mask, dropout_p, True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=dropout_p)
+        return self.W_o(out.transpose(1, 2).flatten(2))
+
+
+class PositionWiseFFN(nn.Module):
+    """Two dense layers with a ReLU between them, applied at every position."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int) -> None:
+        super().__init__()
+        self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
+        self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.dense2(F.relu(self.dense1(X)))
+
+
+class AddNorm(nn.Module):
+    """Residual connection, then layer normalization: ``ln(dropout(Y) + X)``."""
+
+    def __init__(self, num_hiddens: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = Dropout(dropout)
+        self.ln = nn.LayerNorm(num_hiddens)
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.dropout(Y) + X)
+
+
+class EncoderBlock(nn.Module):
+    """A post-LN Transformer encoder block."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float
+                 ) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True)
+        self.addnorm1 = AddNorm(num_hiddens, dropout)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+        self.addnorm2 = AddNorm(num_hiddens, dropout)
+
+    def forward(self, X: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        Y = self.addnorm1(X, self.attention(X, X, X, attn_mask))
+        return self.addnorm2(Y, self.ffn(Y))
+
+
+def _check_book_sizes(what: str, num_hiddens: int, **sizes: Any) -> None:
+    """The book's extra size arguments must all be ``num_hiddens`` (or None)."""
+    norm_shape = sizes.get("norm_shape")
+    if isinstance(norm_shape, (list, tuple, torch.Size)) and len(norm_shape) == 1:
+        sizes["norm_shape"] = int(norm_shape[0])
+    wrong = {k: v for k, v in sizes.items() if v is not None and v != num_hiddens}
+    if wrong:
+        raise ValueError(
+            f"{what}: {', '.join(f'{k}={v!r}' for k, v in wrong.items())} must equal "
+            f"num_hiddens={num_hiddens} (every layer of this BERT has num_hiddens features; "
+            "these arguments exist for the book's signature only)")
+
+
+class BERTEncoder(nn.Module):
+    """Token + segment + learned positional embeddings, then the encoder blocks; takes the
+    book's arguments (``norm_shape``, ``ffn_num_input``, ``key_size``, ... equal to
+    ``num_hiddens``)."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int = 128,
+                 norm_shape: int | Sequence[int] | None = None, ffn_num_input: int | None = None,
+                 ffn_num_hiddens: int = 256, num_heads: int = 2, num_layers: int = 2,
+                 dropout: float = 0.2, max_len: int = 1000, key_size: int | None = None,
+                 query_size: int | None = None, value_size: int | None = None) -> None:
+        super().__init__()
+        _check_book_sizes("BERTEncoder", num_hiddens, norm_shape=norm_shape,
+                          ffn_num_input=ffn_num_input, key_size=key_size,
+                          query_size=query_size, value_size=value_size)
+        self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+        self.segment_embedding = nn.Embedding(2, num_hiddens)
+        self.blks = nn.ModuleList(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout)
+                                  for _ in range(num_layers))
+        # Learned, and used as a Parameter (not through ``.data``) so that it is trained.
+        self.pos_embedding = nn.Parameter(torch.zeros(1, max_len, num_hiddens))
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
+                valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > self.pos_embedding.shape[1]:
+            raise ValueError(f"the input has {length} positions, more than the positional "
+                             f"embedding's max_len {self.pos_embedding.shape[1]}")
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        X = X + self.pos_embedding[:, :length]
+        mask = attention_mask(valid_lens, length, X.dtype)
+        for blk in self.blks:
+            X = blk(X, mask)
+        return X
+
+
+class MaskLM(nn.Module):
+    """The masked-language-model head: dense, ReLU, LayerNorm, vocabulary decoder, applied only
+    at ``pred_positions``."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, num_inputs: int | None = None) -> None:
+        super().__init__()
+        self.dense = nn.Linear(num_inputs or num_hiddens, num_hiddens)
+        self.ln = nn.LayerNorm(num_hiddens)
+        self.decoder = nn.Linear(num_hiddens, vocab_size)
+
+    @staticmethod
+    def rows(X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
+        """Indices into the flattened ``(batch * len, hidden)`` encodings of ``X`` of every
+        prediction slot, example by example."""
+        batch_size, length = X.shape[0], X.shape[1]
+        offsets = torch.arange(0, batch_size * length, length, device=X.device)
+        return (pred_positions + offsets.unsqueeze(1)).reshape(-1)
+
+    def decode(self, masked_X: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of encodings ``(..., hidden)``."""
+        return self.decoder(self.ln(F.relu(self.dense(masked_X))))
+
+    def forward(self, X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
+        # One index_select of the flattened encodings: its backward is an index_add, cheaper
+        # than the book's advanced indexing with two index tensors.
+        masked_X = X.reshape(-1, X.shape[-1]).index_select(0, self.rows(X, pred_positions))
+        return self.decode(masked_X).reshape(X.shape[0], pred_positions.shape[1], -1)
+
+
+class NextSentencePred(nn.Module):
+    """The next-sentence-prediction output layer (two classes)."""
+
+    def __init__(self, num_inputs: int) -> None:
+        super().__init__()
+        self.output = nn.Linear(num_inputs, 2)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.output(X)
+
+
+class BERTModel(nn.Module):
+    """The BERT model; ``forward`` returns ``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` like the book.
+
+    Accepts the book's d2l 0.17 PyTorch arguments (``norm_shape``, ``ffn_num_input``,
+    ``key_size``, ... must all equal ``num_hiddens``), or build it with :meth:`from_config`.
+    The weights are :func:`bertlite.params.init_params` of ``seed``; without a seed, one is drawn
+    from torch's generator, so ``torch.manual_seed`` makes it reproducible.
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int = 128,
+                 norm_shape: int | Sequence[int] | None = None, ffn_num_input: int | None = None,
+                 ffn_num_hiddens: int = 256, num_heads: int = 2, num_layers: int = 2,
+                 dropout: float = 0.2, max_len: int = 1000, key_size: int | None = None,
+                 query_size: int | None = None, value_size: int | None = None,
+                 hid_in_features: int | None = None, mlm_in_features: int | None = None,
+                 nsp_in_features: int | None = None, *, seed: int | None = None) -> None:
+        super().__init__()
+        _check_book_sizes("BERTModel", num_hiddens, norm_shape=norm_shape,
+                          ffn_num_input=ffn_num_input, key_size=key_size,
+                          query_size=query_size, value_size=value_size,
+                          hid_in_features=hid_in_features, mlm_in_features=mlm_in_features,
+                          nsp_in_features=nsp_in_features)
+        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
+                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+                                   num_heads=num_heads, num_layers=num_layers, dropout=dropout,
+                                   max_len=max_len)
+        self.hidden = nn.Linear(num_hiddens, num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.nsp = NextSentencePred(num_hiddens)
+        self.reset_parameters(seed)
+
+    @classmethod
+    def from_config(cls, config: BERTConfig, *, seed: int | None = None) -> BERTModel:
+        """The model of a :class:`bertlite.config.BERTConfig`."""
+        return cls(config.vocab_size, num_hiddens=config.num_hiddens,
+                   ffn_num_hiddens=config.ffn_num_hiddens, num_heads=config.num_heads,
+                   num_layers=config.num_layers, dropout=config.dropout,
+                   max_len=config.max_len, seed=seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Set every weight to :func:`bertlite.params.init_params` of ``seed``."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        arrays = init_params(self.config, seed)
+        for name, param in self.named_parameters():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
+                valid_lens: torch.Tensor | None = None,
+                pred_positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        encoded_X = self.encoder(tokens, segments, valid_lens)
+        mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
+        # The hidden layer of the NSP classifier, on the '<cls>' token (index 0).
+        nsp_Y_hat = self.nsp(torch.tanh(self.hidden(encoded_X[:, 0, :])))
+        return encoded_X, mlm_Y_hat, nsp_Y_hat
