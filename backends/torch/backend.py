@@ -35,22 +35,6 @@ class TorchBackend(Backend):
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # the CPU generator and every CUDA one
 
-    def rng_state(self) -> dict[str, np.ndarray]:
-        """``"cpu"`` and ``"cuda:<i>"`` generator states as uint8 arrays."""
-        state = {"cpu": torch.get_rng_state().numpy().copy()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                state[f"cuda:{i}"] = s.numpy().copy()
-        return state
-
-    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
-        for key, value in state.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.uint8))
-            if key == "cpu":
-                torch.set_rng_state(tensor)
-            elif key.startswith("cuda:") and int(key[5:]) < torch.cuda.device_count():
-                torch.cuda.set_rng_state(tensor, device=int(key[5:]))
-
     # -- the model ----------------------------------------------------------------------------
     def build_model(self, config: BERTConfig, devices: Sequence[Any]) -> nn.Module:
         """A BERTModel on ``devices[0]``, in ``nn.DataParallel`` over several GPUs."""
