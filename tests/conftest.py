@@ -29,7 +29,7 @@ def framework_installed(name: str) -> bool:
 def skip_unless_backend(name: str) -> None:
     if not framework_installed(name):
         pytest.skip(f"backend {name!r} skipped: {BUILTIN[name][2]} is not installed "
-                    f'(pip install "bertlite[{name}]")')
+                    f'(pip install "bertlite[{name}]")', allow_module_level=True)
 
 
 @pytest.fixture(params=BACKEND_NAMES)

@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import skip_unless_backend
 
 import bertlite
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params
+from conftest import skip_unless_backend
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from conftest import REPO, import_d2l, skip_unless_backend
 from test_model import make_batch, tiny_config
 
 from bertlite.config import BERTConfig
@@ -17,16 +16,18 @@ from bertlite.loss import bert_loss_numpy
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params, parameter_shapes
 from bertlite.registry import get_backend
+from conftest import REPO, import_d2l, skip_unless_backend
 
 skip_unless_backend("torch")  # before importing torch: a skip with the pip hint, not an error
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
 from bertlite.backends import torch as d2l_api  # noqa: E402
 from bertlite.backends.torch import model as torch_model  # noqa: E402
 from bertlite.backends.torch import step as torch_step  # noqa: E402
 from bertlite.backends.torch.devices import parse_devices, try_all_gpus, try_gpu  # noqa: E402
-from torch import nn  # noqa: E402
 
 CHAPTER = REPO.parent / "shared" / "seed" / "bert-pretraining.ko.md"
 BOOK_KWARGS = dict(num_hiddens=128, norm_shape=[128], ffn_num_input=128, ffn_num_hiddens=256,

@@ -1,0 +1,77 @@
+"""bertlite's MXNet backend (MXNet 1.9 Gluon, numpy interface), and the book's MXNet-tab API
+(``from bertlite.backends import mxnet as d2l``).
+
+CPU threads: MXNet 1.9 runs its operators on half of the logical CPUs, assuming two hardware
+threads per core; on machines without hyperthreading (most cloud VMs) that is half the cores.
+When ``mxnet`` is not imported yet and neither ``MXNET_OMP_MAX_THREADS`` nor
+``OMP_NUM_THREADS`` is set, importing this package sets ``MXNET_OMP_MAX_THREADS`` to the number
+of physical cores this process may run on (MXNet reads it once, when it loads). Set either
+variable yourself to choose; ``MXNetBackend().info()["omp_threads"]`` reports the choice.
+"""
+
+import os as _os
+
+from bertlite.registry import require_framework
+
+require_framework("mxnet")
+
+
+def _physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (hyperthread siblings count once)."""
+    try:
+        cpus = sorted(_os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return _os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def _default_omp_threads() -> None:
+    import sys
+
+    if "mxnet" in sys.modules or "MXNET_OMP_MAX_THREADS" in _os.environ \
+            or "OMP_NUM_THREADS" in _os.environ:
+        return
+    _os.environ["MXNET_OMP_MAX_THREADS"] = str(_physical_cores())
+
+
+_default_omp_threads()
+
+from mxnet import npx  # noqa: E402
+
+npx.set_np()
+
+from .backend import MXNetBackend  # noqa: E402
+from .d2l import (  # noqa: E402
+    Accumulator,
+    AddNorm,
+    Animator,
+    BERTEncoder,
+    BERTModel,
+    EncoderBlock,
+    MaskLM,
+    MultiHeadAttention,
+    NextSentencePred,
+    PositionWiseFFN,
+    Timer,
+    _get_batch_loss_bert,
+    get_tokens_and_segments,
+    load_data_wiki,
+    to_mxnet,
+    try_all_gpus,
+    try_gpu,
+)
+from .devices import parse_devices  # noqa: E402
+
+__all__ = [
+    "Accumulator", "AddNorm", "Animator", "BERTEncoder", "BERTModel", "EncoderBlock",
+    "MXNetBackend", "MaskLM", "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN",
+    "Timer", "_get_batch_loss_bert", "get_tokens_and_segments", "load_data_wiki",
+    "parse_devices", "to_mxnet", "try_all_gpus", "try_gpu",
+]

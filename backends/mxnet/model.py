@@ -1,0 +1,306 @@
+"""The book's BERT as Gluon ``HybridBlock``s of MXNet's numpy interface.
+
+The architecture is the book's (post-LN Transformer encoder blocks ``ln(dropout(Y) + X)``,
+multi-head attention with biases masked by ``valid_lens``, ReLU feed-forward networks, a learned
+positional embedding, an MLM head applied only at ``pred_positions`` and an NSP head on the
+``<cls>`` vector), written shape-agnostically so that ``net.hybridize(static_alloc=True,
+static_shape=True)`` compiles it into one graph:
+
+* positions come from ``npx.arange_like``, never from Python shapes;
+* keys beyond ``valid_len`` are masked by MXNet's fused ``softmax(..., use_length=True)``
+  (MXNet 1.9 has no ``npx.masked_softmax``; the length form gives them exactly zero weight);
+* the MLM head gathers its rows with ``npx.gather_nd`` and batch indices built in the graph.
+
+Parameters are laid out as :mod:`bertlite.params` names them: the Gluon structured names of
+:meth:`BERTModel.canonical_parameters` map one to one onto the canonical names (LayerNorm
+``gamma``/``beta`` become ``weight``/``bias``); Dense weights are ``(out, in)`` in Gluon too.
+Every layer is built with its input size, so parameters have their shapes right after
+``initialize`` and weights can be loaded before the first forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from mxnet import np
+from mxnet.gluon import nn
+
+from bertlite.config import BERTConfig
+from bertlite.params import parameter_shapes
+
+__all__ = [
+    "AddNorm", "BERTEncoder", "BERTModel", "EncoderBlock", "LayerNorm", "MaskLM",
+    "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "canonical_name",
+]
+
+#: LayerNorm's Gluon parameter names and their canonical (PyTorch) names
+_RENAMES = {"gamma": "weight", "beta": "bias"}
+
+
+def canonical_name(gluon_name: str) -> str:
+    """The canonical name of a structured Gluon parameter name (``encoder.blks.0.addnorm1.ln.
+    gamma`` -> ``encoder.blks.0.addnorm1.ln.weight``)."""
+    head, _, last = gluon_name.rpartition(".")
+    return f"{head}.{_RENAMES.get(last, last)}" if head else _RENAMES.get(last, last)
+
+
+def _dense(units: int, in_units: int, **kwargs) -> nn.Dense:
+    # flatten=False: only the last axis is transformed; in_units: shapes known at initialize
+    return nn.Dense(units, flatten=False, in_units=in_units, **kwargs)
+
+
+def _fc(F, x, weight, units: int):
+    return F.npx.fully_connected(x, weight, None, num_hidden=units, no_bias=True, flatten=False)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Layer normalization over the last axis (parameters ``gamma``/``beta`` as in Gluon,
+    epsilon 1e-5 as in PyTorch) with every reduction and broadcast written as a matrix product.
+
+    MXNet 1.9's ``LayerNorm`` backward on CPU runs generic (single-threaded) reductions and is
+    about 20x slower than its forward pass; mean and variance as products with a constant
+    ``1/H`` vector, and the per-row and per-channel broadcasts as rank-1 products, run on the
+    BLAS instead and make forward plus backward about 2x faster (the largest single saving of
+    the training step). Same values to float32 rounding.
+    """
+
+    def __init__(self, in_channels: int, epsilon: float = 1e-5, **kwargs) -> None:
+        super().__init__(axis=-1, epsilon=epsilon, in_channels=in_channels, **kwargs)
+        self._units = in_channels
+
+    def hybrid_forward(self, F, data, gamma, beta):
+        h = self._units
+        average = F.np.full((1, h), 1.0 / h)   # x @ average.T: the mean of every row
+        spread = F.np.ones((h, 1))             # v @ spread.T: a per-row value to all H columns
+        mean = _fc(F, data, average, 1)
+        centered = data - _fc(F, mean, spread, h)
+        var = _fc(F, centered * centered, average, 1)
+        # rstd (rows) x gamma (columns) as one rank-1 product; beta to every row likewise
+        scale = _fc(F, (var + self._epsilon) ** -0.5, F.np.expand_dims(gamma, -1), h)
+        shift = _fc(F, F.np.ones_like(mean), F.np.expand_dims(beta, -1), h)
+        return centered * scale + shift
+
+
+class MultiHeadAttention(nn.HybridBlock):
+    """Multi-head scaled dot-product attention with biases; keys at positions
+    ``>= valid_lens[b]`` get no weight (``valid_lens``: ``(batch,)``, or None for no mask).
+    Hybridized, call it always with or always without ``valid_lens``: MXNet 1.9 keeps one
+    graph per block."""
+
+    def __init__(self, num_hiddens: int, num_heads: int, dropout: float, use_bias: bool = True,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_hiddens % num_heads:
+            raise ValueError(f"num_hiddens ({num_hiddens}) must be divisible by num_heads "
+                             f"({num_heads})")
+        self.num_heads = num_heads
+        self._scale = 1.0 / math.sqrt(num_hiddens // num_heads)
+        with self.name_scope():
+            self.W_q = _dense(num_hiddens, num_hiddens, use_bias=use_bias)
+            self.W_k = _dense(num_hiddens, num_hiddens, use_bias=use_bias)
+            self.W_v = _dense(num_hiddens, num_hiddens, use_bias=use_bias)
+            self.W_o = _dense(num_hiddens, num_hiddens, use_bias=use_bias)
+            self.dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, F, X):
+        # (B, L, H) -> (B, L, heads, d) -> (B, heads, L, d) -> (B*heads, L, d); swapaxes is
+        # several times faster than the equivalent transpose in MXNet 1.9 on CPU
+        X = F.np.swapaxes(F.npx.reshape(X, (-2, -2, self.num_heads, -1)), 1, 2)
+        return F.npx.reshape(X, (-5, -2, -2))
+
+    def _merge_heads(self, F, X):
+        # (B*heads, L, d) -> (B, heads, L, d) -> (B, L, heads, d) -> (B, L, H)
+        X = F.np.swapaxes(F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)), 1, 2)
+        return F.npx.reshape(X, (-2, -2, -5))
+
+    def hybrid_forward(self, F, queries, keys, values, valid_lens):
+        q = self._split_heads(F, self.W_q(queries))
+        k = self._split_heads(F, self.W_k(keys))
+        v = self._split_heads(F, self.W_v(values))
+        scores = F.npx.batch_dot(q, k, transpose_b=True) * self._scale  # (B*heads, Lq, Lk)
+        if valid_lens is None:
+            weights = F.npx.softmax(scores, axis=-1)
+        else:
+            # the valid length of every (example, head, query) row: (B*heads, Lq), int32
+            lens = F.np.repeat(valid_lens, self.num_heads)
+            lens = (F.np.expand_dims(lens, -1)
+                    + F.np.zeros_like(F.npx.arange_like(scores, axis=1)))
+            weights = F.npx.softmax(scores, lens.astype("int32"), axis=-1, use_length=True)
+        out = F.npx.batch_dot(self.dropout(weights), v)
+        return self.W_o(self._merge_heads(F, out))
+
+
+class PositionWiseFFN(nn.HybridBlock):
+    """``dense2(relu(dense1(X)))`` on the last axis."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.dense1 = _dense(ffn_num_hiddens, num_hiddens)
+            self.dense2 = _dense(num_hiddens, ffn_num_hiddens)
+
+    def hybrid_forward(self, F, X):
+        return self.dense2(F.npx.relu(self.dense1(X)))
+
+
+class AddNorm(nn.HybridBlock):
+    """Residual connection then layer normalization: ``ln(dropout(Y) + X)``."""
+
+    def __init__(self, num_hiddens: int, dropout: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.dropout = nn.Dropout(dropout)
+            self.ln = LayerNorm(num_hiddens)
+
+    def hybrid_forward(self, F, X, Y):
+        return self.ln(self.dropout(Y) + X)
+
+
+class EncoderBlock(nn.HybridBlock):
+    """A post-LN Transformer encoder block."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float,
+                 use_bias: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias)
+            self.addnorm1 = AddNorm(num_hiddens, dropout)
+            self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
+            self.addnorm2 = AddNorm(num_hiddens, dropout)
+
+    def hybrid_forward(self, F, X, valid_lens):
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))
+        return self.addnorm2(Y, self.ffn(Y))
+
+
+class BERTEncoder(nn.HybridBlock):
+    """Token, segment and learned positional embeddings, then ``num_layers`` encoder blocks."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
+                 num_layers: int, dropout: float, max_len: int = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_hiddens, self.max_len = num_hiddens, max_len
+        with self.name_scope():
+            self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
+            self.segment_embedding = nn.Embedding(2, num_hiddens)
+            self.blks = nn.HybridSequential()
+            for _ in range(num_layers):
+                self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
+                                           True))
+            # BERT's positional embeddings are learned: a parameter long enough for max_len
+            self.pos_embedding = self.params.get("pos_embedding",
+                                                 shape=(1, max_len, num_hiddens))
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding):
+        X = self.token_embedding(tokens) + self.segment_embedding(segments)
+        # row j of the table for every token at position j, through an embedding lookup of a
+        # (B, L) grid of positions (the backward of a broadcast add is a slow reduction in
+        # MXNet 1.9 on CPU; the lookup's is a fast scatter-add)
+        positions = (F.np.expand_dims(F.npx.arange_like(tokens, axis=1), 0)
+                     + F.np.zeros_like(tokens, dtype="float32"))
+        table = F.npx.reshape(pos_embedding, (-1, self.num_hiddens))
+        X = X + F.npx.embedding(positions, table, input_dim=self.max_len,
+                                output_dim=self.num_hiddens)
+        for blk in self.blks:
+            X = blk(X, valid_lens)
+        return X
+
+
+class MaskLM(nn.HybridBlock):
+    """The MLM head ``decoder(ln(relu(dense(X))))`` at the gathered ``pred_positions``."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.dense = _dense(num_hiddens, num_hiddens)
+            self.ln = LayerNorm(num_hiddens)
+            self.decoder = _dense(vocab_size, num_hiddens)
+
+    def hybrid_forward(self, F, X, pred_positions):
+        # indices (2, B, P): (example, position) of every prediction -> rows (B, P, H)
+        batch_idx = F.np.expand_dims(F.npx.arange_like(pred_positions, axis=0), -1)
+        batch_idx = batch_idx + F.np.zeros_like(pred_positions, dtype="float32")
+        indices = F.np.stack([batch_idx, pred_positions.astype("float32")]).astype("int32")
+        masked_X = F.npx.gather_nd(X, indices)
+        return self.decoder(self.ln(F.npx.relu(self.dense(masked_X))))
+
+
+class NextSentencePred(nn.HybridBlock):
+    """The NSP output layer (two classes)."""
+
+    def __init__(self, num_hiddens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.output = nn.Dense(2, in_units=num_hiddens)
+
+    def hybrid_forward(self, F, X):
+        return self.output(X)
+
+
+class BERTModel(nn.HybridBlock):
+    """The BERT model: ``net(tokens, segments, valid_lens=None, pred_positions=None)`` returns
+    ``(encoded_X, mlm_Y_hat, nsp_Y_hat)``, ``mlm_Y_hat`` None without ``pred_positions``.
+
+    Takes the book's arguments (``BERTModel(len(vocab), num_hiddens=128, ffn_num_hiddens=256,
+    num_heads=2, num_layers=2, dropout=0.2)``) or a config (:meth:`from_config`); ``net.config``
+    is the :class:`~bertlite.config.BERTConfig` either way.
+
+    Hybridized, the graph always receives all four arrays (MXNet 1.9 caches one graph per block,
+    not one per input signature): a missing ``valid_lens`` is the full length (no masking) and a
+    missing ``pred_positions`` one dummy position whose MLM output is dropped. (Symbolic calls,
+    e.g. from an enclosing graph, must pass all four.)
+    """
+
+    def __init__(self, vocab_size: int, num_hiddens: int = 128, ffn_num_hiddens: int = 256,
+                 num_heads: int = 2, num_layers: int = 2, dropout: float = 0.2,
+                 max_len: int = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
+                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
+                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        #: the devices the backend initialized the model on (set by ``MXNetBackend``)
+        self.devices: list = []
+        with self.name_scope():
+            self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads,
+                                       num_layers, dropout, max_len)
+            self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
+            self.mlm = MaskLM(vocab_size, num_hiddens)
+            self.nsp = NextSentencePred(num_hiddens)
+
+    @classmethod
+    def from_config(cls, config: BERTConfig) -> BERTModel:
+        return cls(config.vocab_size, num_hiddens=config.num_hiddens,
+                   ffn_num_hiddens=config.ffn_num_hiddens, num_heads=config.num_heads,
+                   num_layers=config.num_layers, dropout=config.dropout, max_len=config.max_len)
+
+    def canonical_parameters(self) -> OrderedDict:
+        """``{canonical name: gluon.Parameter}`` in the order of
+        :func:`bertlite.params.parameter_shapes`' layout."""
+        by_name = {canonical_name(name): param
+                   for name, param in self._collect_params_with_prefix().items()}
+        order = parameter_shapes(self.config)
+        if set(by_name) != set(order):  # pragma: no cover - a layout bug, not a user error
+            raise RuntimeError(f"BERTModel parameters {sorted(set(by_name) ^ set(order))} do "
+                               "not match bertlite.params")
+        return OrderedDict((name, by_name[name]) for name in order)
+
+    def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
+        no_preds = pred_positions is None
+        if valid_lens is None:
+            valid_lens = np.full((tokens.shape[0],), tokens.shape[1], dtype="float32",
+                                 ctx=tokens.ctx)
+        if no_preds:
+            pred_positions = np.zeros((tokens.shape[0], 1), dtype="int32", ctx=tokens.ctx)
+        encoded_X, mlm_Y_hat, nsp_Y_hat = super().forward(
+            tokens, segments, valid_lens.reshape(-1), pred_positions)
+        return encoded_X, (None if no_preds else mlm_Y_hat), nsp_Y_hat
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions):
+        encoded_X = self.encoder(tokens, segments, valid_lens)
+        mlm_Y_hat = self.mlm(encoded_X, pred_positions)
+        # the hidden layer of the NSP classifier reads the encoding of <cls> (position 0)
+        cls = F.npx.reshape(F.npx.slice(encoded_X, begin=(None, 0, None), end=(None, 1, None)),
+                            (-2, -1))
+        nsp_Y_hat = self.nsp(self.hidden(cls))
+        return encoded_X, mlm_Y_hat, nsp_Y_hat

@@ -1,0 +1,486 @@
+"""What only the MXNet backend has: per-device shards, hybridization, PyTorch's Adam as an MXNet
+optimizer, devices, and the book's MXNet tab running unchanged on ``bertlite.backends.mxnet``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertlite.config import BERTConfig
+from bertlite.data.loader import Batch
+from bertlite.errors import DeviceError
+from bertlite.loss import bert_loss_numpy
+from bertlite.optim import OptimizerSettings
+from bertlite.params import init_params, is_no_decay, parameter_shapes
+from conftest import framework_installed
+
+if not framework_installed("mxnet"):  # before importing mxnet: a skip with the pip hint
+    pytest.skip('backend "mxnet" skipped: mxnet is not installed (pip install "bertlite[mxnet]")',
+                allow_module_level=True)
+
+import mxnet as mx  # noqa: E402
+from mxnet import autograd, gluon  # noqa: E402
+
+from bertlite.backends import mxnet as bmx  # noqa: E402
+from bertlite.backends.mxnet.loss import _get_batch_loss_bert  # noqa: E402
+from bertlite.backends.mxnet.model import BERTModel  # noqa: E402
+from bertlite.backends.mxnet.step import TorchAdam, clip_grad_norm, split_batch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BOOK = REPO.parent / "shared" / "seed" / "bert-pretraining.ko.md"
+#: modules conftest.import_d2l may replace by stubs
+STUBBED = ("IPython", "matplotlib_inline", "pandas")
+VOCAB, LENGTH, PREDS, HIDDEN = 500, 16, 4, 32
+TWO_CPUS = [mx.cpu(0), mx.cpu(1)]
+
+
+def tiny_config(dropout: float = 0.0) -> BERTConfig:
+    return BERTConfig(vocab_size=VOCAB, num_hiddens=HIDDEN, ffn_num_hiddens=64, num_heads=2,
+                      num_layers=2, dropout=dropout, max_len=32)
+
+
+def make_batch(n: int = 9, seed: int = 0) -> Batch:
+    """Uneven valid lengths, padding after them, and some empty prediction slots."""
+    rng = np.random.default_rng(seed)
+    valid = rng.integers(PREDS + 3, LENGTH + 1, n)
+    valid[0] = LENGTH
+    tokens = rng.integers(5, VOCAB, (n, LENGTH)).astype(np.int32)
+    segments = np.zeros((n, LENGTH), np.int32)
+    for i, v in enumerate(valid):
+        tokens[i, v:] = 1
+        segments[i, v // 2:v] = 1
+    positions = np.stack([np.sort(rng.choice(np.arange(1, v - 1), PREDS, replace=False))
+                          for v in valid]).astype(np.int32)
+    weights = (rng.random((n, PREDS)) < 0.7).astype(np.float32)
+    weights[:, 0] = 1.0
+    positions[weights == 0] = 0
+    labels = (rng.integers(5, VOCAB, (n, PREDS)) * weights).astype(np.int32)
+    return Batch(tokens, segments, valid.astype(np.float32), positions, weights, labels,
+                 rng.integers(0, 2, n).astype(np.int32))
+
+
+@pytest.fixture
+def no_stubs(monkeypatch):
+    """Take out (for one test) the stub modules, without ``__spec__``, that another test's
+    ``conftest.import_d2l`` left in ``sys.modules``: they fool bertlite.book and matplotlib
+    (which ask IPython whether they run in a notebook) and torch (find_spec on pandas)."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in STUBBED and getattr(module, "__spec__", None) is None:
+            monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return bmx.MXNetBackend()
+
+
+def build(backend, devices, config=None, seed=0):
+    config = config or tiny_config()
+    net = backend.build_model(config, devices)
+    backend.load_state_dict(net, init_params(config, seed))
+    return net
+
+
+def to_mx(batch: Batch, ctx=None) -> list:
+    return [bmx.to_mxnet(a, ctx) for a in batch]
+
+
+# -- (1) shards over several devices give the one-device loss and gradients --------------------
+
+def test_two_uneven_shards_give_the_one_device_loss_and_gradients(backend):
+    batch = make_batch(n=9)  # 5 + 4 examples: the shards differ in size
+    one = build(backend, [mx.cpu()])
+    two = build(backend, TWO_CPUS)
+    assert [s.shape[0] for s in split_batch(batch, TWO_CPUS)[0]] == [5, 4]
+    mlm1, nsp1, grads1 = backend.loss_and_grads(one, batch)
+    mlm2, nsp2, grads2 = backend.loss_and_grads(two, batch)
+    assert mlm2 == pytest.approx(mlm1, rel=1e-5)
+    assert nsp2 == pytest.approx(nsp1, rel=1e-5)
+    assert set(grads1) == set(grads2) == set(parameter_shapes(tiny_config()))
+    for name, g in grads1.items():
+        scale = max(1e-3, float(np.abs(g).max()))
+        np.testing.assert_allclose(grads2[name], g, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
+def test_shard_losses_add_up_to_the_batch_loss(backend, hybridize):
+    """The book's helper: the per-shard losses are shares of the batch loss (sum, not mean)."""
+    batch = make_batch(n=9)
+    net = build(backend, TWO_CPUS)
+    if not hybridize:
+        net.hybridize(False)
+    with autograd.record(train_mode=False):
+        mlm_ls, nsp_ls, ls = _get_batch_loss_bert(
+            net, gluon.loss.SoftmaxCELoss(), VOCAB, *split_batch(batch, TWO_CPUS))
+    assert len(ls) == 2 and [l.ctx for l in ls] == TWO_CPUS
+    _, mlm_logits, nsp_logits = backend.forward(net, batch)
+    expected = bert_loss_numpy(mlm_logits, batch.mlm_labels, batch.mlm_weights, nsp_logits,
+                               batch.nsp_labels)
+    assert sum(float(l) for l in mlm_ls) == pytest.approx(expected[0], rel=1e-5)
+    assert sum(float(l) for l in nsp_ls) == pytest.approx(expected[1], rel=1e-5)
+    assert sum(float(l) for l in ls) == pytest.approx(expected[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    OptimizerSettings(lr=1e-3),
+    OptimizerSettings(lr=1e-3, optimizer="adamw", weight_decay=0.1, clip_norm=0.5),
+], ids=["adam", "adamw-clip"])
+def test_training_on_two_devices_follows_one_device(backend, settings):
+    """Three steps (dropout off): the kvstore sums the shards' gradients, the replicas stay
+    equal, and the weights follow the one-device run. (The key bias has a zero gradient in
+    exact arithmetic -- a constant added to every key of a row cancels in the softmax -- so
+    Adam turns its rounding noise into steps of up to lr: it is only bounded.)"""
+    batches = [make_batch(n=9, seed=s) for s in range(3)]
+    one, two = build(backend, [mx.cpu()]), build(backend, TWO_CPUS)
+    opt1, opt2 = backend.create_optimizer(one, settings), backend.create_optimizer(two, settings)
+    for b in batches:
+        l1 = [float(x) for x in backend.train_step(one, opt1, b, settings.lr)]
+        l2 = [float(x) for x in backend.train_step(two, opt2, b, settings.lr)]
+        np.testing.assert_allclose(l2, l1, rtol=1e-4)
+    w1, w2 = backend.state_dict(one), backend.state_dict(two)
+    for name, param in two.canonical_parameters().items():
+        replicas = [d.asnumpy() for d in param.list_data()]
+        np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=name)
+        if name.endswith("attention.W_k.bias"):
+            assert np.abs(w2[name] - w1[name]).max() <= 2 * len(batches) * settings.lr
+            continue
+        np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    assert int(backend.optimizer_state(opt2)["step"]) == 3
+
+
+def test_train_step_returns_unsynchronized_arrays(backend):
+    net = build(backend, TWO_CPUS)
+    opt = backend.create_optimizer(net, OptimizerSettings(lr=0.01))
+    mlm, nsp = backend.train_step(net, opt, make_batch(), 0.01)
+    assert isinstance(mlm, mx.np.ndarray) and mlm.shape == () and mlm.ctx == mx.cpu(0)
+    assert np.isfinite(float(mlm)) and np.isfinite(float(nsp))
+
+
+# -- (2) hybridized graphs compute what the imperative blocks compute ---------------------------
+
+def test_hybridized_outputs_equal_imperative_outputs():
+    config = tiny_config(dropout=0.2)
+    params = init_params(config, 1)
+    batch = make_batch(n=6)
+    args = to_mx(batch)
+    nets = {}
+    for mode in ("imperative", "hybridized"):
+        net = BERTModel.from_config(config)
+        net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+        for name, p in net.canonical_parameters().items():
+            p.set_data(mx.np.array(params[name]))
+        if mode == "hybridized":
+            net.hybridize(static_alloc=True, static_shape=True)
+        nets[mode] = net
+    calls = {  # every input signature; the hybridized graph must serve them all
+        "full": (args[0], args[1], args[2], args[3]),
+        "no preds": (args[0], args[1], args[2]),
+        "no lens": (args[0], args[1], None, args[3]),
+        "tokens only": (args[0], args[1]),
+        "full again": (args[0], args[1], args[2], args[3]),
+    }
+    for label, call in calls.items():
+        imperative, hybridized = nets["imperative"](*call), nets["hybridized"](*call)
+        for a, b in zip(imperative, hybridized):
+            if a is None:
+                assert b is None, label
+                continue
+            np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=label)
+    encoded, mlm, nsp = nets["hybridized"](*calls["full"])
+    assert encoded.shape == (6, LENGTH, HIDDEN)
+    assert mlm.shape == (6, PREDS, VOCAB) and nsp.shape == (6, 2)
+    # valid_lens=None means no masking: the same as the full length
+    full = mx.np.full((6,), LENGTH, dtype="float32")
+    np.testing.assert_allclose(nets["hybridized"](args[0], args[1], full)[0].asnumpy(),
+                               nets["hybridized"](args[0], args[1])[0].asnumpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_attention_masks_keys_beyond_valid_len(hybridize):
+    att = bmx.MultiHeadAttention(HIDDEN, 2, dropout=0.0)
+    att.initialize(mx.init.Xavier())
+    if hybridize:
+        att.hybridize(static_alloc=True, static_shape=True)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 6, HIDDEN)).astype(np.float32)
+    changed = x.copy()
+    changed[:, 4:] = rng.normal(size=(3, 2, HIDDEN))  # only keys at positions 4, 5 differ
+    lens = mx.np.array([4.0, 4.0, 4.0])
+    a = att(*[mx.np.array(x)] * 3, lens).asnumpy()
+    b = att(*[mx.np.array(changed)] * 3, lens).asnumpy()
+    np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=1e-5, atol=1e-6)
+    if hybridize:  # MXNet 1.9 keeps one graph per block: a hybridized block is called one way
+        return
+    unmasked = att(*[mx.np.array(x)] * 3, None).asnumpy()
+    full = att(*[mx.np.array(x)] * 3, mx.np.array([6.0, 6.0, 6.0])).asnumpy()
+    np.testing.assert_allclose(unmasked, full, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(unmasked, a)
+
+
+def test_hybridized_loss_graph_gives_the_imperative_gradients(backend):
+    batch = make_batch(n=7)
+    hybrid = build(backend, [mx.cpu()])
+    imperative = build(backend, [mx.cpu()])
+    imperative.hybridize(False)
+    mlm_h, nsp_h, grads_h = backend.loss_and_grads(hybrid, batch)
+    mlm_i, nsp_i, grads_i = backend.loss_and_grads(imperative, batch)
+    assert (mlm_h, nsp_h) == pytest.approx((mlm_i, nsp_i), rel=1e-6)
+    for name, g in grads_i.items():
+        np.testing.assert_allclose(grads_h[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_dropout_is_on_in_training_and_off_in_forward(backend):
+    net = build(backend, [mx.cpu()], tiny_config(dropout=0.5))
+    batch = make_batch()
+    first, second = backend.forward(net, batch), backend.forward(net, batch)
+    np.testing.assert_array_equal(first[0], second[0])
+    args = to_mx(batch)
+    with autograd.train_mode():
+        a = net(*args[:4])[0].asnumpy()
+        b = net(*args[:4])[0].asnumpy()
+    assert not np.allclose(a, b)
+
+
+def test_layer_norm_matches_the_fused_operator():
+    ln = bmx.model.LayerNorm(HIDDEN)
+    ln.initialize()
+    rng = np.random.default_rng(0)
+    ln.gamma.set_data(mx.np.array(rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)))
+    ln.beta.set_data(mx.np.array(rng.normal(size=HIDDEN).astype(np.float32)))
+    x = mx.np.array((rng.normal(size=(3, 5, HIDDEN)) * 3 + 2).astype(np.float32))
+    dy = mx.np.array(rng.normal(size=(3, 5, HIDDEN)).astype(np.float32))
+    results = []
+    for fused in (False, True):
+        x.attach_grad()
+        with autograd.record():
+            y = (mx.npx.layer_norm(x, ln.gamma.data(), ln.beta.data(), axis=-1, eps=1e-5)
+                 if fused else ln(x))
+        y.backward(dy)
+        results.append((y.asnumpy(), x.grad.asnumpy()))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=2e-6)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=2e-6)
+    xn = x.asnumpy()
+    normalized = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(ln.gamma.grad().asnumpy(),
+                               (dy.asnumpy() * normalized).sum((0, 1)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ln.beta.grad().asnumpy(), dy.asnumpy().sum((0, 1)), rtol=1e-4,
+                               atol=1e-5)
+
+
+# -- (3) the optimizer is torch.optim.Adam / AdamW ------------------------------------------------
+
+SHAPES = {"dense.weight": (6, 5), "dense.bias": (6,), "ln.weight": (5,), "emb": (1, 4, 5)}
+
+
+@pytest.mark.parametrize("kind, weight_decay", [("adam", 0.0), ("adam", 0.05), ("adamw", 0.1)])
+@pytest.mark.parametrize("devices", [[mx.cpu()], TWO_CPUS], ids=["1dev", "2dev"])
+def test_optimizer_equals_torch(kind, weight_decay, devices, no_stubs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    init = {n: rng.normal(size=s).astype(np.float32) for n, s in SHAPES.items()}
+    grads = [{n: (rng.normal(size=s) * 10.0 ** rng.integers(-4, 1)).astype(np.float32)
+              for n, s in SHAPES.items()} for _ in range(6)]
+    grads[2]["dense.bias"][:] = 0.0  # a zero gradient keeps its own state
+    lrs = [0.01, 0.02, 0.005, 0.01, 0.03, 0.001]
+
+    params = {}
+    for name, value in init.items():
+        p = gluon.Parameter(name.replace(".", "_"), shape=value.shape)
+        p.initialize(ctx=devices)
+        p.set_data(mx.np.array(value))
+        p.wd_mult = 0.0 if is_no_decay(name) else 1.0
+        params[name] = p
+    optimizer = TorchAdam(learning_rate=lrs[0], beta1=0.9, beta2=0.999, epsilon=1e-8,
+                          wd=weight_decay, decoupled=kind == "adamw")
+    trainer = gluon.Trainer(list(params.values()), optimizer, kvstore="device",
+                            update_on_kvstore=False)
+
+    tensors = {n: torch.tensor(v, requires_grad=True) for n, v in init.items()}
+    groups = [{"params": [t for n, t in tensors.items() if not is_no_decay(n)]},
+              {"params": [t for n, t in tensors.items() if is_no_decay(n)], "weight_decay": 0.0}]
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    reference = cls(groups, lr=lrs[0], betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+    for step_grads, lr in zip(grads, lrs):
+        for ctx in devices:  # each device's gradient is its share; the kvstore sums them
+            with autograd.record():
+                total = sum((params[n].data(ctx) * mx.np.array(g / len(devices), ctx=ctx)).sum()
+                            for n, g in step_grads.items())
+            total.backward()
+        for name, g in step_grads.items():
+            tensors[name].grad = torch.tensor(g)
+        trainer.set_learning_rate(lr)
+        trainer.step(1)
+        for group in reference.param_groups:
+            group["lr"] = lr
+        reference.step()
+    for name, p in params.items():
+        expected = tensors[name].detach().numpy()
+        for replica in p.list_data():
+            np.testing.assert_allclose(replica.asnumpy(), expected, rtol=1e-6, atol=1e-6,
+                                       err_msg=name)
+
+
+def test_clip_grad_norm_equals_torch(no_stubs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=s).astype(np.float32) for s in ((4, 3), (3,), (2, 2, 2))]
+    params = []
+    for i, v in enumerate(values):
+        p = gluon.Parameter(f"p{i}", shape=v.shape)
+        p.initialize(ctx=TWO_CPUS)
+        for g in p.list_grad():
+            g[:] = mx.np.array(v)
+        params.append(p)
+    tensors = [torch.zeros(v.shape, requires_grad=True) for v in values]
+    for t, v in zip(tensors, values):
+        t.grad = torch.tensor(v)
+    for max_norm in (1.0, 100.0):
+        clip_grad_norm(params, max_norm)
+        torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+        for p, t in zip(params, tensors):
+            for g in p.list_grad():
+                np.testing.assert_allclose(g.asnumpy(), t.grad.numpy(), rtol=1e-6)
+
+
+def test_optimizer_excludes_biases_and_layer_norm_from_decay(backend):
+    net = build(backend, [mx.cpu()])
+    backend.create_optimizer(net, OptimizerSettings(optimizer="adamw", weight_decay=0.1))
+    for name, param in net.canonical_parameters().items():
+        assert param.wd_mult == (0.0 if is_no_decay(name) else 1.0), name
+
+
+def test_optimizer_state_before_the_first_step(backend):
+    net = build(backend, TWO_CPUS)
+    opt = backend.create_optimizer(net, OptimizerSettings())
+    state = backend.optimizer_state(opt)
+    assert int(state["step"]) == 0
+    assert np.abs(state["mlm.decoder.weight.exp_avg"]).sum() == 0
+    with pytest.raises(ValueError, match="step"):
+        backend.load_optimizer_state(opt, {k: v for k, v in state.items() if k != "step"})
+
+
+# -- model layout, devices, the book's API --------------------------------------------------------
+
+def test_parameters_follow_the_canonical_layout():
+    config = tiny_config()
+    net = BERTModel.from_config(config)
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())  # shapes known before any forward pass
+    assert net.config == config
+    shapes = {name: p.shape for name, p in net.canonical_parameters().items()}
+    assert list(shapes) == list(parameter_shapes(config))
+    assert shapes == parameter_shapes(config)
+
+
+def test_book_constructor_and_imperative_call():
+    net = bmx.BERTModel(VOCAB, num_hiddens=HIDDEN, ffn_num_hiddens=64, num_heads=2,
+                        num_layers=2, dropout=0.2)
+    net.initialize(mx.init.Xavier(), ctx=bmx.try_all_gpus())
+    assert net.config.max_len == 1000
+    tokens, segments = mx.np.array([[2, 7, 9, 3]]), mx.np.array([[0, 0, 0, 0]])
+    encoded, mlm, nsp = net(tokens, segments, mx.np.array([4.0]))
+    assert encoded.shape == (1, 4, HIDDEN) and mlm is None and nsp.shape == (1, 2)
+
+
+def test_devices(backend):
+    assert bmx.try_all_gpus() == [mx.cpu()]
+    assert bmx.try_gpu() == mx.cpu()
+    assert backend.parse_devices(None) == bmx.try_all_gpus()
+    assert backend.parse_devices("cpu") == [mx.cpu()]
+    assert backend.parse_devices("cpu:0,cpu:1") == TWO_CPUS
+    assert backend.parse_devices("cpu:0,1") == TWO_CPUS
+    assert backend.parse_devices(TWO_CPUS) == TWO_CPUS
+    assert backend.describe_devices([mx.cpu()]) == "[cpu(0)]"
+    if mx.context.num_gpus() == 0:
+        for spec in ("gpu", "gpu:0,1", "cuda:0", [mx.gpu(0)]):
+            with pytest.raises(DeviceError, match="no GPU"):
+                backend.parse_devices(spec)
+    for spec in ("tpu", "cpu:x", "cpu:0,cpu:0", "", 3):
+        with pytest.raises(DeviceError):
+            backend.parse_devices(spec)
+
+
+def test_info(backend):
+    info = backend.info()
+    assert info["version"] == mx.__version__
+    assert "DIST_KVSTORE" in info["features"] and "CUDA" in info["features"]
+    assert info["gpus"] == mx.context.num_gpus()
+
+
+@pytest.mark.parametrize("env, expected", [({}, "cores"), ({"MXNET_OMP_MAX_THREADS": "1"}, "1"),
+                                           ({"OMP_NUM_THREADS": "1"}, None)])
+def test_cpu_threads_default_to_the_physical_cores(env, expected):
+    """MXNet would use half the logical CPUs; importing the backend first makes it all the
+    physical cores, unless the user chose."""
+    import os
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("MXNET_OMP_MAX_THREADS", "OMP_NUM_THREADS")}
+    code = ("import os, bertlite.backends.mxnet as m; "
+            "print(os.environ.get('MXNET_OMP_MAX_THREADS'), m._physical_cores())")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env={**clean, **env},
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    value, cores = (None if out[0] == "None" else out[0]), out[1]
+    assert value == (cores if expected == "cores" else expected)
+
+
+def test_load_data_wiki_gives_mxnet_batches(tmp_path):
+    train_iter, vocab = bmx.load_data_wiki(16, 32, corpus="sample")
+    batch = next(iter(train_iter))
+    assert len(batch) == 7 and all(isinstance(a, mx.np.ndarray) for a in batch)
+    assert [str(a.dtype) for a in batch] == ["int32", "int32", "float32", "int32", "float32",
+                                             "int32", "int32"]
+    shards = gluon.utils.split_and_load(batch[0], TWO_CPUS, even_split=False)
+    assert sum(s.shape[0] for s in shards) == 16
+    assert len(vocab) > 10
+
+
+# -- (4) the book's MXNet tab, unchanged ----------------------------------------------------------
+
+def book_cells(path: Path) -> list[str]:
+    """The MXNet tab: untagged ``{.python .input}`` cells and ``#@tab all`` cells."""
+    cells = re.findall(r"```\{\.python \.input\}\n(.*?)```", path.read_text(encoding="utf-8"),
+                       flags=re.S)
+    keep = []
+    for cell in cells:
+        tag = re.match(r"\s*#@tab (\S+)", cell)
+        if tag is None or tag.group(1) == "all":
+            keep.append(cell)
+    return keep
+
+
+@pytest.mark.slow
+def test_the_book_mxnet_tab_runs_unchanged(wikitext_train_dir, monkeypatch, capsys, no_stubs):
+    if not BOOK.is_file():
+        pytest.skip(f"the book chapter is not at {BOOK}")
+    monkeypatch.setenv("BERTLITE_DATA", str(wikitext_train_dir.parent))
+    cells = book_cells(BOOK)
+    assert any("train_bert(train_iter" in c for c in cells)
+    source = "\n".join(cells)
+    assert "from d2l import mxnet as d2l" in source
+    source = source.replace("from d2l import mxnet as d2l",
+                            "from bertlite.backends import mxnet as d2l")
+    source, n_steps = re.subn(r"(train_bert\(train_iter, net, loss, len\(vocab\), devices, )50\)",
+                              r"\g<1>2)", source)
+    source, n_batch = re.subn(r"batch_size, max_len = 512, 64", "batch_size, max_len = 48, 64",
+                              source)
+    assert n_steps == 1 and n_batch == 1
+    namespace: dict = {"__name__": "book"}
+    exec(compile(source, str(BOOK), "exec"), namespace)  # noqa: S102 - the book's own code
+    printed = capsys.readouterr().out
+    assert re.search(r"MLM loss \d+\.\d{3}, NSP loss \d+\.\d{3}", printed), printed
+    assert re.search(r"\d+\.\d sentence pairs/sec on \[cpu\(0\)\]", printed), printed
+    assert namespace["encoded_text"].shape == (1, 6, 128)
+    assert namespace["encoded_text_cls"].shape == (1, 128)
+    assert namespace["encoded_text_crane"][0][:3].shape == (3,)
+    assert namespace["encoded_pair"].shape == (1, 10, 128)
+    assert namespace["encoded_pair_cls"].shape == (1, 128)
+    # the polysemous "crane" is encoded differently in another context
+    assert not np.allclose(namespace["encoded_text_crane"].asnumpy(),
+                           namespace["encoded_pair_crane"].asnumpy())
