@@ -68,10 +68,11 @@ from .d2l import (  # noqa: E402
     try_gpu,
 )
 from .devices import parse_devices  # noqa: E402
+from .interop import from_d2l, to_d2l  # noqa: E402
 
 __all__ = [
     "Accumulator", "AddNorm", "Animator", "BERTEncoder", "BERTModel", "EncoderBlock",
     "MXNetBackend", "MaskLM", "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN",
-    "Timer", "_get_batch_loss_bert", "get_tokens_and_segments", "load_data_wiki",
-    "parse_devices", "to_mxnet", "try_all_gpus", "try_gpu",
+    "Timer", "_get_batch_loss_bert", "from_d2l", "get_tokens_and_segments", "load_data_wiki",
+    "parse_devices", "to_d2l", "to_mxnet", "try_all_gpus", "try_gpu",
 ]

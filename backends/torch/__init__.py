@@ -8,21 +8,29 @@ require_framework("torch")
 from .backend import TorchBackend  # noqa: E402
 from .d2l import (  # noqa: E402
     Accumulator,
+    AddNorm,
     Animator,
     BERTEncoder,
     BERTModel,
+    EncoderBlock,
     MaskLM,
+    MultiHeadAttention,
     NextSentencePred,
+    PositionWiseFFN,
     Timer,
     _get_batch_loss_bert,
     get_tokens_and_segments,
     load_data_wiki,
+    to_torch,
     try_all_gpus,
     try_gpu,
 )
+from .devices import parse_devices  # noqa: E402
+from .interop import from_d2l, to_d2l  # noqa: E402
 
 __all__ = [
-    "Accumulator", "Animator", "BERTEncoder", "BERTModel", "MaskLM", "NextSentencePred",
-    "Timer", "TorchBackend", "_get_batch_loss_bert", "get_tokens_and_segments",
-    "load_data_wiki", "try_all_gpus", "try_gpu",
+    "Accumulator", "AddNorm", "Animator", "BERTEncoder", "BERTModel", "EncoderBlock",
+    "MaskLM", "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "Timer",
+    "TorchBackend", "_get_batch_loss_bert", "from_d2l", "get_tokens_and_segments",
+    "load_data_wiki", "parse_devices", "to_d2l", "to_torch", "try_all_gpus", "try_gpu",
 ]

@@ -19,18 +19,29 @@ from bertlite.data.vocab import Vocab
 
 from .devices import try_all_gpus, try_gpu
 from .loss import _get_batch_loss_bert
-from .model import BERTEncoder, BERTModel, MaskLM, NextSentencePred
+from .model import (
+    AddNorm,
+    BERTEncoder,
+    BERTModel,
+    EncoderBlock,
+    MaskLM,
+    MultiHeadAttention,
+    NextSentencePred,
+    PositionWiseFFN,
+)
 
 __all__ = [
-    "Accumulator", "Animator", "BERTEncoder", "BERTModel", "MaskLM", "NextSentencePred",
-    "Timer", "_get_batch_loss_bert", "get_tokens_and_segments", "load_data_wiki",
+    "Accumulator", "AddNorm", "Animator", "BERTEncoder", "BERTModel", "EncoderBlock", "MaskLM",
+    "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "Timer",
+    "_get_batch_loss_bert", "get_tokens_and_segments", "load_data_wiki", "to_torch",
     "try_all_gpus", "try_gpu",
 ]
 
 
-def _to_torch(array: np.ndarray) -> torch.Tensor:
-    # Integer arrays (tokens, segments, positions, labels) as int64: the book's
-    # nn.CrossEntropyLoss needs Long labels. Floats (valid_lens, weights) stay float32.
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A batch array as the book's tab has it: integer arrays (tokens, segments, positions,
+    labels) as int64, since the book's ``nn.CrossEntropyLoss`` needs Long labels; floats
+    (valid_lens, weights) as float32."""
     if np.issubdtype(array.dtype, np.integer):
         return torch.from_numpy(array.astype(np.int64))
     return torch.from_numpy(np.array(array, dtype=np.float32))
@@ -43,6 +54,6 @@ def load_data_wiki(batch_size: int, max_len: int, **kwargs: Any
     vocabulary. ``kwargs`` go to :func:`bertlite.data.load_data_wiki` (``seed``, ``corpus``,
     ``data_dir``, ``masking``, ...)."""
     batches, vocab = _load_data_wiki(batch_size, max_len, **kwargs)
-    return ConvertedBatches(batches, _to_torch), vocab
+    return ConvertedBatches(batches, to_torch), vocab
 
 
