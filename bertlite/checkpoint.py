@@ -2,6 +2,8 @@
 
     config.json          format version, bertlite version, backend, model config, training
     vocab.txt            one token a line
+    tokenizer.json       the WordPiece tokenizer (Hugging Face format), when the vocabulary
+                         is one (``tokenizer="wordpiece"``); absent for the book's words
     model.safetensors    weights under the canonical names of :mod:`bertlite.params`
     trainer.safetensors  optimizer moments (same names + ``.exp_avg``/``.exp_avg_sq``), step
     trainer.json         step, data cursor (pass, batch), optimizer settings, metrics so far;
@@ -27,7 +29,7 @@ import numpy as np
 from bertlite._version import __version__
 from bertlite.config import BERTConfig
 from bertlite.data.vocab import Vocab
-from bertlite.errors import CheckpointError
+from bertlite.errors import CheckpointError, DataError
 from bertlite.io import fsync_dir
 from bertlite.params import check_state_dict
 
@@ -35,6 +37,7 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE, TRAINER_FILE, TRAINER_JSON, CONFIG_FILE, VOCAB_FILE = (
     "model.safetensors", "trainer.safetensors", "trainer.json", "config.json", "vocab.txt")
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -89,6 +92,8 @@ def write_checkpoint(path: str | os.PathLike, *, config: BERTConfig, vocab: Voca
             "model": config.to_dict(), "training": training or {}})
         (tmp / VOCAB_FILE).write_text("".join(t + "\n" for t in vocab.idx_to_token),
                                       encoding="utf-8")
+        if vocab.tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_text(vocab.tokenizer.to_str(), encoding="utf-8")
         _save_arrays(tmp / MODEL_FILE, weights)
         if trainer_arrays is not None:
             _save_arrays(tmp / TRAINER_FILE, trainer_arrays)
@@ -137,6 +142,17 @@ def read_checkpoint(path: str | os.PathLike, *, with_trainer: bool = False
         vocab = Vocab.load(path / VOCAB_FILE)
     except Exception as err:
         raise CheckpointError(f"{path / VOCAB_FILE}: {err}") from None
+    if (path / TOKENIZER_FILE).is_file():
+        from bertlite.data.tokenizer import WordPieceTokenizer
+
+        try:
+            tokenized = WordPieceTokenizer.load(path / TOKENIZER_FILE).to_vocab()
+        except DataError as err:
+            raise CheckpointError(str(err)) from None
+        if tokenized != vocab:
+            raise CheckpointError(f"{path / TOKENIZER_FILE} does not match {path / VOCAB_FILE} "
+                                  "(other tokens or another order); the checkpoint is damaged")
+        vocab = tokenized
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path / VOCAB_FILE} has {len(vocab)} tokens but the config says "
                               f"vocab_size {config.vocab_size}")
@@ -179,9 +195,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Remove all but the newest ``keep`` step folders."""
-    for _, folder in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(folder, ignore_errors=True)
+    """Remove all but the newest ``keep`` step folders, and temporary folders that a killed
+    process left half-written (only one process writes a checkpoint directory)."""
+    for step, folder in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        # renamed first, so that a kill during the removal leaves no step folder half-gone
+        doomed = folder.with_name(f".step-{step:06d}.tmp-removing")
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in Path(directory).glob(".step-*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save(model: Any, path: str | os.PathLike, **training: Any) -> Path:

@@ -15,13 +15,21 @@ from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
 
 
-def _as_tokens(text: str | Sequence[str] | None, name: str) -> list[str] | None:
+def _as_tokens(text: str | Sequence[str] | None, name: str, vocab: Vocab) -> list[str] | None:
     if text is None:
         return None
-    tokens = text.lower().split() if isinstance(text, str) else [str(t) for t in text]
+    tokens = tokenize(vocab, text) if isinstance(text, str) else [str(t) for t in text]
     if not tokens:
         raise DataError(f"{name} is empty: give at least one token")
     return tokens
+
+
+def tokenize(vocab: Vocab, text: str) -> list[str]:
+    """The tokens of a text for a vocabulary: lowercased words split on spaces, each cut into
+    its WordPiece pieces when the vocabulary has a tokenizer."""
+    if vocab.tokenizer is not None:
+        return vocab.tokenizer.encode(text)
+    return text.lower().split()
 
 
 @dataclass
@@ -35,6 +43,16 @@ class Pretrained:
     devices: list[Any]
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The WordPiece tokenizer of the vocabulary (saved as ``tokenizer.json`` beside
+        ``vocab.txt``), or None for the book's word vocabulary."""
+        return self.vocab.tokenizer
+
+    def tokenize(self, text: str) -> list[str]:
+        """The tokens :meth:`encode` sees for a text (words, or WordPiece pieces)."""
+        return tokenize(self.vocab, text)
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights as numpy arrays under the canonical names."""
         return self.backend.state_dict(self.model)
@@ -43,12 +61,14 @@ class Pretrained:
                ) -> np.ndarray:
         """The BERT encoding ``(1, len, hidden)`` of a text or text pair, dropout off.
 
-        Tokens are words (a string is lowercased and split on spaces), unknown ones map to
-        ``<unk>``; the input with ``<cls>`` and ``<sep>`` must fit the positional table
-        (``config.max_len``), otherwise a DataError says by how much it is too long.
+        A string is lowercased, split on spaces and, with a WordPiece vocabulary, cut into
+        pieces (:meth:`tokenize` shows them); a list is taken as tokens of the vocabulary as
+        they are (words, or pieces). Unknown tokens map to ``<unk>``; the input with ``<cls>``
+        and ``<sep>`` must fit the positional table (``config.max_len``), otherwise a DataError
+        says by how much it is too long.
         """
-        tokens, segments = get_tokens_and_segments(_as_tokens(tokens_a, "tokens_a"),
-                                                   _as_tokens(tokens_b, "tokens_b"))
+        tokens, segments = get_tokens_and_segments(_as_tokens(tokens_a, "tokens_a", self.vocab),
+                                                   _as_tokens(tokens_b, "tokens_b", self.vocab))
         if len(tokens) > self.config.max_len:
             raise DataError(f"the input has {len(tokens)} tokens with <cls> and <sep>, more "
                             f"than the model's maximum length {self.config.max_len}; shorten it")

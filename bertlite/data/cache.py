@@ -49,7 +49,14 @@ def load_cached(path: Path) -> tuple[PretrainingExamples, Vocab] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             vocab = Vocab.from_tokens([str(t) for t in data["vocab"]])
-            arrays = {k: data[k] for k in data.files if k != "vocab"}
+            if "tokenizer" in data.files:
+                from bertlite.data.tokenizer import WordPieceTokenizer
+
+                tokenized = WordPieceTokenizer.from_str(str(data["tokenizer"])).to_vocab()
+                if tokenized != vocab:
+                    return None
+                vocab = tokenized
+            arrays = {k: data[k] for k in data.files if k not in ("vocab", "tokenizer")}
         return PretrainingExamples(**arrays), vocab
     except Exception:  # a damaged cache file is rebuilt, never trusted
         return None
@@ -58,4 +65,7 @@ def load_cached(path: Path) -> tuple[PretrainingExamples, Vocab] | None:
 def save_cached(path: Path, examples: PretrainingExamples, vocab: Vocab) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, vocab=np.asarray(vocab.idx_to_token, dtype=str), **examples.arrays())
+            extra = {} if vocab.tokenizer is None else {
+                "tokenizer": np.asarray(vocab.tokenizer.to_str(), dtype=str)}
+            np.savez(f, vocab=np.asarray(vocab.idx_to_token, dtype=str), **extra,
+                     **examples.arrays())

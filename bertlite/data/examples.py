@@ -62,17 +62,39 @@ class _IndexOrUnk(dict):
 
 
 def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab) -> EncodedCorpus:
-    """Token ids of a tokenized corpus (unknown words are ``<unk>``, 0)."""
-    lookup = _IndexOrUnk(vocab.token_to_idx)
-    lookup[_BOUNDARY] = -1
-    ids = np.fromiter(map(lookup.__getitem__, corpus.words), dtype=np.int32,
-                      count=len(corpus.words))
+    """Token ids of a tokenized corpus (unknown words are ``<unk>``, 0). With a subword
+    vocabulary (``vocab.tokenizer``, say WordPiece) each word becomes its pieces."""
+    if vocab.tokenizer is not None:
+        ids = _subword_ids(corpus.words, vocab.tokenizer)
+    else:
+        lookup = _IndexOrUnk(vocab.token_to_idx)
+        lookup[_BOUNDARY] = -1
+        ids = np.fromiter(map(lookup.__getitem__, corpus.words), dtype=np.int32,
+                          count=len(corpus.words))
     boundary = ids < 0
     ends = np.flatnonzero(boundary)
     lens = np.diff(ends, prepend=-1) - 1
     starts = ends - lens - np.arange(len(ends))  # offsets once the markers are dropped
     return EncodedCorpus(ids[~boundary], starts.astype(np.int64), lens.astype(np.int64),
                          corpus.paragraph_sizes)
+
+
+def _subword_ids(words: list[str], tokenizer) -> np.ndarray:
+    """The piece ids of all words (boundary markers as -1), each distinct word encoded once."""
+    distinct = list(dict.fromkeys(words))
+    index = {w: i for i, w in enumerate(distinct)}
+    pieces = [[-1] if w == _BOUNDARY else p
+              for w, p in zip(distinct, tokenizer.encode_words(
+                  [w if w != _BOUNDARY else "" for w in distinct]))]
+    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter((i for p in pieces for i in p), dtype=np.int32, count=int(lens.sum()))
+    starts = np.cumsum(lens) - lens
+    which = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+    # the pieces of word j of the corpus are flat[starts[which[j]]:][:lens[which[j]]]
+    word_lens = lens[which]
+    offsets = np.arange(int(word_lens.sum())) - np.repeat(np.cumsum(word_lens) - word_lens,
+                                                           word_lens)
+    return flat[np.repeat(starts[which], word_lens) + offsets]
 
 
 @dataclass
@@ -152,19 +174,29 @@ def mlm_candidates(segments: np.ndarray, valid_lens: np.ndarray) -> np.ndarray:
 
 
 def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray, *,
-                vocab_size: int, mask_id: int, rng: np.random.Generator
+                vocab_size: int, mask_id: int, rng: np.random.Generator,
+                continuation: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Draw MLM predictions: ``masked_tokens, pred_positions, mlm_weights, mlm_labels``.
 
     ``max(1, round(0.15 * valid_len))`` positions per example (at most the candidates, at most
     ``round(0.15 * max_len)``), sorted; 80% become ``<mask>``, 10% a random token of the
     vocabulary, 10% stay unchanged.
+
+    With ``continuation`` (a bool per vocabulary id, True for the ``##`` pieces of WordPiece)
+    masking is by whole words: words are drawn in random order and taken while their pieces
+    fit in the example's budget of tokens (as in Google's BERT), so about 15% of the tokens are
+    predicted, and all pieces of a word are predicted together; the 80/10/10 choice is made
+    once per word.
     """
     n, max_len = tokens.shape
     k = max_num_mlm_preds(max_len)
     candidates = mlm_candidates(segments, valid_lens)
     num_preds = np.maximum(1, np.round(0.15 * valid_lens.astype(np.float64))).astype(np.int64)
     num_preds = np.minimum(num_preds, candidates.sum(axis=1))
+    if continuation is not None:
+        return _mask_whole_words(tokens, candidates, num_preds, k, vocab_size=vocab_size,
+                                 mask_id=mask_id, rng=rng, continuation=continuation)
     keys = rng.random((n, max_len))
     keys[~candidates] = 2.0
     chosen = np.argsort(keys, axis=1)[:, :k]
@@ -186,9 +218,70 @@ def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray
             labels.astype(np.int32))
 
 
-def build_examples(corpus: EncodedCorpus, vocab: Vocab, max_len: int, seed: int
-                   ) -> PretrainingExamples:
-    """All pretraining examples of a corpus, with statically drawn masks."""
+def word_index(tokens: np.ndarray, candidates: np.ndarray, continuation: np.ndarray
+               ) -> np.ndarray:
+    """``(n, max_len)``: the index of the word each candidate position belongs to, counted
+    from 0 in each example, and ``max_len`` elsewhere. A word is a piece that is not a ``##``
+    continuation, with the continuation pieces that follow it."""
+    n, max_len = tokens.shape
+    continues = np.asarray(continuation, dtype=bool)[tokens]
+    after_candidate = np.zeros_like(candidates)
+    after_candidate[:, 1:] = candidates[:, :-1]
+    starts = candidates & (~continues | ~after_candidate)
+    word = np.cumsum(starts, axis=1) - 1
+    return np.where(candidates, word, max_len)
+
+
+def _mask_whole_words(tokens: np.ndarray, candidates: np.ndarray, num_preds: np.ndarray, k: int,
+                      *, vocab_size: int, mask_id: int, rng: np.random.Generator,
+                      continuation: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n, max_len = tokens.shape
+    rows = np.arange(n)
+    word = word_index(tokens, candidates, continuation)
+    num_words = np.where(candidates, word + 1, 0).max(axis=1, initial=0)
+    # pieces per word: lengths[i, w], with a last column for the positions outside words
+    flat = (rows[:, None] * (max_len + 1) + word).ravel()
+    lengths = np.bincount(flat, minlength=n * (max_len + 1)).reshape(n, max_len + 1)
+    keys = rng.random((n, max_len))
+    keys[np.arange(max_len) >= num_words[:, None]] = 2.0
+    order = np.argsort(keys, axis=1)  # the words of each example in random order
+    taken = np.zeros((n, max_len + 1), dtype=bool)
+    filled = np.zeros(n, dtype=np.int64)
+    # a word is taken when its pieces still fit in the budget; words that do not are skipped
+    # and later (shorter) ones may still fit: one vectorized step per rank, not per example
+    for rank in range(int(num_words.max(initial=0))):
+        w = order[:, rank]
+        fits = (rank < num_words) & (filled + lengths[rows, w] <= num_preds)
+        taken[rows[fits], w[fits]] = True
+        filled += np.where(fits, lengths[rows, w], 0)
+        if np.all(filled >= num_preds):
+            break
+    chosen = np.take_along_axis(taken, word, axis=1)  # column max_len is never taken
+    cols = np.arange(max_len)
+    positions = np.sort(np.where(chosen, cols, max_len), axis=1)[:, :k]
+    used = positions < max_len
+    positions[~used] = 0
+    labels = np.take_along_axis(tokens, positions, axis=1)
+    labels[~used] = 0
+
+    # 80/10/10 once per word: every piece of a word gets its word's choice
+    draw, keep = rng.random((n, max_len)), rng.random((n, max_len))
+    words_at = np.minimum(np.take_along_axis(word, positions, axis=1), max_len - 1)
+    draw, keep = (np.take_along_axis(x, words_at, axis=1) for x in (draw, keep))
+    random_tokens = rng.integers(0, vocab_size, (n, k))
+    replacement = np.where(draw < 0.8, mask_id, np.where(keep < 0.5, labels, random_tokens))
+    masked = tokens.copy()
+    slot_rows = np.broadcast_to(rows[:, None], (n, k))
+    masked[slot_rows[used], positions[used]] = replacement[used]
+    return (masked, positions.astype(np.int32), used.astype(np.float32),
+            labels.astype(np.int32))
+
+
+def build_examples(corpus: EncodedCorpus, vocab: Vocab, max_len: int, seed: int, *,
+                   whole_word_mask: bool = False) -> PretrainingExamples:
+    """All pretraining examples of a corpus, with statically drawn masks (of whole words with
+    ``whole_word_mask`` and a subword vocabulary)."""
     if max_len < 4:
         raise DataError(f"max_len must be at least 4 (<cls> a <sep> b <sep>), got {max_len}")
     ids = vocab.special_ids
@@ -202,6 +295,16 @@ def build_examples(corpus: EncodedCorpus, vocab: Vocab, max_len: int, seed: int
                         "tokens); raise max_len")
     masked, positions, weights, labels = mask_tokens(
         tokens, segments, valid_lens, vocab_size=len(vocab), mask_id=ids["<mask>"],
-        rng=np.random.default_rng([seed, 1]))
+        rng=np.random.default_rng([seed, 1]),
+        continuation=continuation_mask(vocab) if whole_word_mask else None)
     return PretrainingExamples(tokens, segments, valid_lens, nsp_labels,
                                masked, positions, weights, labels)
+
+
+def continuation_mask(vocab: Vocab) -> np.ndarray | None:
+    """What whole-word masking groups by: True for the ids that continue a word (the ``##``
+    pieces of a subword vocabulary); None for a word-level vocabulary, where every token is a
+    whole word and whole-word masking is ordinary masking."""
+    if vocab.tokenizer is None:
+        return None
+    return vocab.tokenizer.continuation_mask()

@@ -15,9 +15,15 @@ from bertlite.data.corpus import read_wiki, resolve_corpus_file
 from bertlite.data.examples import (
     PretrainingExamples,
     build_examples,
+    continuation_mask,
     encode_corpus,
     mask_tokens,
     tokenize_corpus,
+)
+from bertlite.data.tokenizer import (
+    DEFAULT_WORDPIECE_VOCAB_SIZE,
+    WordPieceTokenizer,
+    check_tokenizer_kind,
 )
 from bertlite.data.vocab import Vocab, build_vocab
 from bertlite.errors import DataError
@@ -38,36 +44,68 @@ class Batch(NamedTuple):
 
 
 def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_freq: int = 5,
-                 vocab: Vocab | None = None, cache: bool = True,
+                 vocab: Vocab | None = None, tokenizer: str | WordPieceTokenizer = "word",
+                 wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
+                 whole_word_mask: bool = False, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None
                  ) -> tuple[PretrainingExamples, Vocab]:
     """Examples and vocabulary of a WikiText-format file, from the cache when possible.
 
-    With ``vocab`` given (say, the training vocabulary for a held-out split), it is used as is;
-    otherwise one is built with ``min_freq``.
+    With ``vocab`` given (say, the training vocabulary for a held-out split), it is used as is,
+    with its tokenizer if it has one (``vocab.tokenizer``); otherwise one is built: the book's
+    word vocabulary (``tokenizer="word"``, words seen ``min_freq`` times) or a WordPiece
+    vocabulary of at most ``wordpiece_vocab_size`` pieces trained on the file
+    (``tokenizer="wordpiece"``, pairs seen ``min_freq`` times are merged; needs
+    ``pip install "bertlite[wordpiece]"``), or the given WordPieceTokenizer's. The returned
+    vocabulary carries the tokenizer (``vocab.tokenizer``, None for words).
+    ``whole_word_mask`` masks all pieces of a word together.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist")
+    check_tokenizer_kind(tokenizer)
+    if vocab is not None:  # the vocabulary decides: its own tokenizer, or words
+        tokenizer = vocab.tokenizer if vocab.tokenizer is not None else "word"
+    elif isinstance(tokenizer, WordPieceTokenizer):
+        vocab = tokenizer.to_vocab()
     cache_file = None
     if cache:
         key = _cache.cache_key(
             _cache.file_digest(path), max_len=max_len, seed=seed, min_freq=min_freq,
-            vocab=None if vocab is None else _cache.cache_key("vocab", tokens=vocab.idx_to_token))
+            vocab=None if vocab is None else _cache.cache_key("vocab", tokens=vocab.idx_to_token),
+            tokenizer=_tokenizer_settings(tokenizer, wordpiece_vocab_size),
+            whole_word_mask=bool(whole_word_mask))
         cache_file = Path(cache_dir or _cache.default_cache_dir()) / f"{path.stem}-{key}.npz"
         hit = _cache.load_cached(cache_file)
         if hit is not None:
             return hit
-    corpus = tokenize_corpus(read_wiki(path))
+    paragraphs = read_wiki(path)
+    corpus = tokenize_corpus(paragraphs)
     if vocab is None:
-        vocab = build_vocab(corpus.word_counts(), min_freq=min_freq)
-    examples = build_examples(encode_corpus(corpus, vocab), vocab, max_len, seed)
+        if tokenizer == "wordpiece":
+            vocab = WordPieceTokenizer.train(
+                (s for p in paragraphs for s in p), vocab_size=wordpiece_vocab_size,
+                min_frequency=min_freq).to_vocab()
+        else:
+            vocab = build_vocab(corpus.word_counts(), min_freq=min_freq)
+    examples = build_examples(encode_corpus(corpus, vocab), vocab, max_len, seed,
+                              whole_word_mask=whole_word_mask)
     if cache_file is not None:
         try:
             _cache.save_cached(cache_file, examples, vocab)
         except OSError:
             pass  # an unwritable cache costs time next run, nothing else
     return examples, vocab
+
+
+def _tokenizer_settings(tokenizer: str | WordPieceTokenizer, wordpiece_vocab_size: int
+                        ) -> dict[str, object]:
+    """What of the tokenizer shapes the arrays, for the cache key."""
+    if isinstance(tokenizer, WordPieceTokenizer):
+        return {"kind": tokenizer.kind, "digest": tokenizer.digest()}
+    if tokenizer == "wordpiece":
+        return {"kind": "wordpiece", "vocab_size": wordpiece_vocab_size}
+    return {"kind": "word"}
 
 
 class BatchIterator:
@@ -80,7 +118,8 @@ class BatchIterator:
 
     def __init__(self, examples: PretrainingExamples, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, masking: str = "static", vocab_size: int | None = None,
-                 mask_id: int | None = None, drop_last: bool = False) -> None:
+                 mask_id: int | None = None, drop_last: bool = False,
+                 continuation: np.ndarray | None = None) -> None:
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
         if batch_size > len(examples):
@@ -93,6 +132,7 @@ class BatchIterator:
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.shuffle, self.masking, self.drop_last = shuffle, masking, drop_last
         self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.continuation = continuation  # whole-word masking when dynamic masks are drawn
         self.epoch = 0  # the pass the next iter() starts
 
     def __len__(self) -> int:
@@ -114,7 +154,8 @@ class BatchIterator:
         if self.masking == "dynamic":
             masked, positions, weights, labels = mask_tokens(
                 ex.tokens, ex.segments, ex.valid_lens, vocab_size=self.vocab_size,
-                mask_id=self.mask_id, rng=np.random.default_rng([self.seed, 3, epoch]))
+                mask_id=self.mask_id, rng=np.random.default_rng([self.seed, 3, epoch]),
+                continuation=self.continuation)
         else:
             masked, positions, weights, labels = (ex.masked_tokens, ex.pred_positions,
                                                   ex.mlm_weights, ex.mlm_labels)
@@ -143,17 +184,24 @@ class BatchIterator:
 def load_data_wiki(batch_size: int, max_len: int, *, corpus: str = "wikitext-2",
                    data_dir: str | os.PathLike | None = None, split: str = "train",
                    seed: int | None = None, masking: str = "static", min_freq: int = 5,
-                   vocab: Vocab | None = None, cache: bool = True, shuffle: bool = True
-                   ) -> tuple[BatchIterator, Vocab]:
+                   vocab: Vocab | None = None, cache: bool = True, shuffle: bool = True,
+                   tokenizer: str | WordPieceTokenizer = "word",
+                   wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
+                   whole_word_mask: bool = False) -> tuple[BatchIterator, Vocab]:
     """WikiText-2 (or the sample corpus) as minibatches of pretraining examples, and the
     vocabulary: the book's ``load_data_wiki`` with numpy batches, deterministic for a seed
-    (``None`` means seed 0)."""
+    (``None`` means seed 0). ``tokenizer="wordpiece"`` trains a WordPiece vocabulary of at most
+    ``wordpiece_vocab_size`` pieces on the split instead of the book's word vocabulary (the
+    vocabulary then carries it: ``vocab.tokenizer``); ``whole_word_mask`` masks all pieces of a
+    word together."""
     if not isinstance(max_len, int) or max_len <= 0:
         raise DataError(f"max_len must be a positive integer, got {max_len!r}")
     seed = 0 if seed is None else int(seed)
     path = resolve_corpus_file(corpus, split, data_dir=data_dir)
     examples, vocab = prepare_data(path, max_len, seed=seed, min_freq=min_freq, vocab=vocab,
-                                   cache=cache)
+                                   tokenizer=tokenizer, wordpiece_vocab_size=wordpiece_vocab_size,
+                                   whole_word_mask=whole_word_mask, cache=cache)
     batches = BatchIterator(examples, batch_size, seed=seed, shuffle=shuffle, masking=masking,
-                            vocab_size=len(vocab), mask_id=vocab["<mask>"])
+                            vocab_size=len(vocab), mask_id=vocab["<mask>"],
+                            continuation=continuation_mask(vocab) if whole_word_mask else None)
     return batches, vocab

@@ -32,6 +32,9 @@ class Vocab:
             counter = Counter(tokens)
         self._token_freqs = sorted(counter.items())  # by token, then (stable) by frequency
         self._token_freqs.sort(key=itemgetter(1), reverse=True)
+        #: the subword tokenizer this vocabulary belongs to (a WordPieceTokenizer), or None for
+        #: the book's word-level vocabulary, where a token is a word
+        self.tokenizer = None
         self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
         self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
         for token, freq in self._token_freqs:
@@ -73,7 +76,8 @@ class Vocab:
         return isinstance(other, Vocab) and self.idx_to_token == other.idx_to_token
 
     def __repr__(self) -> str:
-        return f"Vocab(size={len(self)})"
+        kind = "" if self.tokenizer is None else f", tokenizer={self.tokenizer.kind!r}"
+        return f"Vocab(size={len(self)}{kind})"
 
     def to_tokens(self, indices):
         """The token of an index, or the tokens of a list of indices."""
