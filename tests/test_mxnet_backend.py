@@ -12,7 +12,7 @@ import pytest
 
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
-from bertlite.errors import DeviceError
+from bertlite.errors import BackendError, DeviceError
 from bertlite.loss import bert_loss_numpy
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params, is_no_decay, parameter_shapes
@@ -26,6 +26,8 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 
 from bertlite.backends import mxnet as bmx  # noqa: E402
+from bertlite.backends.mxnet import distributed  # noqa: E402
+from bertlite.backends.mxnet import step as mx_step  # noqa: E402
 from bertlite.backends.mxnet.loss import _get_batch_loss_bert  # noqa: E402
 from bertlite.backends.mxnet.model import BERTModel  # noqa: E402
 from bertlite.backends.mxnet.step import TorchAdam, clip_grad_norm, split_batch  # noqa: E402
@@ -484,3 +486,274 @@ def test_the_book_mxnet_tab_runs_unchanged(wikitext_train_dir, monkeypatch, caps
     # the polysemous "crane" is encoded differently in another context
     assert not np.allclose(namespace["encoded_text_crane"].asnumpy(),
                            namespace["encoded_pair_crane"].asnumpy())
+
+
+# -- (5) accumulation, precision, non-finite losses, several processes ---------------------------
+
+SETTINGS = {
+    "adam": OptimizerSettings(lr=1e-3),
+    "adamw-clip": OptimizerSettings(lr=1e-3, optimizer="adamw", weight_decay=0.1, clip_norm=0.5),
+}
+
+
+def _train(backend, devices, batches, settings, **options):
+    net = build(backend, devices)
+    opt = backend.create_optimizer(net, settings)
+    losses = [[float(x) for x in backend.train_step(net, opt, b, settings.lr, **options)]
+              for b in batches]
+    return net, opt, losses
+
+
+def _assert_same_weights(w, reference, lr, steps, rtol=1e-4, atol=2e-5):
+    for name, value in reference.items():
+        if name.endswith("attention.W_k.bias"):  # zero gradient in exact arithmetic: see above
+            assert np.abs(w[name] - value).max() <= 2 * steps * lr, name
+            continue
+        np.testing.assert_allclose(w[name], value, rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("settings", list(SETTINGS.values()), ids=list(SETTINGS))
+@pytest.mark.parametrize("devices", [[mx.cpu()], TWO_CPUS], ids=["1dev", "2dev"])
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_accumulation_gives_the_update_of_the_whole_batch(backend, settings, devices,
+                                                          accumulate):
+    """K micro-batches (each over the devices), every one normalized by the whole batch, then
+    one update: the losses and weights of one pass over the whole batch (dropout 0)."""
+    batches = [make_batch(n=9, seed=s) for s in range(3)]
+    one, opt1, l1 = _train(backend, [mx.cpu()], batches, settings)
+    acc, opt2, l2 = _train(backend, devices, batches, settings, accumulate=accumulate)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    _assert_same_weights(backend.state_dict(acc), backend.state_dict(one), settings.lr, 3)
+    assert int(backend.optimizer_state(opt2)["step"]) == 3
+    if len(devices) > 1:  # the replicas stay equal
+        for name, param in acc.canonical_parameters().items():
+            replicas = [d.asnumpy() for d in param.list_data()]
+            np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=name)
+
+
+@pytest.mark.parametrize("rows, accumulate", [(3, 2), (3, 4), (2, 3)])
+def test_micro_batches_shorter_than_the_device_list(backend, rows, accumulate):
+    """Parts with fewer rows than devices run on the first devices only (an idle device adds a
+    zero gradient); empty parts are skipped."""
+    settings = SETTINGS["adam"]
+    batches = [make_batch(n=rows, seed=s) for s in range(2)]
+    one, _, l1 = _train(backend, [mx.cpu()], batches, settings)
+    acc, _, l2 = _train(backend, TWO_CPUS, batches, settings, accumulate=accumulate)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    _assert_same_weights(backend.state_dict(acc), backend.state_dict(one), settings.lr, 2)
+
+
+def test_accumulation_leaves_loss_and_grads_exact(backend):
+    """After training with accumulate (grad_req "add"), loss_and_grads still gives the
+    gradient of one batch, not a sum with old ones."""
+    net, _, _ = _train(backend, [mx.cpu()], [make_batch(n=6)], SETTINGS["adam"], accumulate=2)
+    batch = make_batch(n=7, seed=4)
+    first = backend.loss_and_grads(net, batch)
+    second = backend.loss_and_grads(net, batch)
+    assert first[:2] == second[:2]
+    for name, g in first[2].items():
+        np.testing.assert_array_equal(second[2][name], g, err_msg=name)
+
+
+def _poisoned(batch: Batch, row: int) -> Batch:
+    weights = batch.mlm_weights.copy()
+    weights[row, 0] = np.nan
+    return batch._replace(mlm_weights=weights)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_skip_nonfinite_leaves_model_and_optimizer_unchanged(backend, accumulate):
+    """A NaN loss (in any micro-batch) skips the update: weights, optimizer state and step
+    count stay, the gradients are cleared, the NaN is returned; training then goes on as if
+    the step had never been."""
+    settings = SETTINGS["adamw-clip"]
+    good = [make_batch(n=9, seed=s) for s in range(2)]
+    net, opt, _ = _train(backend, TWO_CPUS, good[:1], settings, accumulate=accumulate)
+    before, state = backend.state_dict(net), backend.optimizer_state(opt)
+    mlm, nsp = backend.train_step(net, opt, _poisoned(good[1], row=8), settings.lr,
+                                  accumulate=accumulate, skip_nonfinite=True)
+    assert not np.isfinite(float(mlm)) and np.isfinite(float(nsp))
+    after = backend.state_dict(net)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+    for name, value in backend.optimizer_state(opt).items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    for param in net.collect_params().values():
+        for g in param.list_grad():
+            assert not g.asnumpy().any(), param.name
+    # the next step is the one an uninterrupted run takes
+    loss = [float(x) for x in backend.train_step(net, opt, good[1], settings.lr,
+                                                 accumulate=accumulate, skip_nonfinite=True)]
+    ref, _, ref_losses = _train(backend, [mx.cpu()], good, settings)
+    np.testing.assert_allclose(loss, ref_losses[1], rtol=1e-5)
+    _assert_same_weights(backend.state_dict(net), backend.state_dict(ref), settings.lr, 2)
+
+
+def test_without_skip_a_nonfinite_loss_is_returned(backend):
+    net, opt, _ = _train(backend, [mx.cpu()], [], SETTINGS["adam"])
+    mlm, _ = backend.train_step(net, opt, _poisoned(make_batch(), row=0), 1e-3)
+    assert np.isnan(float(mlm))
+
+
+def _graph_json(graph) -> str:
+    return graph._cached_graph[1].tojson(remove_amp_cast=False)
+
+
+def test_bf16_runs_the_dense_layers_in_bfloat16(backend):
+    """precision="bf16": every Dense product in bfloat16 (amp_cast nodes in the compiled loss
+    graph), float32 weights, gradients and optimizer state; losses and weights near float32."""
+    settings = SETTINGS["adam"]
+    batches = [make_batch(n=9, seed=s) for s in range(3)]
+    fp32, _, l32 = _train(backend, [mx.cpu()], batches, settings)
+    bf16, opt, l16 = _train(backend, TWO_CPUS, batches, settings, precision="bf16",
+                            accumulate=2)
+    # the first step starts from the same weights; after it, Adam's first steps (about lr
+    # times the gradient's sign) let the runs drift apart, NSP on 9 examples most
+    np.testing.assert_allclose(l16[0], l32[0], rtol=5e-3)
+    assert l16[0] != l32[0]  # it did compute in lower precision
+    np.testing.assert_allclose(np.array(l16)[:, 0], np.array(l32)[:, 0], rtol=1e-2)
+    assert np.isfinite(l16).all()
+    graph = _graph_json(bf16._bertlite_loss_graph_bf16.graph)
+    assert graph.count('"op": "amp_cast"') >= 4 * 16 and "bfloat16" in graph
+    assert "amp_cast" not in _graph_json(mx_step.pretraining_loss(fp32))
+    for name, param in bf16.canonical_parameters().items():
+        assert np.dtype(param.dtype) == np.float32, name
+        assert all(g.dtype == np.float32 for g in param.list_grad()), name
+    w16, w32 = backend.state_dict(bf16), backend.state_dict(fp32)
+    for name, value in w32.items():
+        assert np.isfinite(w16[name]).all()
+        if not name.endswith("attention.W_k.bias"):
+            assert np.abs(w16[name] - value).max() <= 3 * 2 * settings.lr, name
+    assert backend.optimizer_state(opt)["mlm.decoder.weight.exp_avg"].dtype == np.float32
+
+
+def test_precision_errors_name_what_works(backend):
+    with pytest.raises(BackendError, match="fp16.*GPU.*bf16"):
+        backend.check_train_options([mx.cpu()], precision="fp16")
+    with pytest.raises(BackendError, match="bf16.*CPU.*fp16"):
+        backend.check_train_options([mx.gpu(0)], precision="bf16")
+    with pytest.raises(BackendError, match="precision must be one of"):
+        backend.check_train_options([mx.cpu()], precision="int8")
+    with pytest.raises(BackendError, match="accumulate must be a positive integer"):
+        backend.check_train_options([mx.cpu()], accumulate=0)
+    backend.check_train_options(TWO_CPUS, accumulate=4, precision="bf16", skip_nonfinite=True)
+    net = build(backend, [mx.cpu()])
+    opt = backend.create_optimizer(net, SETTINGS["adam"])
+    with pytest.raises(ValueError, match="fp16.*GPU"):
+        backend.train_step(net, opt, make_batch(), 1e-3, precision="fp16")
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_loss_scaling_gives_the_unscaled_update_and_skips_overflows(backend, monkeypatch,
+                                                                    clip_norm):
+    """fp16's dynamic loss scaling, exercised in float32 on the CPU: scaled by a power of two,
+    the update is the unscaled one; an overflow skips the update and halves the scale."""
+    monkeypatch.setitem(mx_step.PRECISION_PLANS, "fp16",
+                        mx_step.PrecisionPlan("fp16", None, True, None))
+    settings = OptimizerSettings(lr=1e-3, clip_norm=clip_norm)
+    batches = [make_batch(n=9, seed=s) for s in range(3)]
+    ref, _, l1 = _train(backend, [mx.cpu()], batches, settings)
+    net = build(backend, [mx.cpu()])
+    opt = backend.create_optimizer(net, settings)
+    assert opt.loss_scale == 2.0**16
+    before = backend.state_dict(net)
+    # non-finite gradients (here from a NaN in the data; in float16, from a scale too large)
+    mlm, _ = backend.train_step(net, opt, _poisoned(batches[0], row=3), settings.lr,
+                                precision="fp16")
+    assert np.isnan(float(mlm))
+    assert opt.loss_scale == 2.0**15 and int(backend.optimizer_state(opt)["step"]) == 0
+    for name, value in backend.state_dict(net).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    opt.loss_scale = 2.0**10
+    losses = [[float(x) for x in backend.train_step(net, opt, b, settings.lr, precision="fp16")]
+              for b in batches]
+    np.testing.assert_allclose(losses, l1, rtol=1e-6)
+    _assert_same_weights(backend.state_dict(net), backend.state_dict(ref), settings.lr, 3,
+                         rtol=1e-5, atol=1e-6)
+    assert opt.loss_scale == 2.0**10 and opt.good_steps == 3
+
+
+def test_train_with_accumulate_and_on_nan_skip(backend, monkeypatch):
+    """Through bertlite.train: accumulate=3 follows accumulate=1, and on_nan="skip" records a
+    poisoned step as skipped and carries on."""
+    import bertlite
+    from bertlite.data.loader import BatchIterator
+
+    options = dict(corpus="sample", config=dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
+                                                num_layers=2, dropout=0.0, max_len=32),
+                   batch_size=12, max_len=32, num_steps=4, seed=2, lr=1e-3, plot=None,
+                   progress=False, verbose=False)
+    one = bertlite.train(backend, **options)
+    three = bertlite.train(backend, **options, accumulate=3)
+    np.testing.assert_allclose(three.history.mlm_loss, one.history.mlm_loss, rtol=1e-5)
+    np.testing.assert_allclose(three.history.nsp_loss, one.history.nsp_loss, rtol=1e-5)
+
+    stream = BatchIterator.stream
+
+    def poisoned(self, epoch=0, start=0):
+        for n, (e, i, batch) in enumerate(stream(self, epoch, start), 1):
+            yield e, i, (_poisoned(batch, row=5) if n == 2 else batch)
+
+    monkeypatch.setattr(BatchIterator, "stream", poisoned)
+    skipped = bertlite.train(backend, **options, accumulate=2, on_nan="skip")
+    assert skipped.history.skipped == [2]
+    assert skipped.history.step == [1, 3, 4]
+    assert skipped.history.mlm_loss[0] == pytest.approx(one.history.mlm_loss[0], rel=1e-5)
+
+
+def test_one_process_is_the_main_one(backend, monkeypatch):
+    monkeypatch.delenv("DMLC_ROLE", raising=False)
+    assert backend.is_main_process() and backend.any_process(True) is True
+    assert backend.any_process(False) is False
+    assert backend.num_replicas(TWO_CPUS) == 2
+    assert backend.free_memory([mx.cpu()]) is None
+    assert backend.info()["distributed"] == "no (one process)"
+
+
+def test_worker_rows_are_disjoint_and_cover_the_batch():
+    for rows, accumulate, workers in [(16, 1, 2), (17, 2, 2), (9, 3, 3), (3, 2, 2), (5, 1, 1)]:
+        parts = [distributed.worker_rows(rows, accumulate, r, workers) for r in range(workers)]
+        assert all(len(p) == accumulate for p in parts)
+        covered = [i for p in parts for s in p for i in range(s.start, s.stop)]
+        assert covered == list(range(rows))
+        sizes = [s.stop - s.start for p in parts for s in p]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_distributed_environment(monkeypatch):
+    env = {"DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "2", "DMLC_PS_ROOT_URI": "127.0.0.1",
+           "DMLC_PS_ROOT_PORT": "9000", "DMLC_NUM_SERVER": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.env_kvstore_type() == "dist_sync"
+    monkeypatch.setenv("BERTLITE_MXNET_KVSTORE", "dist_device_sync")
+    assert distributed.env_kvstore_type() == "dist_device_sync"
+    monkeypatch.setenv("BERTLITE_MXNET_KVSTORE", "dist_async")
+    with pytest.raises(DeviceError, match="dist_sync, dist_device_sync"):
+        distributed.env_kvstore_type()
+    monkeypatch.delenv("BERTLITE_MXNET_KVSTORE")
+    monkeypatch.delenv("DMLC_PS_ROOT_URI")
+    with pytest.raises(DeviceError, match="DMLC_PS_ROOT_URI not set.*bertlite.launch"):
+        distributed.env_kvstore_type()
+    monkeypatch.setenv("DMLC_NUM_WORKER", "1")
+    assert distributed.env_kvstore_type() is None  # one worker: no distributed kvstore
+    monkeypatch.setenv("DMLC_ROLE", "server")
+    assert distributed.env_kvstore_type() is None
+
+
+def test_dist_sync_without_the_feature_is_a_clear_error(monkeypatch):
+    for key, value in {"DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "2",
+                       "DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": "9000",
+                       "DMLC_NUM_SERVER": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    class NoDist:
+        def is_enabled(self, name):
+            return name != "DIST_KVSTORE"
+
+    monkeypatch.setattr(mx.runtime, "Features", NoDist)
+    monkeypatch.setattr(distributed, "_kvstore", None)
+    with pytest.raises(DeviceError, match="DIST_KVSTORE.*dist_sync"):
+        distributed.get_kvstore()
+    with pytest.raises(DeviceError, match="DIST_KVSTORE"):
+        bmx.MXNetBackend().is_main_process()

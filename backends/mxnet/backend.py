@@ -14,9 +14,11 @@ from mxnet import np as mnp
 from bertlite.backend import Backend
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
+from bertlite.errors import BackendError
 from bertlite.optim import OptimizerSettings
 from bertlite.params import check_state_dict
 
+from . import distributed
 from . import step as _step
 from .devices import num_gpus, parse_devices
 from .model import BERTModel
@@ -30,7 +32,12 @@ def _as_mx(array: onp.ndarray, ctx: mx.Context) -> Any:
 
 class MXNetBackend(Backend):
     """MXNet (Gluon, numpy interface): hybridized ``BERTModel``, per-device shards with a
-    kvstore, and PyTorch's Adam/AdamW update (:class:`.step.TorchAdam`)."""
+    kvstore, and PyTorch's Adam/AdamW update (:class:`.step.TorchAdam`).
+
+    Several processes: a process started as an MXNet worker (``DMLC_ROLE=worker``,
+    ``DMLC_NUM_WORKER`` > 1, e.g. by ``python -m bertlite.launch --workers N -- bertlite
+    pretrain --backend mxnet ...``) trains through a ``dist_sync`` kvstore, each worker on its
+    own rows of every global batch (:mod:`.distributed`); worker 0 is the main process."""
 
     name = "mxnet"
     framework = "mxnet"
@@ -66,9 +73,21 @@ class MXNetBackend(Backend):
     def create_optimizer(self, model: BERTModel, settings: OptimizerSettings) -> Any:
         return _step.create_optimizer(model, settings)
 
-    def train_step(self, model: BERTModel, optimizer: Any, batch: Batch, lr: float
-                   ) -> tuple[Any, Any]:
-        return _step.train_step(model, optimizer, batch, lr)
+    def train_step(self, model: BERTModel, optimizer: Any, batch: Batch, lr: float, *,
+                   accumulate: int = 1, precision: str = "float32",
+                   skip_nonfinite: bool = False) -> tuple[Any, Any]:
+        return _step.train_step(model, optimizer, batch, lr, accumulate=accumulate,
+                                precision=precision, skip_nonfinite=skip_nonfinite)
+
+    def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
+                            precision: str = "float32", skip_nonfinite: bool = False) -> None:
+        """accumulate: any positive integer; precision: float32 anywhere, bf16 on the CPU,
+        fp16 on GPUs; skip_nonfinite: yes."""
+        try:
+            _step.check_accumulate(accumulate)
+            _step.check_precision(precision, list(devices))
+        except ValueError as err:
+            raise BackendError(f"the mxnet backend cannot train so: {err}") from None
 
     def optimizer_state(self, optimizer: Any) -> dict[str, onp.ndarray]:
         return _step.optimizer_state(optimizer)
@@ -95,6 +114,27 @@ class MXNetBackend(Backend):
                        ) -> tuple[float, float, dict[str, onp.ndarray]]:
         return _step.loss_and_grads(model, batch)
 
+    # -- several processes and memory --------------------------------------------------------
+    def is_main_process(self) -> bool:
+        """Worker 0 of a distributed kvstore (connecting to it on first use), else True."""
+        return distributed.rank() == 0
+
+    def any_process(self, flag: bool) -> bool:
+        return distributed.any_process(flag)
+
+    def num_replicas(self, devices: Sequence[Any]) -> int:
+        return max(1, len(devices)) * distributed.num_workers()
+
+    def free_memory(self, devices: Sequence[Any]) -> int | None:
+        """The least free memory of the GPUs among ``devices``; None on the CPU."""
+        gpus = [d for d in devices if getattr(d, "device_type", None) == "gpu"]
+        if not gpus:
+            return None
+        try:
+            return min(int(mx.context.gpu_memory_info(d.device_id)[0]) for d in gpus)
+        except mx.base.MXNetError:
+            return None
+
     def info(self) -> dict[str, Any]:
         features = mx.runtime.Features()
         wanted = ("CUDA", "CUDNN", "NCCL", "MKLDNN", "BLAS_OPEN", "BLAS_MKL", "OPENMP",
@@ -106,7 +146,20 @@ class MXNetBackend(Backend):
             "features": {f: features.is_enabled(f) for f in wanted if f in features},
             "gpus": num_gpus(),
             "omp_threads": _omp_threads(),
+            "distributed": _describe_distributed(),
         }
+
+
+def _describe_distributed() -> str:
+    """What the environment asks for, without connecting to anything."""
+    try:
+        kind = distributed.env_kvstore_type()
+    except Exception as err:  # a broken environment is reported, not fatal
+        return f"misconfigured ({err})"
+    if kind is None:
+        return "no (one process)"
+    return (f"{kind} worker of {os.environ.get('DMLC_NUM_WORKER')}, scheduler "
+            f"{os.environ.get('DMLC_PS_ROOT_URI')}:{os.environ.get('DMLC_PS_ROOT_PORT')}")
 
 
 def _omp_threads() -> str:

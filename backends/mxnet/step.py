@@ -16,12 +16,31 @@ times larger than torch's). ``t`` counts each parameter's updates, as torch's st
 
 ``clip_norm`` is ``torch.nn.utils.clip_grad_norm_`` on the summed gradient (its epsilon 1e-6;
 ``gluon.utils.clip_global_norm`` adds 1e-8 and, by default, waits for the norm on the host).
+
+How a step divides the global batch (:func:`train_step`): over ``K`` micro-batches
+(``accumulate``), run one after another with the gradients added up (``grad_req="add"``); over
+the workers of a ``dist_sync`` kvstore (:mod:`.distributed`), each taking its own rows; and each
+micro-batch over the process's devices. Every piece's loss uses the whole batch's normalizers
+(:func:`shard_losses`), so the pieces' losses and gradients add up to the batch's, and one
+``trainer.step(1)`` follows.
+
+Mixed precision (:data:`PRECISION_PLANS`) runs the matrix products of the ``Dense`` layers
+(attention projections, feed-forward, heads, the vocabulary-sized MLM decoder) in bfloat16 on the
+CPU (oneDNN) or float16 on GPUs, as MXNet AMP's lists do (``FullyConnected`` is the only op of
+this model in them), with float32 weights, gradients, optimizer state, LayerNorm, softmax and
+loss. ``mxnet.contrib.amp.init()`` cannot do it here: it wraps the legacy ``mx.sym`` /
+``mx.nd`` operators, while this model is written with the numpy interface (``npx``), so it
+leaves the graph unchanged; :func:`low_precision_dense` inserts the same ``amp_cast`` nodes
+while the loss graph is traced. float16 adds dynamic loss scaling (torch's ``GradScaler``
+defaults).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mxnet as mx
@@ -30,17 +49,23 @@ from mxnet import autograd, gluon
 from mxnet import np as mnp
 
 from bertlite.data.loader import Batch
+from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
-from .loss import _get_batch_loss_bert
+from . import distributed
+from .loss import MXNetLossOps, PretrainingLoss, _get_batch_loss_bert, pretraining_loss
+from .model import BERTModel
 
-__all__ = ["MXNetOptimizer", "TorchAdam", "clip_grad_norm", "create_optimizer",
-           "load_optimizer_state", "loss_and_grads", "optimizer_state", "split_batch",
-           "train_step"]
+__all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
+           "check_precision", "clip_grad_norm", "create_optimizer", "load_optimizer_state",
+           "loss_and_grads", "low_precision_dense", "optimizer_state", "shard_losses",
+           "split_batch", "train_step"]
 
 #: torch.nn.utils.clip_grad_norm_'s epsilon
 CLIP_EPSILON = 1e-6
+#: dynamic loss scaling for float16 (torch.cuda.amp.GradScaler's defaults)
+INITIAL_LOSS_SCALE, LOSS_SCALE_GROWTH_INTERVAL = 2.0**16, 2000
 
 
 @mx.optimizer.Optimizer.register
@@ -91,10 +116,16 @@ class MXNetOptimizer:
                                    wd=settings.weight_decay,
                                    decoupled=settings.optimizer == "adamw")
         # several devices: the 'device' kvstore sums the gradients (kvstore=None would let the
-        # replicas diverge; with one device Gluon uses none); update_on_kvstore=False keeps the
-        # optimizer state in the trainer's updaters, where it can be exported
-        self.trainer = gluon.Trainer(net.collect_params(), self.optimizer, kvstore="device",
-                                     update_on_kvstore=False)
+        # replicas diverge; with one device Gluon uses none); several worker processes: the
+        # dist_sync kvstore sums them over the devices and the workers. update_on_kvstore=False
+        # keeps the optimizer (and its state) in every process's trainer, where it can be
+        # exported; the kvstore only adds gradients.
+        self.kvstore = distributed.get_kvstore()
+        self.trainer = gluon.Trainer(net.collect_params(), self.optimizer,
+                                     kvstore=self.kvstore or "device", update_on_kvstore=False)
+        distributed.prepare_trainer(self.trainer)
+        #: float16 loss scale (dynamic) and the updates since it last changed
+        self.loss_scale, self.good_steps = INITIAL_LOSS_SCALE, 0
         by_param = {param.name: name for name, param in params.items()}
         self.index_to_name = {i: by_param[p.name] for i, p in enumerate(self.trainer._params)}
         self.name_to_index = {n: i for i, n in self.index_to_name.items()}
@@ -112,12 +143,17 @@ def split_batch(batch: Batch | Sequence[Any], devices: Sequence[mx.Context]) -> 
     return [gluon.utils.split_and_load(a, devices, even_split=False) for a in batch]
 
 
-def clip_grad_norm(params: Sequence[gluon.Parameter], max_norm: float) -> None:
+def clip_grad_norm(params: Sequence[gluon.Parameter], max_norm: float, scale: float = 1.0
+                   ) -> None:
     """torch.nn.utils.clip_grad_norm_ on every device's (already summed) gradients: scale by
-    ``min(1, max_norm / (norm + 1e-6))`` where ``norm`` is the global 2-norm. Asynchronous."""
+    ``min(1, max_norm / (norm + 1e-6))`` where ``norm`` is the global 2-norm. Asynchronous.
+    ``scale``: the gradients are the true ones times ``scale`` (loss scaling); the norm is
+    measured on the true gradients."""
     per_device = zip(*(p.list_grad() for p in params if p.grad_req != "null"))
     for grads in per_device:
         total = mnp.sqrt(sum((g * g).sum() for g in grads))
+        if scale != 1.0:
+            total = total / scale
         coef = mnp.minimum(max_norm / (total + CLIP_EPSILON), 1.0)
         for g in grads:
             g *= coef
@@ -131,24 +167,265 @@ def _sum_on(arrays: Sequence[Any], ctx: mx.Context) -> Any:
     return total
 
 
-def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float) -> tuple[Any, Any]:
-    """Forward with dropout, the core loss per shard, backward, one update at ``lr``.
-    Returns the batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays on the first device, still
-    computing (no synchronization here)."""
+# -- precision --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How a ``precision=`` value runs in MXNet."""
+
+    name: str
+    #: dtype of the Dense layers' matrix products (None: float32 throughout)
+    dtype: Any
+    #: dynamic loss scaling (float16's narrow range)
+    loss_scaling: bool
+    #: the one device type it runs on (None: any)
+    device_type: str | None
+    #: why it needs that device type
+    reason: str = ""
+
+
+def _bfloat16() -> Any:
+    from mxnet.contrib.amp.amp import bfloat16
+
+    return bfloat16
+
+
+#: ``precision`` values: float32; bf16 on the CPU (oneDNN; MXNet 1.9 has no bfloat16 GPU
+#: kernels); fp16 on GPUs (no float16 matrix products on the CPU)
+PRECISION_PLANS = {
+    "float32": PrecisionPlan("float32", None, False, None),
+    "bf16": PrecisionPlan("bf16", "bfloat16", False, "cpu",
+                          "MXNet 1.9 computes in bfloat16 only on the CPU (oneDNN); on GPUs use "
+                          "precision='fp16'"),
+    "fp16": PrecisionPlan("fp16", "float16", True, "gpu",
+                          "MXNet has no float16 matrix products on the CPU; on the CPU use "
+                          "precision='bf16' (or 'float32')"),
+}
+
+
+def check_precision(precision: str, devices: Sequence[mx.Context]) -> PrecisionPlan:
+    """The plan of ``precision`` on ``devices``; ValueError naming what works otherwise."""
+    plan = PRECISION_PLANS.get(precision)
+    if plan is None:
+        raise ValueError(f"precision must be one of {tuple(PRECISION_PLANS)}, got "
+                         f"{precision!r}")
+    if plan.device_type is not None:
+        wrong = [str(d) for d in devices if d.device_type != plan.device_type]
+        if wrong:
+            raise ValueError(f"precision={precision!r} runs on {plan.device_type.upper()} "
+                             f"devices only, not on {', '.join(wrong)}: {plan.reason}")
+    if plan.dtype == "bfloat16" and not mx.runtime.Features().is_enabled("MKLDNN"):
+        raise ValueError("precision='bf16' needs an MXNet build with oneDNN (MKLDNN), which "
+                         f"this one ({mx.__version__}) lacks; use precision='float32'")
+    return plan
+
+
+def check_accumulate(accumulate: Any) -> int:
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+    return accumulate
+
+
+_SYMBOL_NPX = mx.symbol.numpy_extension
+
+
+def _cast_symbol(x: Any, dtype: Any) -> Any:
+    return mx.sym.amp_cast(x.as_nd_ndarray(), dtype=dtype).as_np_ndarray()
+
+
+@contextlib.contextmanager
+def low_precision_dense(dtype: Any) -> Iterator[None]:
+    """While a graph is traced, every ``gluon.nn.Dense`` product (Gluon names it ``fwd``) runs
+    in ``dtype``: ``amp_cast`` of its input, weight and bias, and of its output back to float32
+    (so the gradients that reach the float32 weights are float32). Other matrix products
+    (this model's LayerNorm reductions) stay float32."""
+    original = _SYMBOL_NPX.fully_connected
+
+    def fully_connected(x, weight, bias=None, *args, **kwargs):
+        if kwargs.get("name") != "fwd":
+            return original(x, weight, bias, *args, **kwargs)
+        out = original(_cast_symbol(x, dtype), _cast_symbol(weight, dtype),
+                       None if bias is None else _cast_symbol(bias, dtype), *args, **kwargs)
+        return _cast_symbol(out, "float32")
+
+    _SYMBOL_NPX.fully_connected = fully_connected
+    try:
+        yield
+    finally:
+        _SYMBOL_NPX.fully_connected = original
+
+
+class _LowPrecisionLoss:
+    """:class:`.loss.PretrainingLoss` compiled with :func:`low_precision_dense` (the graph is
+    traced on the first call), sharing the model's float32 parameters."""
+
+    def __init__(self, net: BERTModel, dtype: Any) -> None:
+        self.graph = PretrainingLoss(net)
+        self.graph.hybridize(static_alloc=True, static_shape=True)
+        self.dtype = _bfloat16() if dtype == "bfloat16" else onp.dtype(dtype)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.graph._cached_graph:
+            return self.graph(*args)
+        with low_precision_dense(self.dtype):
+            return self.graph(*args)
+
+
+def _loss_graph(net: BERTModel, plan: PrecisionPlan) -> Any:
+    if plan.dtype is None:
+        return pretraining_loss(net)
+    attr = f"_bertlite_loss_graph_{plan.name}"
+    graph = net.__dict__.get(attr)
+    if graph is None:
+        graph = _LowPrecisionLoss(net, plan.dtype)
+        object.__setattr__(net, attr, graph)  # not a child block: no parameters of its own
+    return graph
+
+
+# -- one step -----------------------------------------------------------------------------------
+
+def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
+                 num_examples: int, plan: PrecisionPlan = PRECISION_PLANS["float32"]
+                 ) -> tuple[list[Any], list[Any], list[Any]]:
+    """``(mlm_ls, nsp_ls, ls)``, one 0-d loss per device shard (``shards`` as
+    :func:`split_batch` gives them), each normalized by the given totals of the WHOLE batch
+    (the global batch, across micro-batches and processes): the shares add up to its loss."""
+    fused = isinstance(net, BERTModel) and net._active
+    if plan.dtype is not None and not fused:
+        raise ValueError(f"precision={plan.name!r} needs the hybridized model (as "
+                         "MXNetBackend.build_model makes it)")
+    graph = _loss_graph(net, plan) if fused else None
+    vocab_size = net.config.vocab_size
+    mlm_ls, nsp_ls, ls = [], [], []
+    for (tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels,
+         nsp_labels) in zip(*shards):
+        ctx = tokens.ctx
+        total = mnp.array(mlm_weight_total, dtype="float32", ctx=ctx)
+        if graph is not None:
+            count = mnp.array(num_examples, dtype="float32", ctx=ctx)
+            mlm_l, nsp_l, l = graph(tokens, segments, valid_lens.reshape(-1), pred_positions,
+                                    mlm_weights, mlm_labels, nsp_labels, total, count)
+        else:
+            _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1),
+                                          pred_positions)
+            mlm_l, nsp_l, l = bert_loss(
+                MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_labels, mlm_weights,
+                nsp_Y_hat, nsp_labels, mlm_weight_total=total, num_examples=num_examples)
+        mlm_ls.append(mlm_l)
+        nsp_ls.append(nsp_l)
+        ls.append(l)
+    return mlm_ls, nsp_ls, ls
+
+
+def _trained_params(net) -> list[gluon.Parameter]:
+    return [p for p in net.collect_params().values() if p.grad_req != "null"]
+
+
+def _zero_grads(params: Sequence[gluon.Parameter],
+                devices: Sequence[mx.Context] | None = None) -> None:
+    """Zero the gradients (on ``devices`` only, if given) and mark them fresh, as a backward
+    pass would: a device that got no rows of this step contributes a zero gradient."""
+    for param in params:
+        for data, grad in zip(param.list_data(), param.list_grad()):
+            if devices is None or grad.ctx in devices:
+                grad[()] = 0
+                data._fresh_grad = True
+
+
+def _global_totals(batch: Batch) -> tuple[float, int]:
+    """The whole batch's MLM weight sum and number of examples (host numpy, no device work)."""
+    return float(onp.asarray(batch.mlm_weights, dtype=onp.float64).sum()), len(batch.tokens)
+
+
+def _finite(*values: Any) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+def _grads_finite(params: Sequence[gluon.Parameter], ctx: mx.Context) -> bool:
+    """Whether every (already summed) gradient is finite; waits for them."""
+    checks = [(p.grad(ctx) * 0).sum() for p in params]  # inf * 0 and nan * 0 are nan
+    return _finite(sum(c.as_in_ctx(ctx) for c in checks))
+
+
+def _update(net, opt: MXNetOptimizer, scale: float | None) -> bool:
+    """Sum the gradients over devices and workers, clip, and update; False when a float16
+    overflow skipped the update (the loss scale is then halved)."""
+    trainer, clip = opt.trainer, opt.settings.clip_norm
+    if scale is None and clip is None:
+        trainer.step(1)
+        return True
+    trainer.allreduce_grads()
+    params = _trained_params(net)
+    if scale is not None:
+        # the summed gradients are the same in every process: every one decides alike
+        if not _grads_finite(params, opt.devices[0]):
+            opt.loss_scale, opt.good_steps = max(1.0, opt.loss_scale / 2), 0
+            _zero_grads(params)
+            return False
+        opt.good_steps += 1
+        if opt.good_steps >= LOSS_SCALE_GROWTH_INTERVAL:
+            opt.loss_scale, opt.good_steps = opt.loss_scale * 2, 0
+    if clip is not None:
+        clip_grad_norm(params, clip, scale=scale or 1.0)
+    trainer.update(scale or 1)  # rescale_grad = 1 / scale
+    return True
+
+
+def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate: int = 1,
+               precision: str = "float32", skip_nonfinite: bool = False) -> tuple[Any, Any]:
+    """Forward with dropout, the core loss per piece of the batch, backward, one update at
+    ``lr`` (see :meth:`bertlite.backend.Backend.train_step` for the options).
+
+    The global batch is cut into ``num_workers * accumulate`` contiguous parts; this process
+    runs its ``accumulate`` parts one after another, each split over its devices, every
+    piece's loss with the whole batch's normalizers; gradients are added up over the parts
+    (``grad_req="add"``), summed over devices and workers by the trainer's kvstore, and one
+    update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays, still
+    computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
+    process: the loss is the sum over all of them)."""
+    accumulate = check_accumulate(accumulate)
     devices = opt.devices
-    shards = split_batch(batch, devices)
-    with autograd.record():
-        mlm_ls, nsp_ls, ls = _get_batch_loss_bert(net, None, net.config.vocab_size, *shards)
-    for l in ls:
-        l.backward()
+    plan = check_precision(precision, devices)
+    rank, workers = distributed.rank(), distributed.num_workers()
+    mlm_weight_total, num_rows = _global_totals(batch)
+    parts = [s for s in distributed.worker_rows(num_rows, accumulate, rank, workers)
+             if s.stop > s.start]
+    params = _trained_params(net)
+    if len(parts) > 1 and any(p.grad_req != "add" for p in params):
+        for p in params:  # once: later steps zero the gradients instead
+            p.grad_req = "add"
+    if any(p.grad_req == "add" for p in params):
+        net.collect_params().zero_grad()
+    scale = opt.loss_scale if plan.loss_scaling else None
+    mlm_parts, nsp_parts, used = [], [], set()
+    for rows in parts:
+        # a part shorter than the device list runs on its first devices only
+        part_devices = devices[:min(len(devices), rows.stop - rows.start)]
+        used.update(part_devices)
+        shards = split_batch(Batch(*(a[rows] for a in batch)), part_devices)
+        with autograd.record():
+            mlm_ls, nsp_ls, ls = shard_losses(net, shards, mlm_weight_total, num_rows, plan)
+            if scale is not None:
+                ls = [l * scale for l in ls]
+        for l in ls:
+            l.backward()
+        mlm_parts.extend(mlm_ls)
+        nsp_parts.extend(nsp_ls)
+    idle = [d for d in devices if d not in used]
+    if idle:
+        _zero_grads(params, idle)
+    zero = mnp.zeros((), dtype="float32", ctx=devices[0])
+    mlm = _sum_on(mlm_parts, devices[0]) if mlm_parts else zero
+    nsp = _sum_on(nsp_parts, devices[0]) if nsp_parts else zero
+    if workers > 1:
+        total = distributed.allreduce_sum(mnp.stack([mlm, nsp]))
+        mlm, nsp = total[0], total[1]
+    if skip_nonfinite and not _finite(mlm, nsp):
+        _zero_grads(params)
+        return mlm, nsp
     opt.trainer.set_learning_rate(lr)
-    if opt.settings.clip_norm is None:
-        opt.trainer.step(1)
-    else:
-        opt.trainer.allreduce_grads()
-        clip_grad_norm(list(net.collect_params().values()), opt.settings.clip_norm)
-        opt.trainer.update(1)
-    return _sum_on(mlm_ls, devices[0]), _sum_on(nsp_ls, devices[0])
+    _update(net, opt, scale)
+    return mlm, nsp
 
 
 def loss_and_grads(net, batch: Batch, devices: Sequence[mx.Context] | None = None
@@ -157,6 +434,8 @@ def loss_and_grads(net, batch: Batch, devices: Sequence[mx.Context] | None = Non
     canonical name), dropout off, no update."""
     devices = list(devices or net.devices)
     shards = split_batch(batch, devices)
+    if any(p.grad_req == "add" for p in _trained_params(net)):  # trained with accumulate
+        net.collect_params().zero_grad()
     with autograd.record(train_mode=False):
         mlm_ls, nsp_ls, ls = _get_batch_loss_bert(net, None, net.config.vocab_size, *shards)
     for l in ls:
