@@ -12,15 +12,21 @@ from typing import Any
 import numpy as np
 
 from bertlite import checkpoint as ckpt
-from bertlite.backend import Backend
+from bertlite.backend import PRECISIONS, Backend
 from bertlite.config import BERTConfig, resolve_config
 from bertlite.data.loader import BatchIterator, load_data_wiki
+from bertlite.data.tokenizer import (
+    DEFAULT_WORDPIECE_VOCAB_SIZE,
+    WordPieceTokenizer,
+    check_tokenizer_kind,
+)
 from bertlite.errors import CheckpointError, DataError
+from bertlite.memory import check_fits, estimate_memory
 from bertlite.model import Pretrained
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params
 from bertlite.registry import get_backend
-from bertlite.trainer import History, TrainState, summary_lines, train_bert
+from bertlite.trainer import ON_NAN, History, TrainState, summary_lines, train_bert
 
 DEFAULT_PLOT = "bertlite-loss.png"
 
@@ -90,8 +96,10 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
         raise CheckpointError(f"{found['path']} holds a model of another config "
                               f"({found['config']}); use a new checkpoint_dir or the same config")
     saved = found["meta"].get("training", {})
-    for key in ("batch_size", "max_len", "seed", "masking", "corpus_digest"):
-        if saved.get(key) != training.get(key):
+    defaults = {"tokenizer": "word", "whole_word_mask": False}  # checkpoints from before them
+    for key in ("batch_size", "max_len", "seed", "masking", "tokenizer", "whole_word_mask",
+                "corpus_digest"):
+        if saved.get(key, defaults.get(key)) != training.get(key):
             raise CheckpointError(f"{found['path']} was trained with {key}={saved.get(key)!r}, "
                                   f"this run has {training.get(key)!r}; resume with the same "
                                   "settings or use a new checkpoint_dir")
@@ -113,7 +121,11 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           progress: bool = True, verbose: bool = True, max_time: float | None = None,
           checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
           keep_checkpoints: int = 3, resume: bool = False, eval_every: int | None = None,
-          eval_split: str = "valid", eval_batches: int | None = None) -> TrainResult:
+          eval_split: str = "valid", eval_batches: int | None = None,
+          tokenizer: str | WordPieceTokenizer = "word",
+          wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
+          whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
+          on_nan: str = "stop") -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -123,10 +135,30 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from the latest
     checkpoint there, exactly as if never interrupted. ``eval_every`` evaluates on the held-out
     ``eval_split`` (masked-token accuracy, perplexity, NSP accuracy) into the history and plot.
+    ``tokenizer="wordpiece"`` trains a WordPiece vocabulary of at most ``wordpiece_vocab_size``
+    pieces on the split instead of the book's word vocabulary (``pip install
+    "bertlite[wordpiece]"``; it is saved in checkpoints as ``tokenizer.json``);
+    ``whole_word_mask`` masks all pieces of a word together.
+
+    Scaling: ``batch_size`` is the global batch of one optimizer step, whatever runs it.
+    ``accumulate=K`` computes it as K micro-batches one after another (the memory of a K times
+    smaller batch, the update of the whole one); ``precision="bf16"`` (CPU or GPU) or
+    ``"fp16"`` (CUDA) trains in mixed precision; launched with ``torchrun``, the torch backend
+    trains with DistributedDataParallel, each process computing its share of every batch (only
+    the main process prints, plots and writes checkpoints). A NaN or infinite loss stops the
+    run (``on_nan="stop"``, the last checkpoint is kept) or skips that update
+    (``on_nan="skip"``, recorded in ``history.skipped``). When the backend knows the device's
+    free memory, a configuration that cannot fit fails with :class:`MemoryError` before
+    training starts (see :func:`bertlite.memory.estimate_memory`).
     """
     _check_positive_int("num_steps", num_steps)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("max_len", max_len)
+    _check_positive_int("accumulate", accumulate)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if on_nan not in ON_NAN:
+        raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
     for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
         if value is not None:
             _check_positive_int(name, value)
@@ -138,19 +170,34 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if isinstance(config, str):
         resolve_config(config, 1)  # an unknown preset fails before the data is read
     devs = be.parse_devices(devices)
+    be.check_train_options(devs, accumulate=accumulate, precision=precision,
+                           skip_nonfinite=on_nan == "skip")
+    main = be.is_main_process()  # the one process that prints, plots and writes checkpoints
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         _check_writable(ckpt_dir)
 
+    check_tokenizer_kind(tokenizer)
     batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
-                                    split=split, seed=seed, masking=masking)
+                                    split=split, seed=seed, masking=masking, tokenizer=tokenizer,
+                                    wordpiece_vocab_size=wordpiece_vocab_size,
+                                    whole_word_mask=whole_word_mask)
     model_config = resolve_config(config, len(vocab), max_len=max_len)
+    free = be.free_memory(devs)
+    if free is not None:  # fail before the model is built, not at the first step
+        check_fits(estimate_memory(model_config, -(-batch_size // accumulate), max_len,
+                                   precision=precision, optimizer=settings.optimizer,
+                                   num_devices=be.num_replicas(devs)),
+                   free, batch_size=batch_size, max_len=max_len)
     be.seed(seed)
     net = be.build_model(model_config, devs)
     be.load_state_dict(net, init_params(model_config, seed))
     opt = be.create_optimizer(net, settings)
     training = {"corpus": str(corpus), "split": split, "batch_size": batch_size,
                 "max_len": max_len, "seed": seed, "masking": masking, "num_steps": num_steps,
+                "tokenizer": vocab.tokenizer.kind if vocab.tokenizer is not None else "word",
+                "whole_word_mask": bool(whole_word_mask), "accumulate": accumulate,
+                "precision": precision,
                 "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches)}
     result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
                          num_steps=num_steps, seed=seed)
@@ -160,11 +207,11 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     state = state or TrainState()
 
     callbacks = []
-    if eval_every is not None:
+    if eval_every is not None and main:
         from bertlite.evaluate import evaluate_batches, heldout_batches
 
         heldout = heldout_batches(result, corpus=corpus, split=eval_split, data_dir=data_dir,
-                                  max_len=max_len)
+                                  max_len=max_len, whole_word_mask=whole_word_mask)
 
         def evaluate_now(st: TrainState) -> None:
             if st.step % eval_every == 0 or st.step == num_steps:
@@ -172,7 +219,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                 st.history.eval.append({"step": st.step, **metrics})
 
         callbacks.append(evaluate_now)
-    if ckpt_dir is not None:
+    if ckpt_dir is not None and main:
         every = checkpoint_every or num_steps
 
         def save_checkpoint(st: TrainState) -> None:
@@ -183,14 +230,15 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
         callbacks.append(save_checkpoint)
     state = train_bert(batches, be, net, opt, settings, num_steps, seed=seed, state=state,
                        devices_text=be.describe_devices(devs), progress=progress,
-                       max_time=max_time, callbacks=callbacks)
+                       max_time=max_time, callbacks=callbacks, accumulate=accumulate,
+                       precision=precision, on_nan=on_nan)
     saved_steps = [step for step, _ in ckpt.list_checkpoints(ckpt_dir)] if ckpt_dir else []
-    if ckpt_dir is not None and state.step not in saved_steps:  # stopped early by max_time
+    if main and ckpt_dir is not None and state.step not in saved_steps:  # stopped by max_time
         _training_checkpoint(ckpt_dir, result, state, opt, settings, training, keep_checkpoints)
     result.history = state.history
-    if verbose:
+    if verbose and main:
         print(result.summary(), flush=True)
-    if plot is not None:
+    if plot is not None and main:
         from bertlite.plot import plot_history
 
         plot_history(state.history, plot, title=f"{be.name}, {model_config.num_layers} layers, "

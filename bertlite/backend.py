@@ -9,6 +9,7 @@ backend's name.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,13 @@ import numpy as np
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.optim import OptimizerSettings
+
+#: what ``precision=`` accepts: float32, or mixed precision with bfloat16 / float16 activations
+#: (the weights, the optimizer state and the loss stay float32)
+PRECISIONS = ("float32", "bf16", "fp16")
+#: the keyword options of :meth:`Backend.train_step` and their defaults; the core passes only
+#: those that differ from the default, so a backend without an option keeps working without it
+TRAIN_STEP_OPTIONS = {"accumulate": 1, "precision": "float32", "skip_nonfinite": False}
 
 
 class Backend(ABC):
@@ -66,10 +74,54 @@ class Backend(ABC):
         """The framework optimizer implementing ``settings`` (PyTorch's Adam/AdamW update)."""
 
     @abstractmethod
-    def train_step(self, model: Any, optimizer: Any, batch: Batch, lr: float) -> tuple[Any, Any]:
+    def train_step(self, model: Any, optimizer: Any, batch: Batch, lr: float, *,
+                   accumulate: int = 1, precision: str = "float32",
+                   skip_nonfinite: bool = False) -> tuple[Any, Any]:
         """Forward, the core loss (:func:`bertlite.loss.bert_loss`), backward and one update at
         learning rate ``lr``, with dropout on. Returns the batch's ``(mlm_loss, nsp_loss)`` as
-        scalars that ``float()`` accepts (they may still be computing)."""
+        scalars that ``float()`` accepts (they may still be computing).
+
+        ``batch`` is always the whole global batch of the step; how it is divided is the
+        backend's business, and every division must give the update of the whole batch:
+
+        - ``accumulate=K``: gradient accumulation. The batch is split into ``K`` micro-batches,
+          run one after another; each micro-batch's loss uses the *whole batch's* normalizers
+          (``mlm_weight_total=sum(batch.mlm_weights)``, ``num_examples=len(batch.tokens)`` of
+          :func:`bertlite.loss.bert_loss`), so the micro-batch losses and gradients add up to
+          those of the batch; one update follows. Only the activations of one micro-batch are
+          held at a time.
+        - ``precision``: one of :data:`PRECISIONS`. ``"bf16"`` / ``"fp16"`` run the forward pass
+          in mixed precision (fp16 with loss scaling); weights, optimizer state and the loss
+          stay float32 (logits are cast to float32 before the loss).
+        - Data parallelism (several devices, several processes) shards the batch the same way:
+          per-shard losses with the whole batch's normalizers, and the returned losses are the
+          whole batch's (summed over shards and processes).
+        - ``skip_nonfinite=True``: look at the loss before backward and, when it is NaN or
+          infinite, skip backward and the update (model and optimizer state unchanged) and
+          return the non-finite losses, so the core can record the skipped step. Under data
+          parallelism every process must take the same decision.
+
+        The core passes these keywords only when they differ from their defaults (see
+        :data:`TRAIN_STEP_OPTIONS`); :meth:`check_train_options` says which a backend supports.
+        """
+
+    def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
+                            precision: str = "float32", skip_nonfinite: bool = False) -> None:
+        """Raise :class:`bertlite.errors.BackendError` before any work when this backend cannot
+        train with these :meth:`train_step` options on ``devices``. The default accepts the
+        defaults, and any option that this backend's ``train_step`` takes as a keyword;
+        backends override it for options that depend on the device (fp16 needs a GPU, say)."""
+        from bertlite.errors import BackendError
+
+        requested = {"accumulate": accumulate, "precision": precision,
+                     "skip_nonfinite": skip_nonfinite}
+        params = inspect.signature(self.train_step).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for key, value in requested.items():
+            if value != TRAIN_STEP_OPTIONS[key] and not takes_any and key not in params:
+                raise BackendError(f"the {self.name!r} backend does not support {key}={value!r} "
+                                   f"yet; leave {key} at {TRAIN_STEP_OPTIONS[key]!r} or use "
+                                   "another backend")
 
     @abstractmethod
     def optimizer_state(self, optimizer: Any) -> dict[str, np.ndarray]:
@@ -100,6 +152,26 @@ class Backend(ABC):
                       valid_lens.astype(np.float32), empty, empty.astype(np.float32), empty,
                       np.zeros(n, dtype=np.int32))
         return self.forward(model, batch)[0]
+
+    # -- several processes and memory --------------------------------------------------------
+    def is_main_process(self) -> bool:
+        """False in every process but one when the backend trains over several processes (the
+        core prints, plots and writes checkpoints only in the main one)."""
+        return True
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in any of the processes training together (the core asks
+        before stopping early at ``max_time``, so that all of them stop after the same step)."""
+        return flag
+
+    def num_replicas(self, devices: Sequence[Any]) -> int:
+        """How many model replicas share each global batch: devices times processes."""
+        return max(1, len(devices))
+
+    def free_memory(self, devices: Sequence[Any]) -> int | None:
+        """Free bytes on the device with the least free memory, or None when unknown (the
+        CPU): the core then skips its memory check."""
+        return None
 
     def info(self) -> dict[str, Any]:
         """Versions and devices, for ``bertlite info``."""

@@ -47,8 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--clip-norm", type=float)
     p.add_argument("--masking", default="static", choices=["static", "dynamic"])
+    p.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"],
+                   help="word: the book's vocabulary (default); wordpiece: train a WordPiece "
+                        'vocabulary on the split (pip install "bertlite[wordpiece]")')
+    p.add_argument("--wordpiece-vocab-size", type=int, default=10_000,
+                   help="most pieces of a WordPiece vocabulary (default 10000)")
+    p.add_argument("--whole-word-mask", action="store_true",
+                   help="mask all pieces of a word together")
     p.add_argument("--devices", help='e.g. cpu, cuda, cuda:0,1, cpu:0,cpu:1, gpu:0 '
                                      '(default: all GPUs, else the CPU)')
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="gradient accumulation: run each batch as K micro-batches (default 1)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16", "fp16"],
+                   help="mixed precision: bf16 (CPU or GPU) or fp16 (CUDA); default float32")
+    p.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/infinite loss: stop (default) or skip that update")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="bertlite-loss.png", help="PNG of the loss curves")
     p.add_argument("--no-plot", action="store_true")
@@ -66,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "accuracy of a checkpoint")
     v.add_argument("--checkpoint", required=True, help="checkpoint folder or directory")
     v.add_argument("--backend", help="backend to run on (default: the one it was trained with)")
-    v.add_argument("--corpus", default="wikitext-2")
+    v.add_argument("--corpus", help="sample, wikitext-2 or a folder (default: the corpus it "
+                                    "was trained on)")
     v.add_argument("--data-dir")
     v.add_argument("--split", default="valid")
     v.add_argument("--batch-size", type=int, default=128)
@@ -96,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", choices=sorted(PRESETS),
                    help="also show a preset's size and chance-level losses")
     i.add_argument("--json", action="store_true")
+
+    # parsed by bertlite.launch itself (main() hands it everything after the subcommand)
+    sub.add_parser("launch-mxnet", add_help=False,
+                   help="run a command as MXNet dist_sync workers on this machine, with a "
+                        "scheduler and server(s) (bertlite launch-mxnet --help)")
     return parser
 
 
@@ -111,7 +130,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         plot=None if args.no_plot else args.plot, progress=not args.no_progress,
         max_time=args.max_time, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume, eval_every=args.eval_every, eval_split=args.eval_split)
+        resume=args.resume, eval_every=args.eval_every, eval_split=args.eval_split,
+        tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
+        whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
+        precision=args.precision, on_nan=args.on_nan)
+    if not result.backend.is_main_process():  # torchrun: one process reports and saves
+        return 0
     if not args.no_plot:
         print(f"loss plot: {args.plot}")
     if args.save:
@@ -124,8 +148,8 @@ def _encode(args: argparse.Namespace) -> int:
     import bertlite
 
     model = bertlite.load(args.checkpoint, backend=args.backend, devices=args.devices)
-    tokens_a = args.text.lower().split()
-    tokens_b = args.text_b.lower().split() if args.text_b else None
+    tokens_a = model.tokenize(args.text)  # words, or WordPiece pieces
+    tokens_b = model.tokenize(args.text_b) if args.text_b else None
     encoded = model.encode(tokens_a, tokens_b)[0]
     tokens, _ = bertlite.get_tokens_and_segments(tokens_a, tokens_b)
     print(f"backend {model.backend.name}; encodings {tuple(encoded.shape)} "
@@ -206,6 +230,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch-mxnet"]:  # its own parser: everything after -- is the command
+        from bertlite.launch import main as launch_main
+
+        return launch_main(argv[1:], prog="bertlite launch-mxnet")
     parser = build_parser()
     args = parser.parse_args(argv)
     from bertlite.errors import BertliteError
@@ -213,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
                 "plan": _plan, "info": _info}[args.command](args)
-    except (BertliteError, ValueError, ImportError, FloatingPointError) as err:
+    except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertlite.backend import Backend
+from bertlite.backend import TRAIN_STEP_OPTIONS, Backend
 from bertlite.data.loader import BatchIterator
 from bertlite.optim import OptimizerSettings
 
@@ -25,6 +25,7 @@ class History:
     pairs: int = 0          # sentence pairs trained on
     step_time: float = 0.0  # seconds inside the steps (data loading excluded)
     eval: list[dict[str, float]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # steps skipped for a non-finite loss
 
     def add(self, step: int, mlm: float, nsp: float, lr: float) -> None:
         self.step.append(step)
@@ -47,7 +48,7 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "mlm_loss": self.mlm_loss, "nsp_loss": self.nsp_loss,
                 "lr": self.lr, "pairs": self.pairs, "step_time": self.step_time,
-                "eval": self.eval}
+                "eval": self.eval, "skipped": self.skipped}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
@@ -69,9 +70,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def summary_lines(history: History, devices_text: str) -> list[str]:
-    """The book's two summary lines."""
-    return [f"MLM loss {history.mean_mlm_loss:.3f}, NSP loss {history.mean_nsp_loss:.3f}",
-            f"{history.pairs_per_sec:.1f} sentence pairs/sec on {devices_text}"]
+    """The book's two summary lines (and a third when steps were skipped)."""
+    lines = [f"MLM loss {history.mean_mlm_loss:.3f}, NSP loss {history.mean_nsp_loss:.3f}",
+             f"{history.pairs_per_sec:.1f} sentence pairs/sec on {devices_text}"]
+    if history.skipped:
+        shown = ", ".join(map(str, history.skipped[:10]))
+        more = f", ... ({len(history.skipped) - 10} more)" if len(history.skipped) > 10 else ""
+        lines.append(f"skipped {len(history.skipped)} step(s) with a non-finite loss: "
+                     f"{shown}{more}")
+    return lines
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -80,21 +87,38 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 
+ON_NAN = ("stop", "skip")
+
+
 def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: Any,
                settings: OptimizerSettings, num_steps: int, *, seed: int = 0,
                state: TrainState | None = None,
                devices_text: str = "", progress: bool = True, max_time: float | None = None,
-               callbacks: Sequence[Callable[[TrainState], None]] = ()) -> TrainState:
+               callbacks: Sequence[Callable[[TrainState], None]] = (), accumulate: int = 1,
+               precision: str = "float32", on_nan: str = "stop") -> TrainState:
     """Train for ``num_steps`` optimizer steps in total (passes over the data repeat as needed),
     continuing from ``state`` when given. Callbacks run after every step (checkpoints,
-    evaluation). ``max_time`` (seconds) stops early, after a whole step."""
+    evaluation). ``max_time`` (seconds) stops early, after a whole step.
+
+    Every step hands the backend the whole batch; ``accumulate`` and ``precision`` are passed
+    on to :meth:`Backend.train_step`. A non-finite loss raises :class:`NonFiniteLossError`
+    (``on_nan="stop"``) or, with ``on_nan="skip"``, the backend skips that update and the step
+    number goes to ``history.skipped`` (the step still counts towards ``num_steps``). Only the
+    backend's main process shows a progress bar."""
     from tqdm.auto import tqdm
 
+    if on_nan not in ON_NAN:
+        raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
+    options = {key: value for key, value in (("accumulate", accumulate),
+                                             ("precision", precision),
+                                             ("skip_nonfinite", on_nan == "skip"))
+               if value != TRAIN_STEP_OPTIONS[key]}
     state = state or TrainState()
     history = state.history
     stream = batches.stream(state.epoch, state.batch_index)
     bar = tqdm(total=num_steps, initial=state.step, desc="pretrain", unit="step",
-               disable=not progress, dynamic_ncols=True, leave=True)
+               disable=not (progress and backend.is_main_process()), dynamic_ncols=True,
+               leave=True)
     started = time.perf_counter()
     try:
         while state.step < num_steps:
@@ -102,24 +126,30 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
             lr = settings.lr_at(state.step)
             backend.seed(step_seed(seed, state.step))
             tik = time.perf_counter()
-            mlm, nsp = backend.train_step(model, optimizer, batch, lr)
+            mlm, nsp = backend.train_step(model, optimizer, batch, lr, **options)
             mlm, nsp = float(mlm), float(nsp)
             history.step_time += time.perf_counter() - tik
             state.epoch, state.batch_index = (epoch, index + 1) if index + 1 < len(batches) \
                 else (epoch + 1, 0)
-            if not (math.isfinite(mlm) and math.isfinite(nsp)):
+            finite = math.isfinite(mlm) and math.isfinite(nsp)
+            if not finite and on_nan == "stop":
                 raise NonFiniteLossError(
                     f"non-finite loss at step {state.step + 1} (MLM {mlm}, NSP {nsp}); the "
-                    "last checkpoint is kept: lower the learning rate, add warmup or clip_norm")
-            history.pairs += len(batch.tokens)
+                    "last checkpoint is kept: lower the learning rate, add warmup or clip_norm, "
+                    "or pass on_nan='skip' to skip such steps")
             state.step += 1
-            history.add(state.step, mlm, nsp, lr)
+            if finite:
+                history.pairs += len(batch.tokens)
+                history.add(state.step, mlm, nsp, lr)
+            else:  # the backend skipped the update (skip_nonfinite)
+                history.skipped.append(state.step)
             bar.update(1)
             bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}",
                             pairs_s=f"{history.pairs_per_sec:.0f}", refresh=False)
             for callback in callbacks:
                 callback(state)
-            if max_time is not None and time.perf_counter() - started >= max_time:
+            if max_time is not None and backend.any_process(
+                    time.perf_counter() - started >= max_time):
                 break
     finally:
         bar.close()

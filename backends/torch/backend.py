@@ -17,29 +17,51 @@ from bertlite.errors import DeviceError
 from bertlite.optim import OptimizerSettings
 from bertlite.params import check_state_dict, parameter_shapes
 
+from . import distributed
 from . import step as _step
 from .devices import parse_devices
 from .model import BERTModel
 
 
 class TorchBackend(Backend):
-    """PyTorch: one device, or several CUDA GPUs through ``nn.DataParallel``."""
+    """PyTorch: one device, several CUDA GPUs through ``nn.DataParallel`` in one process, or
+    one device per process with ``DistributedDataParallel`` when launched by ``torchrun``
+    (see :mod:`.distributed`)."""
 
     name = "torch"
     framework = "torch"
 
     # -- devices and randomness ---------------------------------------------------------------
     def parse_devices(self, spec: str | Sequence[Any] | None) -> list[torch.device]:
-        return parse_devices(spec)
+        """Under torchrun (``WORLD_SIZE`` > 1) this process's one device, ``cuda:LOCAL_RANK``
+        by default, and the process group is joined here."""
+        devices = distributed.local_device(spec is not None, parse_devices(spec))
+        if distributed.env_world() is not None:
+            distributed.setup(devices[0])
+        return devices
+
+    def describe_devices(self, devices: Sequence[Any]) -> str:
+        text = str(list(devices))
+        world_size = distributed.world_size()
+        return f"{text} x {world_size} processes" if world_size > 1 else text
 
     def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)  # the CPU generator and every CUDA one
+        # the CPU generator and every CUDA one; under DDP each process draws its own dropout
+        rank = distributed.rank()
+        torch.manual_seed(seed if rank == 0 else (seed * 1_000_003 + rank) % (2**63 - 1))
 
     # -- the model ----------------------------------------------------------------------------
     def build_model(self, config: BERTConfig, devices: Sequence[Any]) -> nn.Module:
-        """A BERTModel on ``devices[0]``, in ``nn.DataParallel`` over several GPUs."""
+        """A BERTModel on ``devices[0]``, in ``nn.DataParallel`` over several GPUs, or in
+        ``DistributedDataParallel`` under torchrun."""
         devices = parse_devices(list(devices)) if devices else [torch.device("cpu")]
         model = BERTModel.from_config(config, seed=0).to(devices[0])
+        if distributed.env_world() is not None:
+            if len(devices) > 1:
+                raise DeviceError(f"under torchrun every process trains on one device, got "
+                                  f"{devices}")
+            distributed.setup(devices[0])
+            return distributed.wrap(model, devices[0]).train()
         if len(devices) > 1:
             if any(d.type != "cuda" for d in devices):
                 raise DeviceError(f"several devices need CUDA GPUs, got {devices}")
@@ -64,8 +86,17 @@ class TorchBackend(Backend):
         return _step.create_optimizer(model, settings)
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-                   lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return _step.train_step(model, optimizer, batch, lr)
+                   lr: float, *, accumulate: int = 1, precision: str = "float32",
+                   skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return _step.train_step(model, optimizer, batch, lr, accumulate=accumulate,
+                                precision=precision, skip_nonfinite=skip_nonfinite)
+
+    def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
+                            precision: str = "float32", skip_nonfinite: bool = False) -> None:
+        super().check_train_options(devices, accumulate=accumulate, precision=precision,
+                                    skip_nonfinite=skip_nonfinite)
+        for device in devices or [torch.device("cpu")]:
+            _step.check_precision(precision, device)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
         return _step.optimizer_state(optimizer)
@@ -74,10 +105,29 @@ class TorchBackend(Backend):
                              arrays: dict[str, np.ndarray]) -> None:
         _step.load_optimizer_state(optimizer, arrays)
 
+    # -- several processes and memory --------------------------------------------------------
+    def is_main_process(self) -> bool:
+        return distributed.rank() == 0
+
+    def any_process(self, flag: bool) -> bool:
+        return distributed.any_process(flag)
+
+    def num_replicas(self, devices: Sequence[Any]) -> int:
+        return max(1, len(devices)) * distributed.world_size()
+
+    def free_memory(self, devices: Sequence[Any]) -> int | None:
+        """The least free memory of the CUDA devices (``torch.cuda.mem_get_info``); None on
+        the CPU, where the operating system decides."""
+        devices = [torch.device(d) for d in devices]
+        if not devices or any(d.type != "cuda" for d in devices):
+            return None
+        return min(int(torch.cuda.mem_get_info(d)[0]) for d in devices)
+
     # -- inference and checks -----------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Batch
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Eval mode under ``torch.inference_mode()``; the model's mode is restored."""
+        model = _step.local_model(model)  # one process alone, not through DDP
         was_training = model.training
         model.eval()
         try:

@@ -1,20 +1,26 @@
 """Training in torch: the optimizer of :class:`bertlite.optim.OptimizerSettings`, one training
-step with the core loss, gradients for parity checks, and the optimizer state as numpy."""
+step with the core loss (gradient accumulation, mixed precision, DDP shards, skipping
+non-finite losses), gradients for parity checks, and the optimizer state as numpy."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from bertlite.backend import PRECISIONS
 from bertlite.data.loader import Batch
+from bertlite.errors import BackendError
 from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
+from . import distributed
 from .loss import OPS
 from .model import BERTModel
 
@@ -53,8 +59,16 @@ def to_tensors(batch: Batch, device: torch.device) -> TorchBatch:
 
 
 def unwrap(model: nn.Module) -> BERTModel:
-    """The BERTModel inside an ``nn.DataParallel`` (or the model itself)."""
-    return model.module if isinstance(model, nn.DataParallel) else model
+    """The BERTModel inside an ``nn.DataParallel`` or ``DistributedDataParallel`` (or the model
+    itself)."""
+    return model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) \
+        else model
+
+
+def local_model(model: nn.Module) -> nn.Module:
+    """The model without a DDP wrapper, for work one process does alone (inference, parity
+    gradients): calling the DDP wrapper would wait for the other processes."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -113,48 +127,169 @@ def _clip(optimizer: torch.optim.Optimizer) -> None:
 
 # -- one step ------------------------------------------------------------------------------------
 
-def batch_loss(model: nn.Module, batch: TorchBatch
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mlm_loss, nsp_loss, loss)`` of a batch with :func:`bertlite.loss.bert_loss`.
+def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = None,
+               num_examples: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mlm_loss, nsp_loss, loss)`` of a batch with :func:`bertlite.loss.bert_loss`, in
+    float32 (logits are cast before the loss, so under autocast too). A part of a larger batch
+    passes that batch's ``mlm_weight_total`` and ``num_examples``.
 
-    On one device the MLM head runs only at prediction slots of non-zero weight (a third of the
+    On the CPU the MLM head runs only at prediction slots of non-zero weight (a third of the
     slots are padding in WikiText-2): the loss is the same, since padded slots have weight 0 in
     the formula, and the work of the vocabulary-sized output layer drops by that share. Under
-    DataParallel (several GPUs) the wrapper is called on the whole batch instead.
+    DataParallel (several GPUs) and on GPUs the model is called on all slots instead.
     """
     if isinstance(model, nn.DataParallel) or batch.pred_positions.device.type != "cpu":
         _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
                                         batch.pred_positions)
-        return bert_loss(OPS, mlm_Y_hat, batch.mlm_labels, batch.mlm_weights, nsp_Y_hat,
-                         batch.nsp_labels)
+        return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels, batch.mlm_weights,
+                         nsp_Y_hat.float(), batch.nsp_labels, mlm_weight_total=mlm_weight_total,
+                         num_examples=num_examples)
+    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
     encoded_X, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens)
+    mlm = unwrap(model).mlm
     weights = batch.mlm_weights.reshape(-1)
     used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
-    rows = model.mlm.rows(encoded_X, batch.pred_positions).index_select(0, used)
-    mlm_Y_hat = model.mlm.decode(encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(0, rows))
-    return bert_loss(OPS, mlm_Y_hat, batch.mlm_labels.reshape(-1).index_select(0, used),
-                     weights.index_select(0, used), nsp_Y_hat, batch.nsp_labels)
+    rows = mlm.rows(encoded_X, batch.pred_positions).index_select(0, used)
+    mlm_Y_hat = mlm.decode(encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(0, rows))
+    return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
+                     weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
+                     mlm_weight_total=mlm_weight_total, num_examples=num_examples)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lr: float
+# -- mixed precision -----------------------------------------------------------------------------
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise :class:`bertlite.errors.BackendError` when ``device`` cannot train in
+    ``precision``."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise BackendError(f"precision='fp16' needs a CUDA GPU (float16 with loss scaling by "
+                           f"torch.amp.GradScaler); this run is on {device}: use "
+                           "precision='bf16' on the CPU, or float32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendError(f"precision='bf16' is not supported by {device} "
+                           f"({torch.cuda.get_device_name(device)}); use precision='fp16'")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's autocast context for ``precision`` (none for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(optimizer: torch.optim.Optimizer, precision: str) -> Any:
+    """The optimizer's ``torch.amp.GradScaler`` for fp16 (made on first use), else None."""
+    if precision != "fp16":
+        return None
+    scaler = getattr(optimizer, "grad_scaler", None)
+    if scaler is None:
+        scaler = optimizer.grad_scaler = torch.amp.GradScaler("cuda")
+    return scaler
+
+
+# -- one step ------------------------------------------------------------------------------------
+
+def _rows(batch: Batch, index: np.ndarray) -> Batch:
+    return Batch(*(np.asarray(a)[index] for a in batch))
+
+
+def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int = 1
+                  ) -> list[tuple[Batch, float]]:
+    """This process's micro-batches of a global batch, each with the factor its loss gets.
+
+    Without DDP, empty parts (a batch of fewer rows than ``accumulate``) are left out. Under
+    DDP every process must run the same number of forward and backward passes, so an empty
+    part becomes the batch's first row with factor 0: no loss, no gradient, same collectives.
+    """
+    n = len(batch.tokens)
+    parts = distributed.shard_rows(n, accumulate, rank, world_size)
+    if world_size == 1:
+        return [(_rows(batch, idx), 1.0) for idx in parts if len(idx)]
+    return [(_rows(batch, idx), 1.0) if len(idx) else (_rows(batch, np.arange(1)), 0.0)
+            for idx in parts]
+
+
+def _skip_update(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.nonfinite_skips = getattr(optimizer, "nonfinite_skips", 0) + 1
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lr: float, *,
+               accumulate: int = 1, precision: str = "float32", skip_nonfinite: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update at learning rate ``lr`` with dropout on; returns the detached 0-d
-    ``(mlm_loss, nsp_loss)`` without waiting for them (no host synchronization)."""
+    """One update at learning rate ``lr`` with dropout on, from the global ``batch``; returns
+    the batch's detached 0-d ``(mlm_loss, nsp_loss)``.
+
+    The batch is cut into this process's share (under DDP) and ``accumulate`` micro-batches
+    (:func:`micro_batches`); each micro-batch's loss uses the global batch's normalizers, and
+    under DDP is multiplied by the world size against DDP's averaging, so the gradients add up
+    to those of the global batch in one process. DDP all-reduces gradients once, at the last
+    micro-batch. The returned losses are summed over micro-batches and processes.
+
+    ``precision`` runs the forward pass under autocast (fp16 with the optimizer's GradScaler).
+    With ``skip_nonfinite`` every micro-batch's loss is checked (summed over processes, so all
+    decide alike) before its backward; a non-finite one drops the accumulated gradients and the
+    update, counts ``optimizer.nonfinite_skips`` and returns non-finite losses. Without it there
+    is no host synchronization on one device.
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if not model.training:
         model.train()
-    tensors = to_tensors(batch, model_device(model))
+    device = model_device(model)
+    check_precision(precision, device)
+    ddp = isinstance(model, DistributedDataParallel)
+    info = distributed.world() if ddp else None
+    rank, world_size = (info.rank, info.world_size) if info else (0, 1)
+    # the global batch's normalizers (0/1 weights: the float32 sum is exact)
+    mlm_weight_total = float(np.asarray(batch.mlm_weights, np.float64).sum())
+    num_examples = len(batch.tokens)
+    chunks = micro_batches(batch, accumulate, rank, world_size)
+    scaler = grad_scaler(optimizer, precision)
     optimizer.zero_grad(set_to_none=True)
-    mlm_l, nsp_l, l = batch_loss(model, tensors)
-    l.backward()
-    _clip(optimizer)
-    _set_lr(optimizer, lr)
-    optimizer.step()
-    return mlm_l.detach(), nsp_l.detach()
+    total = torch.zeros(2, dtype=torch.float32, device=device)
+    for i, (chunk, factor) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
+        with sync:
+            with autocast(precision, device):
+                mlm_l, nsp_l, l = batch_loss(model, to_tensors(chunk, device),
+                                             mlm_weight_total=mlm_weight_total,
+                                             num_examples=num_examples)
+            values = torch.stack((mlm_l.detach(), nsp_l.detach())) * factor
+            if skip_nonfinite:
+                if ddp:
+                    distributed.all_reduce_sum(values)
+                if not bool(torch.isfinite(values).all()):
+                    _skip_update(optimizer)
+                    return values[0], values[1]
+            total += values
+            l = l * (factor * world_size) if (ddp or factor != 1.0) else l
+            (scaler.scale(l) if scaler is not None else l).backward()
+    if ddp and not skip_nonfinite:
+        distributed.all_reduce_sum(total)
+    if scaler is not None:
+        if getattr(optimizer, "clip_norm", None) is not None:
+            scaler.unscale_(optimizer)
+        _clip(optimizer)
+        _set_lr(optimizer, lr)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        _clip(optimizer)
+        _set_lr(optimizer, lr)
+        optimizer.step()
+    return total[0], total[1]
 
 
 def loss_and_grads(model: nn.Module, batch: Batch) -> tuple[float, float, dict[str, np.ndarray]]:
     """``(mlm_loss, nsp_loss, gradients by canonical name)`` with dropout off and no update;
     the model's gradients and mode are left as they were."""
+    model = local_model(model)
     was_training = model.training
     params = dict(named_parameters(model))
     saved = {name: p.grad for name, p in params.items()}
