@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bertlite.loss import bert_loss
+
+from .model import cross_entropy
 
 
 class TorchLossOps:
@@ -15,8 +16,9 @@ class TorchLossOps:
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-row cross-entropy; labels of any integer type (torch needs int64)."""
-        return F.cross_entropy(logits, labels.long(), reduction="none")
+        """Per-row cross-entropy; labels of any integer type (torch needs int64). On the CPU
+        in float32 the chunked :func:`.model.cross_entropy` (half the time of the MLM loss)."""
+        return cross_entropy(logits, labels)
 
     @staticmethod
     def flatten(x: torch.Tensor) -> torch.Tensor:
