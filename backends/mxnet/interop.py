@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -72,10 +71,9 @@ from mxnet import gluon
 from mxnet import np as mnp
 
 from bertlite.config import BERTConfig
-from bertlite.data.vocab import Vocab
+from bertlite.interop import build_pretrained, canonical_arrays, infer_config
 from bertlite.model import Pretrained
 from bertlite.params import check_state_dict, parameter_shapes
-from bertlite.registry import get_backend
 
 __all__ = ["from_d2l", "read_d2l", "to_d2l"]
 
@@ -150,41 +148,6 @@ def _dropout(net: gluon.Block) -> float:
     return float(p) if isinstance(p, (int, float)) else BERTConfig.dropout
 
 
-def _infer_config(arrays: dict[str, onp.ndarray], num_heads: int, dropout: float) -> BERTConfig:
-    """The BERTConfig of canonical arrays: sizes from the shapes, or a ValueError."""
-    needed = ("encoder.token_embedding.weight", "encoder.pos_embedding",
-              "encoder.blks.0.ffn.dense1.weight")
-    missing = [n for n in needed if n not in arrays]
-    if missing:
-        raise ValueError(f"the d2l model has no parameters {missing}; not a d2l BERTModel "
-                         f"(its parameters: {sorted(arrays)[:8]} ...)")
-    vocab_size, num_hiddens = arrays["encoder.token_embedding.weight"].shape
-    pos = arrays["encoder.pos_embedding"].shape
-    if len(pos) != 3 or pos[0] != 1 or pos[2] != num_hiddens:
-        raise ValueError(f"encoder.pos_embedding has shape {tuple(pos)}, expected "
-                         f"(1, max_len, {num_hiddens})")
-    layers = {int(n.split(".")[2]) for n in arrays
-              if n.startswith("encoder.blks.") and n.split(".")[2].isdigit()}
-    try:
-        return BERTConfig(vocab_size=int(vocab_size), num_hiddens=int(num_hiddens),
-                          ffn_num_hiddens=int(arrays["encoder.blks.0.ffn.dense1.weight"].shape[0]),
-                          num_heads=num_heads, num_layers=max(layers) + 1, dropout=dropout,
-                          max_len=int(pos[1]))
-    except ValueError as err:
-        raise ValueError(f"the d2l model's sizes make no BERTConfig: {err}") from None
-
-
-def _canonical_arrays(named: dict[str, onp.ndarray]) -> dict[str, onp.ndarray]:
-    arrays: dict[str, onp.ndarray] = {}
-    for name, value in named.items():
-        canonical = canonical_name(name)
-        if canonical in arrays:
-            raise ValueError(f"the d2l parameters {d2l_name(canonical)!r} and {name!r} both map "
-                             f"to {canonical!r}")
-        arrays[canonical] = value
-    return arrays
-
-
 def _value(name: str, param: gluon.Parameter) -> onp.ndarray:
     """A parameter's value as float32 numpy; a ValueError while its shape is still unknown."""
     try:
@@ -204,30 +167,10 @@ def read_d2l(net: Any) -> tuple[BERTConfig, dict[str, onp.ndarray]]:
     ``BERTModel``; every canonical parameter exactly once with its shape, else a ValueError."""
     net = _check_d2l_net(net)
     named = {name: _value(name, p) for name, p in net._collect_params_with_prefix().items()}
-    arrays = _canonical_arrays(named)
-    config = _infer_config(arrays, _num_heads(net), _dropout(net))
+    arrays = canonical_arrays(named, canonical_name, d2l_name)
+    config = infer_config(arrays, _num_heads(net), _dropout(net))
     check_state_dict(arrays, config, "the d2l model (canonical names)")
     return config, arrays
-
-
-def _as_vocab(vocab: Any, vocab_size: int) -> Vocab | None:
-    """A bertlite Vocab of d2l's Vocab, a bertlite Vocab or a token list; None stays None."""
-    if vocab is None:
-        return None
-    if isinstance(vocab, Vocab):
-        result = vocab
-    elif hasattr(vocab, "idx_to_token"):  # d2l.Vocab
-        result = Vocab.from_tokens([str(t) for t in vocab.idx_to_token])
-    elif isinstance(vocab, Sequence) and not isinstance(vocab, str) \
-            and all(isinstance(t, str) for t in vocab):
-        result = Vocab.from_tokens(list(vocab))
-    else:
-        raise TypeError(f"vocab must be d2l's Vocab, a bertlite.Vocab or a list of tokens, got "
-                        f"{type(vocab).__name__}")
-    if len(result) != vocab_size:
-        raise ValueError(f"the vocabulary has {len(result)} tokens but the d2l model's token "
-                         f"embedding has {vocab_size} rows: pass the vocab it was trained with")
-    return result
 
 
 def from_d2l(net: Any, vocab: Any = None, *, devices: Any = None) -> Pretrained:
@@ -239,16 +182,10 @@ def from_d2l(net: Any, vocab: Any = None, *, devices: Any = None) -> Pretrained:
     contexts the d2l model's parameters live on. See the module docstring for d2l's quirks.
     """
     config, arrays = read_d2l(net)
-    vocab = _as_vocab(vocab, config.vocab_size)
-    backend = get_backend(FRAMEWORK)
     if devices is None:
         first = next(iter(_check_d2l_net(net)._collect_params_with_prefix().values()))
         devices = list(first.list_ctx())
-    devs = backend.parse_devices(devices)
-    model = backend.build_model(config, devs)
-    backend.load_state_dict(model, arrays)
-    return Pretrained(model, backend, vocab, config, devs,
-                      metadata={"imported_from": f"d2l BERTModel ({FRAMEWORK})"})
+    return build_pretrained(FRAMEWORK, config, arrays, vocab, devices)
 
 
 def _d2l_module(d2l: ModuleType | None) -> ModuleType:
