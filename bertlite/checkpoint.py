@@ -209,6 +209,9 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
 def save(model: Any, path: str | os.PathLike, **training: Any) -> Path:
     """Save a trained model (what :func:`bertlite.train` or :func:`bertlite.load` returns) as a
     checkpoint folder that either backend can load."""
+    if model.vocab is None:
+        raise CheckpointError("this model has no vocabulary (imported without one): pass "
+                              "vocab= to from_d2l, or set model.vocab, before saving")
     return write_checkpoint(path, config=model.config, vocab=model.vocab,
                             weights=model.state_dict(), backend_name=model.backend.name,
                             training={**model.metadata.get("training", {}), **training})
