@@ -43,7 +43,8 @@ TOKENIZER_FILE = "tokenizer.json"
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    # asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+    save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
