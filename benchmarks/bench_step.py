@@ -1,0 +1,369 @@
+"""One training step (forward, backward, Adam update): bertlite against the book's code.
+
+    python benchmarks/bench_step.py [--backend torch|mxnet|all] [--repeats 12] [--threads 2]
+
+The batch is the first 512 x 64 batch of WikiText-2's validation split, prepared by
+``bertlite.data.load_data_wiki(512, 64, split="valid")``; the model is the book's tiny BERT
+(vocabulary 4,271, 2 layers, 128 hidden, 256 FFN, 2 heads, dropout 0.2) with Adam at lr 0.01:
+
+* torch: bertlite's ``backend.train_step`` against d2l 0.17.6's ``BERTModel`` with the
+  chapter's ``_get_batch_loss_bert``, ``nn.CrossEntropyLoss()`` and
+  ``torch.optim.Adam(lr=0.01)``, on the same batch;
+* mxnet: bertlite hybridized (the backend's default) and imperative against d2l 0.17.6's MXNet
+  ``BERTModel`` with its ``_get_batch_loss_bert``, ``SoftmaxCELoss`` and
+  ``gluon.Trainer('adam', lr 0.01)``.
+
+Each implementation lives in a process of its own (so that none inherits another's heap or
+caches) and they step in turn: the driver asks each for one step (the order rotates every
+round), so all see the same load of this shared machine. Figures are medians over the rounds
+after warm-up steps. Between rounds, ``torch.mm`` of two 2048 x 2048 float32 matrices with the
+same threads samples the machine's matmul peak ("peak": the best sample). GFLOP/s count the
+model's FLOPs analytically (``_machine.training_flops``), the same count for every
+implementation, so that their ratio is the speed ratio; "executed" counts what each one
+computes. Targets (torch): bertlite >= 2x the book's step and >= 60% of the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _machine as M  # noqa: E402
+
+BACKENDS = ("torch", "mxnet")
+IMPLS = {"torch": ("book", "bertlite"), "mxnet": ("book", "bertlite", "bertlite imperative")}
+#: glibc malloc settings that stop its per-step page faults (documented advice, not code): a
+#: fixed mmap threshold at glibc's maximum (32 MiB) and no trimming of the heap's top, and
+#: transparent huge pages for the heap (glibc >= 2.35)
+MALLOC_ADVICE = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                 "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+ADVISED = " + malloc env"
+TINY = {"num_hiddens": 128, "ffn_num_hiddens": 256, "num_layers": 2}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def load_batch(data_dir: Path, batch_size: int, max_len: int):
+    """The first batch of the validation split and the vocabulary size."""
+    from bertlite.data import load_data_wiki
+
+    batches, vocab = load_data_wiki(batch_size, max_len, data_dir=data_dir, split="valid")
+    return next(iter(batches)), len(vocab)
+
+
+def model_flops(batch, vocab_size: int, *, all_slots: bool = False,
+                num_tokens: int | None = None, attention_pairs: int | None = None) -> float:
+    """Training FLOPs of the tiny config on ``batch`` (MLM head on the predicted positions,
+    or with ``all_slots`` on every prediction slot as the book computes it)."""
+    import numpy as np
+
+    b, n = batch.tokens.shape
+    weights = np.asarray(batch.mlm_weights)
+    preds = weights.size if all_slots else int(np.count_nonzero(weights))
+    return M.training_flops(TINY["num_hiddens"], TINY["ffn_num_hiddens"], TINY["num_layers"],
+                            vocab_size, b, n, preds, num_tokens, attention_pairs)
+
+
+def _torch_book(batch, vocab_size: int):
+    import numpy as np
+    import torch
+    from _reference import import_d2l
+
+    d2l = import_d2l("torch")
+    torch.manual_seed(0)
+    net = d2l.BERTModel(vocab_size, num_hiddens=128, norm_shape=[128], ffn_num_input=128,
+                        ffn_num_hiddens=256, num_heads=2, num_layers=2, dropout=0.2,
+                        key_size=128, query_size=128, value_size=128, hid_in_features=128,
+                        mlm_in_features=128, nsp_in_features=128)
+    trainer = torch.optim.Adam(net.parameters(), lr=0.01)
+    loss = torch.nn.CrossEntropyLoss()
+    # the dtypes of the book's _WikiTextDataset: int64 ids, float32 valid_lens and weights
+    tensors = [torch.tensor(np.asarray(a), dtype=torch.float32 if a.dtype.kind == "f"
+                            else torch.int64) for a in batch]
+
+    def step():
+        trainer.zero_grad()
+        mlm_l, _, l = d2l._get_batch_loss_bert(net, loss, vocab_size, *tensors)
+        l.backward()
+        trainer.step()
+        return float(mlm_l.detach())
+
+    return step, model_flops(batch, vocab_size, all_slots=True)
+
+
+def _bertlite(backend: str, batch, vocab_size: int, hybridize: bool = True):
+    import numpy as np
+
+    from bertlite.config import BERTConfig
+    from bertlite.optim import OptimizerSettings
+    from bertlite.params import init_params
+    from bertlite.registry import get_backend
+
+    config = BERTConfig.from_preset("tiny", vocab_size)
+    be = get_backend(backend)
+    net = be.build_model(config, be.parse_devices("cpu"))
+    if not hybridize:
+        net.hybridize(active=False)
+    be.load_state_dict(net, init_params(config, 0))
+    opt = be.create_optimizer(net, OptimizerSettings(lr=0.01))
+    state = {"step": 0}
+
+    def step():
+        be.seed(state["step"])  # as the trainer does before every step
+        state["step"] += 1
+        mlm, _ = be.train_step(net, opt, batch, 0.01)
+        return float(mlm)
+
+    executed = None
+    if backend == "torch":  # what it computes: the valid tokens, attention per length group
+        import torch
+
+        from bertlite.backends.torch.model import pack
+
+        packing = pack(torch.from_numpy(np.asarray(batch.valid_lens)), *batch.tokens.shape)
+        pairs = sum(size * n * n for size, n, _ in packing.groups)
+        executed = model_flops(batch, vocab_size, num_tokens=int(packing.rows.shape[0]),
+                               attention_pairs=pairs)
+    return step, executed
+
+
+def _mxnet_book(batch, vocab_size: int):
+    import mxnet as mx
+    import numpy as np
+    from _reference import import_d2l
+    from mxnet import autograd, gluon, init, npx
+
+    d2l = import_d2l("mxnet")
+    npx.set_np()
+    mx.random.seed(0)
+    net = d2l.BERTModel(vocab_size, num_hiddens=128, ffn_num_hiddens=256, num_heads=2,
+                        num_layers=2, dropout=0.2)
+    devices = [mx.cpu()]
+    net.initialize(init.Xavier(), ctx=devices)
+    loss = gluon.loss.SoftmaxCELoss()
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 0.01})
+    arrays = [mx.np.array(np.asarray(a), dtype=np.asarray(a).dtype) for a in batch]
+
+    def step():
+        shards = [gluon.utils.split_and_load(a, devices, even_split=False) for a in arrays]
+        with autograd.record():
+            mlm_ls, _, ls = d2l._get_batch_loss_bert(net, loss, vocab_size, *shards)
+        for l in ls:
+            l.backward()
+        trainer.step(1)
+        return float(mlm_ls[0])
+
+    return step, model_flops(batch, vocab_size, all_slots=True)
+
+
+def serve(args) -> None:
+    """Build one implementation, then answer the driver: ``step`` runs one timed step,
+    ``peak`` samples the matmul peak, ``quit`` reports the peak RSS and exits."""
+    backend, impl = args.serve.split(":")
+    impl = impl.removesuffix(ADVISED)
+    if backend == "mxnet":
+        import mxnet  # noqa: F401  (before torch: it reads its thread count at import)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    batch, vocab_size = load_batch(args.data_dir, args.batch_size, args.max_len)
+    if impl == "book":
+        step, executed = (_torch_book if backend == "torch" else _mxnet_book)(batch, vocab_size)
+    else:
+        step, executed = _bertlite(backend, batch, vocab_size, impl == "bertlite")
+    peak = M.MatmulPeak()
+    for _ in range(args.warmup):
+        step()
+    print(json.dumps({"ready": True, "flops": model_flops(batch, vocab_size),
+                      "executed_flops": executed, "batch": list(batch.tokens.shape),
+                      "predictions": int((batch.mlm_weights != 0).sum()),
+                      "slots": int(batch.mlm_weights.size),
+                      "valid_tokens": int(batch.valid_lens.sum()),
+                      "rss_after_warmup_mb": M.rss_mb()}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            start, cpu = time.perf_counter(), time.process_time()
+            loss = step()
+            print(json.dumps({"s": time.perf_counter() - start,
+                              "cpu_s": time.process_time() - cpu, "loss": loss}), flush=True)
+        elif command == "peak":
+            peak.sample(3)
+            print(json.dumps({"gflops": peak.gflops}), flush=True)
+        else:
+            print(json.dumps({"peak_rss_mb": M.peak_rss_mb(),
+                              "threads": torch.get_num_threads()}), flush=True)
+            return
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+class Server:
+    """One implementation's process, stepped by the driver."""
+
+    def __init__(self, backend: str, impl: str, args) -> None:
+        self.name = impl
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", f"{backend}:{impl}",
+               "--data-dir", str(args.data_dir), "--warmup", str(args.warmup),
+               "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+               "--max-len", str(args.max_len)]
+        # MXNet's CPU operators take their thread count from the environment at import
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
+               "MPLBACKEND": "Agg", **(MALLOC_ADVICE if impl.endswith(ADVISED) else {})}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.times, self.cpu = [], []
+
+    def read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read()
+                raise RuntimeError(f"the {self.name} process ended:\n{err[-4000:]}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def step(self) -> None:
+        time.sleep(0.1)  # let the previous process's OpenMP threads stop spinning
+        reply = self.ask("step")
+        self.times.append(reply["s"])
+        self.cpu.append(reply["cpu_s"])
+
+    def close(self) -> dict:
+        reply = self.ask("quit")
+        self.proc.wait()
+        return reply
+
+
+def measure(backend: str, args) -> dict:
+    """Start every implementation of ``backend``, step them in turn, return the figures."""
+    impls = list(IMPLS[backend])
+    if args.malloc_advice and backend == "torch":
+        impls += [impl + ADVISED for impl in IMPLS[backend]]
+    servers = [Server(backend, impl, args) for impl in impls]
+    try:
+        ready = [s.read() for s in servers]  # they warm up concurrently
+        peak = 0.0
+        for r in range(args.repeats):
+            shift = r % len(servers)
+            for server in servers[shift:] + servers[:shift]:
+                server.step()
+            peak = max(peak, servers[r % len(servers)].ask("peak")["gflops"])
+        closing = [s.close() for s in servers]
+    finally:
+        for s in servers:
+            if s.proc.poll() is None:
+                s.proc.kill()
+    results = {}
+    for server, info, end in zip(servers, ready, closing):
+        results[server.name] = {**M.Timing(server.times).to_dict(), "cpu_s": server.cpu,
+                                "executed_flops": info["executed_flops"],
+                                "peak_rss_mb": end["peak_rss_mb"], "threads": end["threads"]}
+    return {"backend": backend, "results": results, "flops": ready[0]["flops"],
+            "peak_gflops": peak, "batch": ready[0]["batch"],
+            "predictions": ready[0]["predictions"], "slots": ready[0]["slots"],
+            "valid_tokens": ready[0]["valid_tokens"],
+            "warmup": args.warmup, "machine": M.describe(args.threads)}
+
+
+def report(results: list[dict], file=None) -> str:
+    """The tables of :func:`measure`'s results, printed and returned as text."""
+    out = []
+    for res in results:
+        peak, flops = res["peak_gflops"], res["flops"]
+        b, n = res["batch"]
+        book = res["results"]["book"]
+        out.append(f"\nTraining step, {res['backend']}: batch {b} x {n} (WikiText-2 valid), tiny "
+                   f"config, {res['predictions']:,} predicted positions; float32 matmul peak "
+                   f"{peak:.0f} GFLOP/s (torch.mm 2048^2, best sample of this run)")
+        out.append(f"machine: {M.machine_line(res['machine'])}")
+        rows = []
+        for name, r in res["results"].items():
+            t = r["median"]
+            gflops = flops / t / 1e9
+            executed = r.get("executed_flops")
+            hw = (f"{executed / t / 1e9:.0f} ({100 * executed / t / 1e9 / peak:.0f}%)"
+                  if executed else "")
+            rows.append([name, f"{b / t:.0f}", f"{t:.3f}", f"{r['best']:.3f}",
+                         f"{100 * r['spread']:.0f}%", f"{gflops:.0f}",
+                         f"{100 * gflops / peak:.0f}%", hw, f"{r['peak_rss_mb']:.0f}",
+                         f"{book['median'] / t:.2f}x", f"{book['best'] / r['best']:.2f}x"])
+        out.append(M.table(["implementation", "pairs/s", "s/step", "best s", "IQR", "GFLOP/s",
+                            "of peak", "executed GFLOP/s", "peak RSS MB", "speed vs book",
+                            "best vs best"], rows))
+        out.append(f"medians of {len(book['times'])} rounds after {res['warmup']} warm-up steps; "
+                   f"model FLOPs/step {flops / 1e9:.1f} G: {M.FLOPS_FORMULA}")
+        out.append("executed GFLOP/s: what each one computes (the book: the MLM head on all "
+                   f"{res['slots']:,} prediction slots"
+                   + (f"; bertlite: the {res['valid_tokens']:,} valid tokens of {b * n:,}, "
+                      "attention per length group)" if res["backend"] == "torch" else ")"))
+        if res["backend"] == "torch":
+            bl = res["results"]["bertlite"]
+            ratio = book["median"] / bl["median"]
+            frac = flops / bl["median"] / 1e9 / peak
+            out.append(f"targets: bertlite >= 2x the book's step: {ratio:.2f}x "
+                       f"{M.check(ratio >= 2)}; >= 60% of the matmul peak: {100 * frac:.0f}% "
+                       f"{M.check(frac >= 0.6)}")
+            if "bertlite" + ADVISED in res["results"]:
+                env = " ".join(f"{k}={v}" for k, v in MALLOC_ADVICE.items())
+                out.append(f"'{ADVISED.strip(' +')}': the same in processes started with {env} "
+                           "(bench_step --malloc-advice; see the README)")
+        else:
+            r = res["results"]
+            speedup = r["bertlite imperative"]["median"] / r["bertlite"]["median"]
+            out.append(f"bertlite hybridized is {speedup:.2f}x its imperative step")
+    text = "\n".join(out)
+    print(text, file=file or sys.stdout)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
+    parser.add_argument("--data-dir", type=Path, default=M.DEFAULT_DATA_DIR,
+                        help=f"folder of WikiText-2's wiki.valid.tokens ({M.DEFAULT_DATA_DIR})")
+    parser.add_argument("--repeats", type=int, default=12, help="timed rounds (default 12)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--malloc-advice", action="store_true",
+                        help="torch: also time both in processes with glibc malloc settings "
+                             "that avoid per-step page faults")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve:
+        serve(args)
+        return 0
+    if not (args.data_dir / "wiki.valid.tokens").is_file():
+        sys.exit(f"WikiText-2 not found: {args.data_dir} has no wiki.valid.tokens "
+                 "(use --data-dir)")
+    results = []
+    for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
+        print(f"  step: {backend} ...", file=sys.stderr, flush=True)
+        results.append(measure(backend, args))
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
