@@ -14,8 +14,10 @@ Calibration (``tests/test_scale.py``): on the CPU the estimate's total was withi
 measured growth of peak RSS over two training steps (float32, dropout on) for ten small
 configurations (hidden 32-256, 1-8 layers, length 32-256, vocabulary 1,000-50,000), and for
 one in bf16. It follows the torch backend's implementation: when that changes, rerun those
-tests. What it does not count: the allocator's overhead (glibc keeps freed blocks resident,
-which added another 10-40% to peak RSS here; CUDA's caching allocator and context), the data
+tests. It describes the operations that GPUs run; the torch backend's float32 CPU path (no
+padding, a sparse last layer, the MLM decoder fused with its loss) needs 10-40% less. What it
+does not count: the allocator's overhead (glibc keeps freed blocks resident, which added
+another 10-40% to peak RSS here; CUDA's caching allocator and context), the data
 pipeline, and the framework itself. It is high for torch without dropout, whose fused attention
 keeps no (length x length) matrices, and it counts every prediction slot as used (real batches
 pad about a third of them). Other backends save other tensors: take it as an order of

@@ -9,12 +9,26 @@ GEMM; attention is :func:`torch.nn.functional.scaled_dot_product_attention` exce
 with dropout on the CPU, where it is written out with a dropout mask drawn 5x faster than
 torch's CPU ``bernoulli_`` (see :func:`dropout`).
 
-Training on the CPU takes a faster path (see :class:`BERTEncoder`): the position-wise layers
-(projections, feed-forward network, add & norm, dropout) run on the valid tokens only, packed
-into ``(tokens, hidden)`` rows (WikiText-2's examples are 28% padding), and attention runs on
-padded per-head views of them, with hand-written backward passes that copy no tensor twice.
+Training on the CPU in float32 takes a faster path with the same loss and gradients (to
+float32 round-off; see :class:`BERTEncoder`), about 3x the book's step on 2 cores:
+
+* packing: the position-wise layers (projections, FFN, add & norm, dropout) run on the valid
+  tokens only (WikiText-2's examples are 28% padding); attention runs per group of examples of
+  similar length, each padded to its longest (:func:`pack`);
+* a sparse last layer: given ``output_rows`` (the positions the loss reads, which
+  :func:`.step.batch_loss` passes), the last layer computes its queries, output projection
+  and FFN only there and at ``<cls>`` (:func:`select`), every token still a key;
+* hand-written backward passes (:class:`_Projections`, :class:`_Attention`, :class:`_Output`,
+  :class:`_FFN`) that allocate and copy as little as they can; dense layers as oneDNN matmuls
+  with the bias (and ReLU) in their epilogue (:func:`linear`);
+* the MLM decoder fused with its cross-entropy, chunk by chunk (:class:`DecoderLogits`), and a
+  chunked cross-entropy for other logits (:func:`cross_entropy`);
+* dropout masks from 16-bit random numbers (:func:`_keep_scale`).
+
 Nothing that the loss reads changes: padded positions never reach a valid one (their keys get
-no attention weight). Their encodings, which no loss reads, are returned as zeros on that path.
+no attention weight). Encodings that no loss reads (padded positions; with ``output_rows``,
+positions not asked for) are returned as zeros on that path. Eval mode, autocast, GPUs and
+``BERTEncoder.packed = False`` take the plain path.
 """
 
 from __future__ import annotations
@@ -76,7 +90,8 @@ def dropout(X: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout; on the CPU with the fast mask of :func:`_keep_scale`."""
     if not training or p <= 0.0:
         return X
-    if X.device.type != "cpu" or round(p * 65536) >= 65536:
+    if (X.device.type != "cpu" or round(p * 65536) >= 65536
+            or torch.compiler.is_compiling()):  # torch.compile: torch's own, traceable
         return F.dropout(X, p, True)
     if round(p * 65536) == 0:
         return X
@@ -163,7 +178,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            relu: bool = False) -> torch.Tensor:
     """``F.linear`` (then ReLU): fused on the CPU in float32 outside autocast, else torch's."""
     if (_FUSED_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return _FusedLinear.apply(x, weight, bias, relu)
     y = F.linear(x, weight, bias)
     return F.relu(y, inplace=True) if relu else y
@@ -357,6 +372,12 @@ class Packing(NamedTuple):
     positions: torch.Tensor
     #: the packed row of every example's first token
     cls_rows: torch.Tensor
+    #: the examples, group by group (the first ``groups[0][0]`` form group 0, ...)
+    order: torch.Tensor
+    #: the row of the layer's input that every slot gathers (a padded slot: some valid row)
+    gather: torch.Tensor
+    #: the row of the layer's input of every packed row; None: row ``i`` is input row ``i``
+    inputs: torch.Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -397,7 +418,47 @@ def pack(valid_lens: torch.Tensor, batch_size: int, length: int) -> Packing:
         first_slots[order[bounds[g]:bounds[g + 1]]] = torch.arange(start, start + size,
                                                                     device=device)
     return Packing(batch_size, length, tuple(groups), tuple(key_masks), rows, sources,
-                   examples * length + positions, positions, sources[first_slots])
+                   examples * length + positions, positions, sources[first_slots], order,
+                   sources)
+
+
+def select(packing: Packing, valid_lens: torch.Tensor, output_rows: torch.Tensor) -> Packing:
+    """The layout of the queries that a last layer computes when only the encodings at
+    ``output_rows`` (indices ``example * length + position``) and the ``<cls>`` tokens are
+    read: the same attention groups, each padded to its example with the most such queries;
+    its packed rows are those tokens (``inputs``: their rows among all of ``packing``'s)."""
+    b, n = packing.batch_size, packing.length
+    device = packing.rows.device
+    lens = valid_lens.reshape(-1).to(torch.int64).clamp(1, n)
+    need = torch.zeros(b * n, dtype=torch.bool, device=device)
+    need[output_rows.reshape(-1).to(torch.int64)] = True
+    need = need.view(b, n)
+    need[:, 0] = True
+    need &= torch.arange(n, device=device).unsqueeze(0) < lens.unsqueeze(1)
+    counts = need.sum(1)
+    group_of = torch.empty(b, dtype=torch.int64, device=device)
+    local = torch.empty(b, dtype=torch.int64, device=device)
+    groups, first, start = [], 0, 0
+    for g, (size, _, _) in enumerate(packing.groups):
+        members = packing.order[first:first + size]
+        group_of[members] = g
+        local[members] = torch.arange(size, device=device)
+        m = int(counts[members].max())
+        groups.append((size, m, start))
+        first, start = first + size, start + size * m
+    flat = torch.nonzero(need.reshape(-1)).reshape(-1)  # example by example, by position
+    example, pos = torch.div(flat, n, rounding_mode="floor"), flat % n
+    rank = (need.cumsum(1) - 1).reshape(-1)[flat]
+    starts = torch.tensor([g[2] for g in groups], device=device)
+    sizes = torch.tensor([g[0] for g in groups], device=device)
+    slots = starts[group_of[example]] + rank * sizes[group_of[example]] + local[example]
+    sources = torch.zeros(start, dtype=torch.int64, device=device)
+    sources[slots] = torch.arange(flat.shape[0], device=device)
+    row_of = torch.empty(b * n, dtype=torch.int64, device=device)
+    row_of[packing.padded_rows] = torch.arange(packing.rows.shape[0], device=device)
+    inputs = row_of[flat]
+    return Packing(b, n, tuple(groups), packing.key_masks, slots, sources, flat, pos,
+                   torch.cumsum(counts, 0) - counts, packing.order, inputs[sources], inputs)
 
 
 def _group_views(buffer: torch.Tensor, packing: Packing, num_heads: int
@@ -432,36 +493,42 @@ def _rows_to_heads(x: torch.Tensor, packing: Packing, num_heads: int) -> list[to
 
 
 class _Projections(torch.autograd.Function):
-    """Q, K and V of packed rows ``x`` as every group's heads: ``3 * groups`` outputs.
+    """Projections (Q, K, V: weight and bias pairs) of the layer's input ``x``, as every
+    group's heads of ``layout``: ``groups`` outputs per projection.
 
     ``x`` is gathered into the slots once and projected there. The padded slots (6% of them
-    on WikiText-2) hold copies of row 0 instead of zeros, one gather instead of a fill and a
-    scatter: harmless, since attention gives padded keys exactly zero weight and drops padded
-    queries' outputs, so that their gradients are exactly zero too. The backward adds the
-    three input gradients in the GEMMs (``addmm_``)."""
+    on WikiText-2) hold copies of some valid row instead of zeros, one gather instead of a fill
+    and a scatter: harmless, since attention gives padded keys exactly zero weight and drops
+    padded queries' outputs, so that their gradients are exactly zero too. The backward adds
+    the input gradients of the projections in the GEMMs (``addmm_``)."""
 
     @staticmethod
-    def forward(ctx, x, packing, num_heads, wq, bq, wk, bk, wv, bv):
-        ctx.packing, ctx.num_heads = packing, num_heads
-        slots = x.index_select(0, packing.sources)
-        ctx.save_for_backward(slots, wq, wk, wv)
-        ctx.has_bias = bq is not None
+    def forward(ctx, x, layout, num_heads, *params):
+        ctx.layout, ctx.num_heads, ctx.num_rows = layout, num_heads, x.shape[0]
+        slots = x.index_select(0, layout.gather)
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(slots, *weights)
+        ctx.has_bias = biases[0] is not None
         outputs = []
-        for w, b in ((wq, bq), (wk, bk), (wv, bv)):
-            outputs += _group_views(_mkldnn_linear(slots, w, b), packing, num_heads)
+        for w, b in zip(weights, biases):
+            outputs += _group_views(_mkldnn_linear(slots, w, b), layout, num_heads)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         slots, *weights = ctx.saved_tensors
-        packing, num_groups = ctx.packing, len(ctx.packing.groups)
+        layout, num_groups = ctx.layout, len(ctx.layout.groups)
         grad_slots, params = None, []
         for i, w in enumerate(weights):
-            g = _heads_to_slots(grads[i * num_groups:(i + 1) * num_groups], packing,
+            g = _heads_to_slots(grads[i * num_groups:(i + 1) * num_groups], layout,
                                 ctx.num_heads)
             params += [g.t().mm(slots), g.sum(0) if ctx.has_bias else None]
             grad_slots = g.mm(w) if grad_slots is None else grad_slots.addmm_(g, w)
-        return (grad_slots.index_select(0, packing.rows), None, None, *params)
+        grad = grad_slots.index_select(0, layout.rows)
+        if layout.inputs is not None:  # a subset of the input's rows
+            grad = grad.new_zeros(ctx.num_rows, grad.shape[1]).index_copy_(0, layout.inputs,
+                                                                             grad)
+        return (grad, None, None, *params)
 
 
 class _Attention(torch.autograd.Function):
@@ -621,27 +688,35 @@ class MultiHeadAttention(nn.Module):
                                                  dropout_p=dropout_p)
         return self.W_o(out.transpose(1, 2).flatten(2))
 
-    def forward_packed(self, X: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """Self-attention of packed rows ``(tokens, hidden)`` (see :class:`Packing`)."""
+    def forward_packed(self, X: torch.Tensor, packing: Packing,
+                       queries: Packing | None = None) -> torch.Tensor:
+        """Self-attention of packed rows ``(tokens, hidden)`` (see :class:`Packing`); with
+        ``queries`` (:func:`select`) only for those rows, every row a key."""
         scale = 1.0 / math.sqrt(X.shape[-1] // self.num_heads)
         bias = self.W_q.bias
         # the 1/sqrt(head_size) of the scores folded into W_q (exact for power-of-2 sizes)
-        heads = _Projections.apply(X, packing, self.num_heads, self.W_q.weight * scale,
-                                   None if bias is None else bias * scale, self.W_k.weight,
-                                   self.W_k.bias, self.W_v.weight, self.W_v.bias)
+        wq, bq = self.W_q.weight * scale, None if bias is None else bias * scale
+        kv = (self.W_k.weight, self.W_k.bias, self.W_v.weight, self.W_v.bias)
         num_groups = len(packing.groups)
+        if queries is None:
+            heads = _Projections.apply(X, packing, self.num_heads, wq, bq, *kv)
+            qs, heads = heads[:num_groups], heads[num_groups:]
+            queries = packing
+        else:
+            qs = _Projections.apply(X, queries, self.num_heads, wq, bq)
+            heads = _Projections.apply(X, packing, self.num_heads, *kv)
+        ks, vs = heads[:num_groups], heads[num_groups:]
         p = self.dropout if self.training else 0.0
         keeps: list[torch.Tensor | None] = [None] * num_groups
         if 0 < round(p * 65536) < 65536:  # all groups' dropout masks drawn at once
-            sizes = [size * self.num_heads * n * n for size, n, _ in packing.groups]
-            keep = _keep_scale((sum(sizes),), p, X.dtype)
-            keeps = [m.view(size * self.num_heads, n, n) for m, (size, n, _)
-                     in zip(keep.split(sizes), packing.groups)]
-        outputs = []
-        for g, key_mask in enumerate(packing.key_masks):
-            q, k, v = heads[g], heads[num_groups + g], heads[2 * num_groups + g]
-            outputs.append(_Attention.apply(q, k, v, key_mask, keeps[g]))
-        return _Output.apply(packing, self.num_heads, self.W_o.weight, self.W_o.bias, *outputs)
+            shapes = [(size * self.num_heads, m, n) for (size, m, _), (_, n, _)
+                      in zip(queries.groups, packing.groups)]
+            keep = _keep_scale((sum(math.prod(s) for s in shapes),), p, X.dtype)
+            keeps = [m.view(s) for m, s in zip(keep.split([math.prod(s) for s in shapes]),
+                                               shapes)]
+        outputs = [_Attention.apply(q, k, v, key_mask, keep)
+                   for q, k, v, key_mask, keep in zip(qs, ks, vs, packing.key_masks, keeps)]
+        return _Output.apply(queries, self.num_heads, self.W_o.weight, self.W_o.bias, *outputs)
 
 
 class PositionWiseFFN(nn.Module):
@@ -691,9 +766,14 @@ class EncoderBlock(nn.Module):
         Y = self.addnorm1(X, self.attention(X, X, X, attn_mask))
         return self.addnorm2(Y, self.ffn(Y))
 
-    def forward_packed(self, X: torch.Tensor, packing: Packing) -> torch.Tensor:
-        """The block on packed rows ``(tokens, hidden)`` (see :class:`Packing`)."""
-        Y = self.addnorm1.forward_packed(X, self.attention.forward_packed(X, packing))
+    def forward_packed(self, X: torch.Tensor, packing: Packing,
+                       queries: Packing | None = None) -> torch.Tensor:
+        """The block on packed rows ``(tokens, hidden)`` (see :class:`Packing`); with
+        ``queries`` (:func:`select`) it returns those rows only."""
+        Y = self.attention.forward_packed(X, packing, queries)
+        if queries is not None:
+            X = X.index_select(0, queries.inputs)
+        Y = self.addnorm1.forward_packed(X, Y)
         ffn = self.ffn
         return self.addnorm2.forward_packed(Y, _FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
                                                          ffn.dense2.weight, ffn.dense2.bias))
@@ -767,9 +847,12 @@ class BERTEncoder(nn.Module):
                 and bool((valid_lens > 0).all()))  # an empty example attends to its padding
 
     def forward_packed(self, tokens: torch.Tensor, segments: torch.Tensor,
-                       valid_lens: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+                       valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, Packing]:
         """The encodings of the valid tokens only, as packed rows ``(tokens, hidden)``, and
-        where they are (:class:`Packing`; :func:`unpack` makes them a padded batch)."""
+        where they are (:class:`Packing`; :func:`unpack` makes them a padded batch). With
+        ``output_rows`` (indices ``example * length + position``) the last layer computes
+        only the encodings at those positions and the ``<cls>`` tokens (:func:`select`)."""
         batch_size, length = tokens.shape
         packing = pack(valid_lens, batch_size, length)
         tokens = tokens.reshape(-1).index_select(0, packing.padded_rows)
@@ -779,9 +862,13 @@ class BERTEncoder(nn.Module):
                 + self.pos_embedding[:, :length]).reshape(2 * length, -1)
         X = self.token_embedding(tokens) + F.embedding(segments.long() * length
                                                        + packing.positions, both)
-        for blk in self.blks:
-            X = blk.forward_packed(X, packing)
-        return X, packing
+        last = len(self.blks) - 1
+        queries = None
+        if output_rows is not None and last >= 0:
+            queries = select(packing, valid_lens, output_rows)
+        for i, blk in enumerate(self.blks):
+            X = blk.forward_packed(X, packing, queries if i == last else None)
+        return X, (packing if queries is None else queries)
 
 
 class MaskLM(nn.Module):
@@ -797,7 +884,8 @@ class MaskLM(nn.Module):
     @staticmethod
     def rows(X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
         """Indices into the flattened ``(batch * len, hidden)`` encodings of ``X`` of every
-        prediction slot, example by example."""
+        prediction slot, example by example (``X``: the encodings, or anything whose first
+        two dimensions are ``(batch, len)``, such as the token ids)."""
         batch_size, length = X.shape[0], X.shape[1]
         offsets = torch.arange(0, batch_size * length, length, device=X.device)
         return (pred_positions + offsets.unsqueeze(1)).reshape(-1)
@@ -884,11 +972,22 @@ class BERTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None = None,
-                pred_positions: torch.Tensor | None = None
+                pred_positions: torch.Tensor | None = None, *,
+                output_rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` as the book's ``BERTModel``. ``output_rows``
+        (indices ``example * length + position``) says which encodings the caller reads
+        beside the ``<cls>`` ones: when training on the CPU (the packed path, see
+        :class:`BERTEncoder`) the last layer computes only those, and ``encoded_X`` holds
+        zeros elsewhere. It is how :func:`.step.batch_loss` asks for the predicted positions:
+        the loss is the same, the last layer's work a fifth."""
         cls = None
         if self.encoder.takes_packed_path(tokens, valid_lens):
-            encoded_X, cls = unpack(*self.encoder.forward_packed(tokens, segments, valid_lens))
+            if pred_positions is not None and output_rows is not None:
+                output_rows = torch.cat((output_rows.reshape(-1),
+                                         self.mlm.rows(tokens, pred_positions)))
+            encoded_X, cls = unpack(*self.encoder.forward_packed(tokens, segments, valid_lens,
+                                                                 output_rows))
         else:
             encoded_X = self.encoder(tokens, segments, valid_lens)
         mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
