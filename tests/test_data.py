@@ -29,6 +29,7 @@ from bertlite.data import (
 )
 from bertlite.data import cache as data_cache
 from bertlite.data import loader as data_loader
+from bertlite.data.corpus import read_corpus, tokenize_corpus
 from bertlite.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,36 @@ def test_lines_and_sentences_split_as_in_the_book(d2l, tmp_path):
     ours = read_wiki(tmp_path / "wiki.train.tokens")
     assert sorted(ours) == sorted(book_read_wiki(d2l, tmp_path))
     assert ["k \x85 l", "m ."] in ours
+
+
+@pytest.mark.parametrize("text", [
+    # ASCII whitespace only: the bytes path
+    "A b . C d \x0c e . f \n g . h . I\r\n k\tl . m . \n x .  . y \n = Heading = \n"
+    " one . \r two . Lines . \x0b . z\n . lead . . dots . \nlast . line . without newline",
+    # non-ASCII letters whose lowercase differs, or depends on context (final sigma), or is
+    # longer (dotted I); unknown-case symbols
+    "\u039f\u0394\u039f\u03a3 . \u0130stanbul \u00c9T\u00c9 . \u00c5ngstr\u00f6m "
+    "Stra\u00dfe \u2160 . \u03a3\u03a3 \u03c3\u03a3 .\nCaf\u00e9 . caf\u00e9 . CAF\u00c9 .",
+    # whitespace that only str knows: the str path
+    "a\u00a0b . c\u2003d . \u3000e .\n\x1cf . g\x85h . i\u2028j . k",
+], ids=["ascii-spaces", "unicode-case", "unicode-spaces"])
+def test_read_corpus_equals_tokenizing_read_wiki(tmp_path, text):
+    path = tmp_path / "wiki.train.tokens"
+    path.write_text(text, encoding="utf-8", newline="")
+    fast, slow = read_corpus(path), tokenize_corpus(read_wiki(path))
+    assert fast.words == slow.words
+    assert fast.words.count("\x00") == sum(len(p) for p in read_wiki(path))
+    assert fast.paragraph_sizes.tolist() == slow.paragraph_sizes.tolist()
+    assert fast.word_counts() == slow.word_counts()
+    assert sorted(fast.types) == sorted(slow.types)  # each distinct word once
+
+
+def test_read_corpus_of_the_real_split(valid_file):
+    fast, slow = read_corpus(valid_file), tokenize_corpus(read_wiki(valid_file))
+    assert fast.words == slow.words and len(fast.codes) > 200_000
+    assert fast.paragraph_sizes.tolist() == slow.paragraph_sizes.tolist()
+    assert fast.word_counts() == Counter(
+        w for p in read_wiki(valid_file) for s in p for w in s.split())
 
 
 def test_vocabulary_layout(vocab):
@@ -452,9 +483,9 @@ def all_files(folder: Path) -> list[str]:
 
 def forbid_reading(monkeypatch) -> None:
     def fail(path):
-        raise AssertionError(f"read_wiki({path}) called: the cache was not used")
+        raise AssertionError(f"read_corpus({path}) called: the cache was not used")
 
-    monkeypatch.setattr(data_loader, "read_wiki", fail)
+    monkeypatch.setattr(data_loader, "read_corpus", fail)
 
 
 def test_cache_hit_returns_identical_data(valid_file, prepared, tmp_path, monkeypatch):
@@ -496,7 +527,7 @@ def test_a_changed_setting_is_a_new_key(small_corpus, tmp_path, monkeypatch, cha
     base, base_vocab = prepare_data(small_corpus, cache_dir=cache_dir, **settings)
     assert len(npz_files(cache_dir)) == 1
     calls = []
-    monkeypatch.setattr(data_loader, "read_wiki", lambda p: calls.append(p) or read_wiki(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
     changed, changed_vocab = prepare_data(small_corpus, cache_dir=cache_dir,
                                           **{**settings, **change})
     assert calls == [small_corpus]  # built, not loaded
@@ -555,7 +586,7 @@ def test_a_damaged_cache_file_is_rebuilt(small_corpus, tmp_path, monkeypatch, da
         with open(entry, "wb") as f:
             np.savez(f, vocab=np.asarray(["<unk>"]), tokens=np.zeros((2, 2), np.int32))
     calls = []
-    monkeypatch.setattr(data_loader, "read_wiki", lambda p: calls.append(p) or read_wiki(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
     rebuilt, rebuilt_vocab = prepare_data(small_corpus, 32, cache_dir=cache_dir)
     assert calls == [small_corpus]
     assert_same_arrays(rebuilt, good)
@@ -579,7 +610,7 @@ def test_cache_write_is_atomic(small_corpus, tmp_path, monkeypatch):
     assert all_files(cache_dir) == []  # neither a partial entry nor a temp file
     monkeypatch.setattr(data_cache.np, "savez", real_savez)
     calls = []
-    monkeypatch.setattr(data_loader, "read_wiki", lambda p: calls.append(p) or read_wiki(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
     again, _ = prepare_data(small_corpus, 32, cache_dir=cache_dir)
     assert calls == [small_corpus]  # nothing half-written was taken for a hit
     assert_same_arrays(again, examples)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
+
+import numpy as np
 
 from bertlite.errors import DataError
 
@@ -37,8 +43,8 @@ def get_tokens_and_segments(tokens_a: Sequence[str], tokens_b: Sequence[str] | N
     return tokens, segments
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The text of a corpus file, with errors that say what is wrong with it."""
+def _read_checked(path: str | os.PathLike) -> bytes:
+    """The bytes of a corpus file, checked to be UTF-8 text, with errors that say what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist")
@@ -47,10 +53,31 @@ def read_text(path: str | os.PathLike) -> str:
         raise DataError(f"corpus file {path} looks binary (it contains NUL bytes); "
                         "give a WikiText-format text file")
     try:
-        return raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"corpus file {path} is not UTF-8 text (byte {err.start}: "
                         f"{raw[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
+    return raw
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a corpus file, with errors that say what is wrong with it."""
+    return _read_checked(path).decode("utf-8")
+
+
+def _no_paragraph(path: str | os.PathLike) -> DataError:
+    return DataError(f"corpus file {path} has no paragraph of two or more sentences "
+                     "(sentences are separated by ' . ', one paragraph per line, as in "
+                     "WikiText); is it a WikiText-format file?")
+
+
+def _paragraph_lines(text: str | bytes) -> list:
+    """The book's paragraphs as stripped lines: those that hold ``' . '``. Lines end at \n,
+    \r\n or \r, as in the book's text-mode readlines(); str.splitlines() would also break
+    them at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029."""
+    nl, cr, sep = ("\n", "\r", " . ") if isinstance(text, str) else (b"\n", b"\r", b" . ")
+    lines = text.replace(cr + nl, nl).replace(cr, nl).split(nl)
+    return [line.strip() for line in lines if sep in line]
 
 
 def read_wiki(path: str | os.PathLike) -> list[list[str]]:
@@ -60,16 +87,88 @@ def read_wiki(path: str | os.PathLike) -> list[list[str]]:
     book, the paragraphs are not shuffled here: the order is the file's, randomness comes later
     from an explicit seed.
     """
-    text = read_text(path)
-    # Lines end at \n, \r\n or \r, as in the book's text-mode readlines(); str.splitlines()
-    # would also break them at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029.
-    lines = text.lower().replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    paragraphs = [line.strip().split(" . ") for line in lines if " . " in line]
+    paragraphs = [line.split(" . ") for line in _paragraph_lines(read_text(path).lower())]
     if not paragraphs:
-        raise DataError(f"corpus file {path} has no paragraph of two or more sentences "
-                        "(sentences are separated by ' . ', one paragraph per line, as in "
-                        "WikiText); is it a WikiText-format file?")
+        raise _no_paragraph(path)
     return paragraphs
+
+
+#: marks the end of a sentence among the words (never a word: corpus files hold no NUL byte)
+_BOUNDARY = "\x00"
+
+#: the characters that str.split() and str.strip() take for whitespace and bytes.split() does
+#: not (\x1c-\x1f and non-ASCII ones)
+_STR_ONLY_SPACE = re.compile("[" + "".join(
+    chr(c) for c in range(0x110000)
+    if chr(c).isspace() and chr(c) not in " \t\n\r\x0b\x0c") + "]")
+
+
+@dataclass
+class TokenizedCorpus:
+    """The words of all sentences (the book's lowercased ``sentence.split()``) as codes into
+    ``types``, its distinct words, each sentence followed by the code -1: the corpus is
+    counted and encoded through its few distinct words, not word by word."""
+
+    types: list[str]
+    codes: np.ndarray            # (words + sentences,) int32; -1 ends a sentence
+    paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
+
+    @property
+    def words(self) -> list[str]:
+        """Every word, each sentence followed by a boundary marker (for inspection)."""
+        types = [*self.types, _BOUNDARY]
+        return [types[c] for c in self.codes.tolist()]
+
+    def word_counts(self) -> Counter[str]:
+        counts = np.bincount(self.codes[self.codes >= 0], minlength=len(self.types))
+        return Counter(dict(zip(self.types, counts.tolist())))
+
+
+def _code_words(words: list, distinct: list, distinct_text: list[str]
+                ) -> tuple[list[str], np.ndarray]:
+    """``types, codes`` of words, given their distinct ones in any form (``distinct``, say
+    bytes) and as text; ``_BOUNDARY`` becomes -1."""
+    types = dict.fromkeys(distinct_text)
+    types.pop(_BOUNDARY, None)
+    code_of_type = dict(zip(types, range(len(types))))
+    code_of_type[_BOUNDARY] = -1
+    code_of = dict(zip(distinct, map(code_of_type.__getitem__, distinct_text)))
+    codes = itemgetter(*words)(code_of) if len(words) > 1 else (code_of[words[0]],)
+    return list(types), np.array(codes, dtype=np.int32)
+
+
+def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
+    """Word tokens of paragraphs of sentence strings, as the book's ``sentence.split()``."""
+    sentences = [s for p in paragraphs for s in p]
+    words = f" {_BOUNDARY} ".join(sentences).split()
+    words.append(_BOUNDARY)
+    distinct = list(dict.fromkeys(words))
+    types, codes = _code_words(words, distinct, distinct)
+    return TokenizedCorpus(types, codes, np.asarray([len(p) for p in paragraphs],
+                                                    dtype=np.int64))
+
+
+def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
+    """The words of a WikiText-format file: ``tokenize_corpus(read_wiki(path))``, faster.
+
+    The text is split as bytes, and only its distinct words are decoded and lowercased (the
+    same words: lowercasing neither makes nor breaks a space or a ``' . '``), unless they hold
+    whitespace that only str.split() knows, where it goes through read_wiki."""
+    lines = _paragraph_lines(_read_checked(path))
+    if not lines:
+        raise _no_paragraph(path)
+    sizes = np.fromiter((line.count(b" . ") + 1 for line in lines), dtype=np.int64,
+                        count=len(lines))
+    boundary = f" {_BOUNDARY} ".encode()
+    # joined by \n (which no line holds) so that no ' . ' spans two lines
+    words = b"\n".join(lines).replace(b" . ", boundary).replace(b"\n", boundary).split()
+    words.append(_BOUNDARY.encode())
+    distinct = list(dict.fromkeys(words))
+    text = b"\n".join(distinct).decode("utf-8")  # \n: in no word, and uncased
+    if _STR_ONLY_SPACE.search(text):
+        return tokenize_corpus(read_wiki(path))
+    types, codes = _code_words(words, distinct, text.lower().split("\n"))
+    return TokenizedCorpus(types, codes, sizes)
 
 
 def default_data_root() -> Path:

@@ -6,12 +6,12 @@ built with whole-array numpy operations instead of a Python loop per token.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from itertools import repeat
 
 import numpy as np
 
+from bertlite.data.corpus import TokenizedCorpus
 from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
 
@@ -31,46 +31,16 @@ class EncodedCorpus:
     paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
 
 
-_BOUNDARY = "\x00"  # never a word of a corpus: read_text rejects NUL bytes
-
-
-@dataclass
-class TokenizedCorpus:
-    """All words of all sentences in one list, each sentence followed by a boundary marker:
-    one ``split()`` over one string instead of one per sentence (the same words)."""
-
-    words: list[str]
-    paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
-
-    def word_counts(self) -> Counter[str]:
-        counts = Counter(self.words)
-        del counts[_BOUNDARY]
-        return counts
-
-
-def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
-    """Word tokens of paragraphs of sentence strings, as the book's ``sentence.split()``."""
-    sentences = [s for p in paragraphs for s in p]
-    words = f" {_BOUNDARY} ".join(sentences).split()
-    words.append(_BOUNDARY)
-    return TokenizedCorpus(words, np.asarray([len(p) for p in paragraphs], dtype=np.int64))
-
-
-class _IndexOrUnk(dict):
-    def __missing__(self, key: str) -> int:
-        return 0
-
-
 def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab) -> EncodedCorpus:
     """Token ids of a tokenized corpus (unknown words are ``<unk>``, 0). With a subword
     vocabulary (``vocab.tokenizer``, say WordPiece) each word becomes its pieces."""
     if vocab.tokenizer is not None:
-        ids = _subword_ids(corpus.words, vocab.tokenizer)
+        ids = _subword_ids(corpus, vocab.tokenizer)
     else:
-        lookup = _IndexOrUnk(vocab.token_to_idx)
-        lookup[_BOUNDARY] = -1
-        ids = np.fromiter(map(lookup.__getitem__, corpus.words), dtype=np.int32,
-                          count=len(corpus.words))
+        get = vocab.token_to_idx.get
+        table = np.fromiter((*map(get, corpus.types, repeat(0)), -1), dtype=np.int32,
+                            count=len(corpus.types) + 1)  # the last, for code -1: -1
+        ids = table[corpus.codes]
     boundary = ids < 0
     ends = np.flatnonzero(boundary)
     lens = np.diff(ends, prepend=-1) - 1
@@ -79,17 +49,13 @@ def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab) -> EncodedCorpus:
                          corpus.paragraph_sizes)
 
 
-def _subword_ids(words: list[str], tokenizer) -> np.ndarray:
+def _subword_ids(corpus: TokenizedCorpus, tokenizer) -> np.ndarray:
     """The piece ids of all words (boundary markers as -1), each distinct word encoded once."""
-    distinct = list(dict.fromkeys(words))
-    index = {w: i for i, w in enumerate(distinct)}
-    pieces = [[-1] if w == _BOUNDARY else p
-              for w, p in zip(distinct, tokenizer.encode_words(
-                  [w if w != _BOUNDARY else "" for w in distinct]))]
+    pieces = [*tokenizer.encode_words(corpus.types), [-1]]  # the last, for code -1
     lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     flat = np.fromiter((i for p in pieces for i in p), dtype=np.int32, count=int(lens.sum()))
     starts = np.cumsum(lens) - lens
-    which = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+    which = corpus.codes.astype(np.int64) % len(pieces)  # -1: the last
     # the pieces of word j of the corpus are flat[starts[which[j]]:][:lens[which[j]]]
     word_lens = lens[which]
     offsets = np.arange(int(word_lens.sum())) - np.repeat(np.cumsum(word_lens) - word_lens,
@@ -199,7 +165,11 @@ def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray
                                  mask_id=mask_id, rng=rng, continuation=continuation)
     keys = rng.random((n, max_len))
     keys[~candidates] = 2.0
-    chosen = np.argsort(keys, axis=1)[:, :k]
+    # the k smallest keys of each row, in order: those of a full argsort, at a third the cost
+    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < max_len else \
+        np.broadcast_to(np.arange(max_len), (n, max_len))
+    chosen = np.take_along_axis(smallest, np.argsort(
+        np.take_along_axis(keys, smallest, axis=1), axis=1), axis=1)
     used = np.arange(k) < num_preds[:, None]
     positions = np.where(used, chosen, max_len)
     positions.sort(axis=1)

@@ -11,14 +11,13 @@ from typing import NamedTuple
 import numpy as np
 
 from bertlite.data import cache as _cache
-from bertlite.data.corpus import read_wiki, resolve_corpus_file
+from bertlite.data.corpus import read_corpus, read_wiki, resolve_corpus_file
 from bertlite.data.examples import (
     PretrainingExamples,
     build_examples,
     continuation_mask,
     encode_corpus,
     mask_tokens,
-    tokenize_corpus,
 )
 from bertlite.data.tokenizer import (
     DEFAULT_WORDPIECE_VOCAB_SIZE,
@@ -79,12 +78,11 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
         hit = _cache.load_cached(cache_file)
         if hit is not None:
             return hit
-    paragraphs = read_wiki(path)
-    corpus = tokenize_corpus(paragraphs)
+    corpus = read_corpus(path)
     if vocab is None:
         if tokenizer == "wordpiece":
             vocab = WordPieceTokenizer.train(
-                (s for p in paragraphs for s in p), vocab_size=wordpiece_vocab_size,
+                (s for p in read_wiki(path) for s in p), vocab_size=wordpiece_vocab_size,
                 min_frequency=min_freq).to_vocab()
         else:
             vocab = build_vocab(corpus.word_counts(), min_freq=min_freq)

@@ -30,16 +30,15 @@ class Vocab:
             if tokens and not isinstance(tokens[0], str):
                 tokens = [t for line in tokens for t in line]
             counter = Counter(tokens)
-        self._token_freqs = sorted(counter.items())  # by token, then (stable) by frequency
-        self._token_freqs.sort(key=itemgetter(1), reverse=True)
+        self._counter = counter
+        self._token_freqs: list[tuple[str, int]] | None = None  # sorted when first asked for
         #: the subword tokenizer this vocabulary belongs to (a WordPieceTokenizer), or None for
         #: the book's word-level vocabulary, where a token is a word
         self.tokenizer = None
         self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
         self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
-        for token, freq in self._token_freqs:
-            if freq < min_freq:
-                break
+        for token, _ in _by_frequency(
+                [item for item in counter.items() if item[1] >= min_freq]):
             if token not in self.token_to_idx:
                 self.token_to_idx[token] = len(self.idx_to_token)
                 self.idx_to_token.append(token)
@@ -91,6 +90,9 @@ class Vocab:
 
     @property
     def token_freqs(self) -> list[tuple[str, int]]:
+        """Every counted token with its count, most frequent first (as the book's)."""
+        if self._token_freqs is None:
+            self._token_freqs = _by_frequency(list(self._counter.items()))
         return self._token_freqs
 
     @property
@@ -114,6 +116,13 @@ class Vocab:
         if tokens and tokens[-1] == "":
             tokens.pop()
         return cls.from_tokens(tokens)
+
+
+def _by_frequency(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Most frequent first; ties by the token's text (the corpus order does not matter)."""
+    items.sort()  # by token, then (stable) by frequency
+    items.sort(key=itemgetter(1), reverse=True)
+    return items
 
 
 def build_vocab(tokens: Iterable[str] | Iterable[Sequence[str]] | Mapping[str, int],
