@@ -207,6 +207,48 @@ def test_sparse_mlm_training_loss_equals_the_full_forward():
         assert torch.allclose(sparse_grads[name], p.grad, rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
+    """Training on the CPU packs the valid tokens, computes the last layer only at the
+    predicted positions and <cls> and fuses the MLM decoder with its loss: the same losses,
+    gradients and (at the rows asked for) encodings as the padded path."""
+    config = BERTConfig(vocab_size=tiny_config().vocab_size, num_hiddens=32,
+                        ffn_num_hiddens=64, num_heads=2, num_layers=num_layers, dropout=0.0,
+                        max_len=64)
+    model = torch_model.BERTModel.from_config(config, seed=0).train()
+    tensors = torch_step.to_tensors(make_batch(3), torch.device("cpu"))
+    assert model.encoder.takes_packed_path(tensors.tokens, tensors.valid_lens)
+    length = tensors.tokens.shape[1]
+    rows = torch.tensor([0, 5, length + 3, 3 * length + 2])  # valid positions of make_batch
+    results = []
+    for packed in (True, False):
+        monkeypatch.setattr(torch_model.BERTEncoder, "packed", packed)
+        model.zero_grad()
+        losses = torch_step.batch_loss(model, tensors)
+        losses[2].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            encoded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
+                            output_rows=rows)[0]
+        results.append(([float(x.detach()) for x in losses], grads, encoded))
+    (fast, fast_grads, fast_rows), (plain, plain_grads, plain_rows) = results
+    assert fast == pytest.approx(plain, rel=1e-5)
+    assert fast_rows.shape == (4, 32)
+    torch.testing.assert_close(fast_rows, plain_rows, rtol=1e-4, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    short = int(torch.nonzero(tensors.valid_lens < length)[0])  # an example with padding
+    pad = short * length + int(tensors.valid_lens[short])  # its first padded position
+    monkeypatch.setattr(torch_model.BERTEncoder, "packed", True)
+    with torch.no_grad():
+        padded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
+                       output_rows=torch.tensor([pad, 0]))[0]
+    assert padded[0].abs().sum() == 0 and padded[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="not both"):
+        model(tensors.tokens, tensors.segments, tensors.valid_lens, tensors.pred_positions,
+              output_rows=rows)
+
+
 # -- the backend --------------------------------------------------------------------------------
 
 def test_train_step_returns_detached_scalars(backend):

@@ -229,8 +229,9 @@ class _DecoderCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of the logits ``hidden W^T + b`` without ever holding them whole.
 
     Chunk by chunk of rows: the logits (oneDNN matmul, bias in its epilogue), their
-    log-sum-exp and the cross-entropy. The backward turns each saved chunk into its gradient
-    ``softmax - onehot`` in place and feeds it to the decoder's three gradients at once. No
+    log-sum-exp and the cross-entropy. The backward turns each saved chunk into
+    ``softmax - onehot`` in place and feeds it to the decoder's three gradients, the rows'
+    loss gradients scaling the small operands. No
     ``(rows, vocabulary)`` tensor is allocated (60 MB for the MLM head of the book's batch;
     allocations that large are page-faulted in afresh on every step), and each chunk's passes
     run while it is in cache.
@@ -262,15 +263,17 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight)
         grad_b = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
+        minus_one = hidden.new_full((_DECODER_CHUNK, 1), -1.0)
         for k, (p, lse) in enumerate(zip(chunks, lses)):
             i, j = k * _DECODER_CHUNK, (k + 1) * _DECODER_CHUNK
-            g = grad[i:j, None]
-            p.sub_(lse[:, None]).exp_().mul_(g)  # softmax, scaled by the loss's gradient
-            p.scatter_add_(1, labels[i:j, None], -g)
-            torch.mm(p, weight, out=grad_hidden[i:j])
-            grad_w.addmm_(p.t(), hidden[i:j])
+            g = grad[i:j]
+            # softmax - onehot; the rows' loss gradients g scale the small operands instead
+            p.sub_(lse[:, None]).exp_().scatter_add_(1, labels[i:j, None],
+                                                     minus_one[:p.shape[0]])
+            torch.mm(p, weight, out=grad_hidden[i:j]).mul_(g[:, None])
+            grad_w.addmm_(p.t(), hidden[i:j] * g[:, None])
             if grad_b is not None:
-                grad_b += p.sum(0)
+                grad_b.addmv_(p.t(), g)
         return grad_hidden, grad_w, grad_b, None
 
 
@@ -975,23 +978,37 @@ class BERTModel(nn.Module):
                 pred_positions: torch.Tensor | None = None, *,
                 output_rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` as the book's ``BERTModel``. ``output_rows``
-        (indices ``example * length + position``) says which encodings the caller reads
-        beside the ``<cls>`` ones: when training on the CPU (the packed path, see
-        :class:`BERTEncoder`) the last layer computes only those, and ``encoded_X`` holds
-        zeros elsewhere. It is how :func:`.step.batch_loss` asks for the predicted positions:
-        the loss is the same, the last layer's work a fifth."""
-        cls = None
+        """``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` as the book's ``BERTModel``.
+
+        With ``output_rows`` (indices ``example * length + position``; no ``pred_positions``)
+        ``encoded_X`` is the ``(rows, hidden)`` encodings at those positions only: it is how
+        :func:`.step.batch_loss` asks for the predicted positions. When training on the CPU
+        (the packed path, see :class:`BERTEncoder`) the last layer then computes only those
+        and the ``<cls>`` ones, and no padded batch is made: the loss is the same, the last
+        layer's work a fifth (padded positions, which no loss reads, get zeros there)."""
+        if output_rows is not None and pred_positions is not None:
+            raise ValueError("give output_rows or pred_positions, not both")
         if self.encoder.takes_packed_path(tokens, valid_lens):
-            if pred_positions is not None and output_rows is not None:
-                output_rows = torch.cat((output_rows.reshape(-1),
-                                         self.mlm.rows(tokens, pred_positions)))
-            encoded_X, cls = unpack(*self.encoder.forward_packed(tokens, segments, valid_lens,
-                                                                 output_rows))
+            X, packing = self.encoder.forward_packed(tokens, segments, valid_lens, output_rows)
+            if output_rows is None:
+                encoded_X, cls = unpack(X, packing)
+            else:  # the rows of X that hold the positions asked for (padding: none), <cls>
+                row_of = torch.full((packing.batch_size * packing.length,), -1,
+                                    dtype=torch.int64, device=X.device)
+                row_of[packing.padded_rows] = torch.arange(X.shape[0], device=X.device)
+                index = row_of[output_rows.reshape(-1)]
+                padding = index < 0
+                encoded_X = X.index_select(0, index.clamp(min=0))
+                if bool(padding.any()):  # a padded position: zeros, as in unpack
+                    encoded_X = encoded_X.masked_fill(padding[:, None], 0.0)
+                cls = X.index_select(0, packing.cls_rows)
         else:
             encoded_X = self.encoder(tokens, segments, valid_lens)
+            cls = encoded_X[:, 0, :]
+            if output_rows is not None:
+                encoded_X = encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(
+                    0, output_rows.reshape(-1))
         mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
         # The hidden layer of the NSP classifier, on the '<cls>' token (index 0).
-        cls = encoded_X[:, 0, :] if cls is None else cls
         nsp_Y_hat = self.nsp(torch.tanh(self.hidden(cls)))
         return encoded_X, mlm_Y_hat, nsp_Y_hat

@@ -150,10 +150,10 @@ def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = N
     used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
     rows = mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
     # only these encodings (and <cls>) are read: the model's last layer may compute only them
-    encoded_X, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                    output_rows=rows)
-    mlm_Y_hat = mlm.decode(encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(0, rows),
-                           lazy=True)  # decoder and cross-entropy fused (model.DecoderLogits)
+    encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
+                                       output_rows=rows)
+    # the decoder and the cross-entropy fused (model.DecoderLogits)
+    mlm_Y_hat = mlm.decode(encoded_rows, lazy=True)
     return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
                      weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
                      mlm_weight_total=mlm_weight_total, num_examples=num_examples)
