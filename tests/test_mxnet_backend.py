@@ -13,7 +13,7 @@ import pytest
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.errors import BackendError, DeviceError
-from bertlite.loss import bert_loss_numpy
+from bertlite.loss import bert_loss, bert_loss_numpy
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params, is_no_decay, parameter_shapes
 from conftest import framework_installed
@@ -28,8 +28,12 @@ from mxnet import autograd, gluon  # noqa: E402
 from bertlite.backends import mxnet as bmx  # noqa: E402
 from bertlite.backends.mxnet import distributed  # noqa: E402
 from bertlite.backends.mxnet import step as mx_step  # noqa: E402
-from bertlite.backends.mxnet.loss import _get_batch_loss_bert  # noqa: E402
-from bertlite.backends.mxnet.model import BERTModel  # noqa: E402
+from bertlite.backends.mxnet.loss import (  # noqa: E402
+    MXNetLossOps,
+    PretrainingLoss,
+    _get_batch_loss_bert,
+)
+from bertlite.backends.mxnet.model import BERTModel, gather_rows  # noqa: E402
 from bertlite.backends.mxnet.step import TorchAdam, clip_grad_norm, split_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +238,70 @@ def test_hybridized_loss_graph_gives_the_imperative_gradients(backend):
     assert (mlm_h, nsp_h) == pytest.approx((mlm_i, nsp_i), rel=1e-6)
     for name, g in grads_i.items():
         np.testing.assert_allclose(grads_h[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _loss_and_grads(net, loss_fn, args, totals):
+    """Loss of ``loss_fn(*args)`` (dropout off) and every canonical parameter's gradient."""
+    with autograd.record(train_mode=False):
+        mlm, nsp, loss = loss_fn(*args, *totals)
+    loss.backward()
+    grads = {name: p.grad().asnumpy().copy() for name, p in net.canonical_parameters().items()}
+    net.collect_params().zero_grad()
+    return float(mlm), float(nsp), grads
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_sparse_last_layer_gives_the_full_loss_and_gradients(num_layers, hybridize):
+    """The loss graph's sparse last layer (queries, attention output, add & norm and FFN only
+    at <cls> and the predicted positions) gives the loss and gradients of the full model's
+    outputs: padding slots at position 0 (the <cls> row again) and a position predicted twice
+    included, with the examples' valid lengths."""
+    config = BERTConfig(vocab_size=VOCAB, num_hiddens=HIDDEN, ffn_num_hiddens=64, num_heads=2,
+                        num_layers=num_layers, dropout=0.0, max_len=32)
+    batch = make_batch(n=7, seed=3)
+    positions = batch.pred_positions.copy()
+    positions[1, 1] = positions[1, 0]  # a duplicate row: its gradients add up
+    batch = batch._replace(pred_positions=positions)
+    net = BERTModel.from_config(config)
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    for name, p in net.canonical_parameters().items():
+        p.set_data(mx.np.array(init_params(config, 5)[name]))
+    args = to_mx(batch)
+    totals = (mx.np.array(float(batch.mlm_weights.sum())), mx.np.array(float(len(batch.tokens))))
+    (tokens, segments, valid_lens, pred_positions, weights, labels, nsp_labels) = args
+
+    def full(*inputs):
+        _, mlm_Y_hat, nsp_Y_hat = net(*inputs[:4])
+        return bert_loss(MXNetLossOps(), mlm_Y_hat.reshape((-1, VOCAB)), inputs[5], inputs[4],
+                         nsp_Y_hat, inputs[6], mlm_weight_total=inputs[7],
+                         num_examples=inputs[8])
+
+    expected = _loss_and_grads(net, full, args, totals)
+    sparse = PretrainingLoss(net)
+    if hybridize:
+        net.hybridize(static_alloc=True, static_shape=True)
+        sparse.hybridize(static_alloc=True, static_shape=True)
+    mlm, nsp, grads = _loss_and_grads(net, sparse, args, totals)
+    assert (mlm, nsp) == pytest.approx(expected[:2], rel=1e-6)
+    for name, g in expected[2].items():  # (the key bias's gradient is 0 up to round-off)
+        atol = max(1e-7, 1e-6 * float(np.abs(g).max()))
+        np.testing.assert_allclose(grads[name], g, rtol=1e-5, atol=atol, err_msg=name)
+    # the outputs themselves: the MLM logits and the NSP logits of the full forward pass
+    with autograd.predict_mode():
+        mlm_full, nsp_full = net(tokens, segments, valid_lens, pred_positions)[1:]
+    net.hybridize(False)
+    mlm_sparse, nsp_sparse = net.sparse_forward(mx.ndarray, tokens, segments, valid_lens,
+                                                pred_positions)
+    np.testing.assert_allclose(mlm_sparse.asnumpy(), mlm_full.asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nsp_sparse.asnumpy(), nsp_full.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_rows_takes_each_examples_positions():
+    X = mx.np.array(np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3))
+    rows = gather_rows(mx.ndarray, X, mx.np.array([[0, 3, 3], [2, 0, 1]], dtype="int32"))
+    expected = X.asnumpy()[[[0], [1]], [[0, 3, 3], [2, 0, 1]]]
+    np.testing.assert_array_equal(rows.asnumpy(), expected)
 
 
 def test_dropout_is_on_in_training_and_off_in_forward(backend):

@@ -48,10 +48,10 @@ Quirks of d2l 0.17.6's MXNet ``BERTModel``, handled here:
   gives every parameter its full shape before ``initialize``, so it is usable at once.
 * The positional embedding is a ``Parameter`` read with ``.data(ctx)``, which MXNet does train
   (unlike the PyTorch tab's ``.data``); it is imported as it is.
-* The masked softmax fills scores of padded keys with -1e6 before the softmax; bertlite's
-  fused ``softmax(use_length=True)`` gives those keys exactly zero weight, which is what
-  exp(-1e6 - max) is in float32: the same outputs (rows with ``valid_len`` 0, which d2l would
-  spread uniformly over the padding, never occur in BERT inputs).
+* The masked softmax fills scores of padded keys with -1e6 before the softmax; bertlite adds
+  -1e6 to them instead, which gives those keys exactly zero weight too (exp(-1e6 - max) is 0
+  in float32): the same outputs (rows with ``valid_len`` 0, which d2l would spread uniformly
+  over the padding, never occur in BERT inputs).
 * The book's notebooks run ``npx.set_np()`` first, and d2l's MXNet code needs it (numpy
   arrays); importing this backend sets it too, for the whole process.
 * LayerNorm epsilon is Gluon's default 1e-5, bertlite's too; ``Dense(..., activation=...)``

@@ -10,9 +10,10 @@ loss is normalized by the WHOLE batch (its total MLM weight and its number of ex
 the learning rate does not depend on how many devices share a batch.
 
 For a hybridized :class:`~.model.BERTModel` the loss is computed inside a second compiled
-graph (:class:`PretrainingLoss`, sharing the model's parameters): ``bert_loss`` traced on
-symbols, so that reshaping the ``(batch * preds, vocab)`` logits is free instead of two copies
-of the largest tensor of the step.
+graph (:class:`PretrainingLoss`, sharing the model's parameters): the model's sparse last layer
+(:meth:`~.model.BERTModel.sparse_forward`, the last block only at ``<cls>`` and the predicted
+positions) and ``bert_loss`` traced on symbols, so that reshaping the ``(batch * preds,
+vocab)`` logits is free instead of two copies of the largest tensor of the step.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class _StaticLastAxis:
 class PretrainingLoss(nn.HybridBlock):
     """``(mlm_loss, nsp_loss, loss)`` of a shard from the model's inputs, the labels and the
     whole batch's ``mlm_weight_total`` and ``num_examples`` (0-d float32 arrays): the model's
-    forward pass and ``bert_loss`` in one graph. Hybridize it; its parameters are the model's."""
+    forward pass (its sparse last layer, :meth:`~.model.BERTModel.sparse_forward`) and
+    ``bert_loss`` in one graph. Hybridize it; its parameters are the model's."""
 
     def __init__(self, net: nn.HybridBlock, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -71,7 +73,8 @@ class PretrainingLoss(nn.HybridBlock):
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions, mlm_weights,
                        mlm_labels, nsp_labels, mlm_weight_total, num_examples):
-        _, mlm_Y_hat, nsp_Y_hat = self.net(tokens, segments, valid_lens, pred_positions)
+        mlm_Y_hat, nsp_Y_hat = self.net.sparse_forward(F, tokens, segments, valid_lens,
+                                                       pred_positions)
         if F is mx.symbol:
             mlm_Y_hat = _StaticLastAxis(mlm_Y_hat, self.vocab_size)
         return bert_loss(MXNetLossOps(F), mlm_Y_hat, mlm_labels, mlm_weights, nsp_Y_hat,
