@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,41 +32,20 @@ import tracemalloc
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "wikitext-2"
+sys.path.insert(0, str(HERE))
+
+import _machine as M  # noqa: E402
+
 IMPLS = ("book", "uncached", "cached")
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def _rss_kb(field: str) -> int:
-    """VmRSS / VmHWM of this process in KiB (Linux), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so that the peak is this run's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _make_runner(impl: str, folder: Path, max_len: int, cache_dir: Path):
     """A function running one preparation and returning (examples, vocabulary size)."""
     path = folder / "wiki.train.tokens"
     if impl == "book":
-        sys.path.insert(0, str(HERE))
         from _reference import import_d2l
 
         d2l = import_d2l("torch")
@@ -95,17 +73,17 @@ def worker(impl: str, folder: Path, max_len: int, cache_dir: Path, runs: int,
            memory: bool) -> dict:
     run = _make_runner(impl, folder, max_len, cache_dir)
     if memory:
-        rss_before = _rss_kb("VmRSS")
-        reset = _reset_peak_rss()
-        hwm_before = _rss_kb("VmHWM") if reset else rss_before
+        rss_before = M.rss_mb()
+        reset = M.reset_peak_rss()
+        hwm_before = M.peak_rss_mb() if reset else rss_before
         num_examples, vocab_size = run(0)
-        rss_peak = _rss_kb("VmHWM")
+        rss_peak = M.peak_rss_mb()
         tracemalloc.start()
         run(1)
         _, traced_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        return {"peak_rss_growth_mb": max(0, rss_peak - hwm_before) / 1024,
-                "peak_rss_mb": rss_peak / 1024, "peak_reset": reset,
+        return {"peak_rss_growth_mb": max(0, rss_peak - hwm_before),
+                "peak_rss_mb": rss_peak, "peak_reset": reset,
                 "traced_peak_mb": traced_peak / 2**20,
                 "num_examples": num_examples, "vocab_size": vocab_size}
     times = []
@@ -144,15 +122,11 @@ def prepare_inputs(data_dir: Path, work: Path) -> dict[str, Path]:
     return inputs
 
 
-def check(value: bool) -> str:
-    return "met" if value else "NOT met"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+    parser.add_argument("--data-dir", type=Path, default=M.DEFAULT_DATA_DIR,
                         help="folder with WikiText-2's wiki.valid.tokens and wiki.test.tokens "
-                             f"(default: {DEFAULT_DATA_DIR})")
+                             f"(default: {M.DEFAULT_DATA_DIR})")
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--book-runs", type=int, default=3)
     parser.add_argument("--uncached-runs", type=int, default=3)
@@ -176,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"WikiText-2 not found: {args.data_dir} lacks {', '.join(missing)}. Point "
                  "--data-dir at the folder of the real wiki.valid.tokens and wiki.test.tokens "
                  "(the book's wikitext-2-v1.zip, extracted).")
-    sys.path.insert(0, str(HERE))
     from _reference import ReferenceUnavailable, import_d2l
 
     try:  # fail early, before any timing, if the reference cannot be imported
@@ -234,9 +207,9 @@ def print_table(rows, max_len: int, runs: dict[str, int]) -> None:
         book = results["book"]["median"]
         uncached, cached = results["uncached"]["median"], results["cached"]["median"]
         print(f"  {name:<11} uncached >= 10x faster than the book: {book / uncached:6.1f}x "
-              f"{check(book / uncached >= 10)}; cached < 0.5 s: {cached:.3f} s "
-              f"{check(cached < 0.5)}; cached >= 50x faster than the book: "
-              f"{book / cached:6.1f}x {check(book / cached >= 50)}")
+              f"{M.check(book / uncached >= 10)}; cached < 0.5 s: {cached:.3f} s "
+              f"{M.check(cached < 0.5)}; cached >= 50x faster than the book: "
+              f"{book / cached:6.1f}x {M.check(book / cached >= 50)}")
     resets = {r["peak_reset"] for _, _, res in rows for r in res.values()}
     note = ("reset before the run" if resets == {True}
             else "NOT resettable here: the growth may hide under the import peak")

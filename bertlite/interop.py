@@ -15,6 +15,27 @@ from bertlite.model import Pretrained
 from bertlite.registry import get_backend
 
 
+def check_d2l_layout(net: Any, framework: str) -> None:
+    """A TypeError unless ``net`` has the attributes of d2l's ``BERTModel`` (``encoder.blks``,
+    ``hidden``, ``mlm``, ``nsp``); a ValueError when it has no encoder block."""
+    blks = getattr(getattr(net, "encoder", None), "blks", None)
+    if blks is None or not all(hasattr(net, a) for a in ("hidden", "mlm", "nsp")):
+        raise TypeError(f"{type(net).__name__} is not d2l's BERTModel: it needs encoder.blks, "
+                        f"hidden, mlm and nsp (d2l.{framework}.BERTModel of d2l 0.17.6)")
+    if len(blks) == 0:
+        raise ValueError("the d2l BERTModel has no encoder blocks (num_layers=0)")
+
+
+def d2l_num_heads(net: Any) -> int:
+    """The one ``attention.num_heads`` of every encoder block of d2l's ``BERTModel``."""
+    heads = {getattr(getattr(blk, "attention", None), "num_heads", None)
+             for blk in net.encoder.blks}
+    if len(heads) != 1 or not isinstance(next(iter(heads)), int):
+        raise ValueError(f"cannot read the number of heads of the d2l model: its blocks give "
+                         f"{sorted(map(str, heads))} for attention.num_heads (expected one int)")
+    return heads.pop()
+
+
 def infer_config(arrays: dict[str, np.ndarray], num_heads: int, dropout: float) -> BERTConfig:
     """The BERTConfig of canonical arrays: sizes from the shapes, or a ValueError."""
     needed = ("encoder.token_embedding.weight", "encoder.pos_embedding",

@@ -16,7 +16,8 @@ from mxnet import np as mnp
 
 from bertlite import data as _data
 from bertlite.book import Accumulator, Animator, ConvertedBatches, Timer
-from bertlite.data import get_tokens_and_segments
+from bertlite.data.corpus import get_tokens_and_segments
+from bertlite.data.vocab import Vocab
 
 from .devices import try_all_gpus, try_gpu
 from .loss import _get_batch_loss_bert
@@ -45,7 +46,8 @@ def to_mxnet(array: onp.ndarray, ctx: mx.Context | None = None) -> Any:
     return mnp.array(array, dtype=dtype, ctx=ctx or mx.cpu())
 
 
-def load_data_wiki(batch_size: int, max_len: int, **kwargs: Any):
+def load_data_wiki(batch_size: int, max_len: int, **kwargs: Any
+                   ) -> tuple[ConvertedBatches, Vocab]:
     """The book's ``load_data_wiki``: ``(train_iter, vocab)``, ``train_iter`` re-iterable over
     minibatches of seven ``mxnet.np`` arrays in the book's order. Keyword arguments go to
     :func:`bertlite.data.load_data_wiki` (``corpus``, ``data_dir``, ``seed``, ...)."""

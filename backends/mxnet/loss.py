@@ -107,6 +107,23 @@ def batch_totals(mlm_weights_X_shards: Sequence[Any]) -> tuple[list[Any], int]:
     return totals, sum(int(w.shape[0]) for w in mlm_weights_X_shards)
 
 
+def shard_loss(net, graph: Any, shard: Sequence[Any], total: Any, num_examples: int,
+               vocab_size: int) -> tuple[Any, Any, Any]:
+    """``(mlm_l, nsp_l, l)`` of one device shard (its seven batch arrays in the book's order),
+    normalized by the whole batch's ``total`` MLM weight (a 0-d array on the shard's device)
+    and ``num_examples``: through ``graph`` (a compiled loss, :func:`pretraining_loss`) when
+    given, else the net's forward pass and ``bert_loss`` imperatively."""
+    tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels = shard
+    if graph is not None:
+        count = mx.np.array(num_examples, dtype="float32", ctx=tokens.ctx)
+        return graph(tokens, segments, valid_lens.reshape(-1), pred_positions, mlm_weights,
+                     mlm_labels, nsp_labels, total, count)
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1), pred_positions)
+    return bert_loss(MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_labels,
+                     mlm_weights, nsp_Y_hat, nsp_labels, mlm_weight_total=total,
+                     num_examples=num_examples)
+
+
 def _get_batch_loss_bert(net, loss, vocab_size, tokens_X_shards, segments_X_shards,
                          valid_lens_x_shards, pred_positions_X_shards, mlm_weights_X_shards,
                          mlm_Y_shards, nsp_y_shards):
@@ -122,23 +139,12 @@ def _get_batch_loss_bert(net, loss, vocab_size, tokens_X_shards, segments_X_shar
     """
     del loss  # the formula is bertlite.loss.bert_loss
     totals, num_examples = batch_totals(mlm_weights_X_shards)
-    fused = isinstance(net, BERTModel) and net._active
+    graph = pretraining_loss(net) if isinstance(net, BERTModel) and net._active else None
     mlm_ls, nsp_ls, ls = [], [], []
-    for (tokens_X, segments_X, valid_lens_x, pred_positions_X, mlm_weights_X, mlm_Y, nsp_y,
-         total) in zip(tokens_X_shards, segments_X_shards, valid_lens_x_shards,
-                       pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards, nsp_y_shards,
-                       totals):
-        if fused:
-            count = mx.np.array(num_examples, dtype="float32", ctx=tokens_X.ctx)
-            mlm_l, nsp_l, l = pretraining_loss(net)(
-                tokens_X, segments_X, valid_lens_x.reshape(-1), pred_positions_X,
-                mlm_weights_X, mlm_Y, nsp_y, total, count)
-        else:
-            _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1),
-                                          pred_positions_X)
-            mlm_l, nsp_l, l = bert_loss(
-                MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_Y, mlm_weights_X,
-                nsp_Y_hat, nsp_y, mlm_weight_total=total, num_examples=num_examples)
+    for *shard, total in zip(tokens_X_shards, segments_X_shards, valid_lens_x_shards,
+                             pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards,
+                             nsp_y_shards, totals):
+        mlm_l, nsp_l, l = shard_loss(net, graph, shard, total, num_examples, vocab_size)
         mlm_ls.append(mlm_l)
         nsp_ls.append(nsp_l)
         ls.append(l)

@@ -49,12 +49,11 @@ from mxnet import autograd, gluon
 from mxnet import np as mnp
 
 from bertlite.data.loader import Batch
-from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
-from .loss import MXNetLossOps, PretrainingLoss, _get_batch_loss_bert, pretraining_loss
+from .loss import PretrainingLoss, _get_batch_loss_bert, pretraining_loss, shard_loss
 from .model import BERTModel
 
 __all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
@@ -295,22 +294,11 @@ def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
         raise ValueError(f"precision={plan.name!r} needs the hybridized model (as "
                          "MXNetBackend.build_model makes it)")
     graph = _loss_graph(net, plan) if fused else None
-    vocab_size = net.config.vocab_size
     mlm_ls, nsp_ls, ls = [], [], []
-    for (tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels,
-         nsp_labels) in zip(*shards):
-        ctx = tokens.ctx
-        total = mnp.array(mlm_weight_total, dtype="float32", ctx=ctx)
-        if graph is not None:
-            count = mnp.array(num_examples, dtype="float32", ctx=ctx)
-            mlm_l, nsp_l, l = graph(tokens, segments, valid_lens.reshape(-1), pred_positions,
-                                    mlm_weights, mlm_labels, nsp_labels, total, count)
-        else:
-            _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1),
-                                          pred_positions)
-            mlm_l, nsp_l, l = bert_loss(
-                MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_labels, mlm_weights,
-                nsp_Y_hat, nsp_labels, mlm_weight_total=total, num_examples=num_examples)
+    for shard in zip(*shards):
+        total = mnp.array(mlm_weight_total, dtype="float32", ctx=shard[0].ctx)
+        mlm_l, nsp_l, l = shard_loss(net, graph, shard, total, num_examples,
+                                     net.config.vocab_size)
         mlm_ls.append(mlm_l)
         nsp_ls.append(nsp_l)
         ls.append(l)

@@ -5,32 +5,10 @@ from bertlite.registry import require_framework
 
 require_framework("torch")
 
+from . import d2l  # noqa: E402
 from .backend import TorchBackend  # noqa: E402
-from .d2l import (  # noqa: E402
-    Accumulator,
-    AddNorm,
-    Animator,
-    BERTEncoder,
-    BERTModel,
-    EncoderBlock,
-    MaskLM,
-    MultiHeadAttention,
-    NextSentencePred,
-    PositionWiseFFN,
-    Timer,
-    _get_batch_loss_bert,
-    get_tokens_and_segments,
-    load_data_wiki,
-    to_torch,
-    try_all_gpus,
-    try_gpu,
-)
+from .d2l import *  # noqa: E402,F403  (the book's API: d2l.__all__)
 from .devices import parse_devices  # noqa: E402
 from .interop import from_d2l, to_d2l  # noqa: E402
 
-__all__ = [
-    "Accumulator", "AddNorm", "Animator", "BERTEncoder", "BERTModel", "EncoderBlock",
-    "MaskLM", "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "Timer",
-    "TorchBackend", "_get_batch_loss_bert", "from_d2l", "get_tokens_and_segments",
-    "load_data_wiki", "parse_devices", "to_d2l", "to_torch", "try_all_gpus", "try_gpu",
-]
+__all__ = [*d2l.__all__, "TorchBackend", "from_d2l", "parse_devices", "to_d2l"]

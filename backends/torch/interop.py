@@ -63,7 +63,13 @@ import torch
 from torch import nn
 
 from bertlite.config import BERTConfig
-from bertlite.interop import build_pretrained, canonical_arrays, infer_config
+from bertlite.interop import (
+    build_pretrained,
+    canonical_arrays,
+    check_d2l_layout,
+    d2l_num_heads,
+    infer_config,
+)
 from bertlite.model import Pretrained
 from bertlite.params import check_state_dict, parameter_shapes
 
@@ -110,23 +116,8 @@ def _check_d2l_net(net: Any) -> nn.Module:
         raise TypeError("this is already bertlite's BERTModel; from_d2l imports the book's "
                         "d2l.torch.BERTModel (wrap a bertlite model in bertlite.Pretrained, or "
                         "save and load it)")
-    encoder = getattr(net, "encoder", None)
-    blks = getattr(encoder, "blks", None)
-    if blks is None or not all(hasattr(net, a) for a in ("hidden", "mlm", "nsp")):
-        raise TypeError(f"{type(net).__name__} is not d2l's BERTModel: it needs encoder.blks, "
-                        "hidden, mlm and nsp (d2l.torch.BERTModel of d2l 0.17.6)")
-    if len(blks) == 0:
-        raise ValueError("the d2l BERTModel has no encoder blocks (num_layers=0)")
+    check_d2l_layout(net, "torch")
     return net
-
-
-def _num_heads(net: nn.Module) -> int:
-    heads = {getattr(getattr(blk, "attention", None), "num_heads", None)
-             for blk in net.encoder.blks}
-    if len(heads) != 1 or not isinstance(next(iter(heads)), int):
-        raise ValueError(f"cannot read the number of heads of the d2l model: its blocks give "
-                         f"{sorted(map(str, heads))} for attention.num_heads (expected one int)")
-    return heads.pop()
 
 
 def _dropout(net: nn.Module) -> float:
@@ -140,7 +131,7 @@ def read_d2l(net: Any) -> tuple[BERTConfig, dict[str, np.ndarray]]:
     net = _check_d2l_net(net)
     named = {name: p.detach().cpu().float().numpy().copy() for name, p in net.named_parameters()}
     arrays = canonical_arrays(named, canonical_name, d2l_name)
-    config = infer_config(arrays, _num_heads(net), _dropout(net))
+    config = infer_config(arrays, d2l_num_heads(net), _dropout(net))
     check_state_dict(arrays, config, "the d2l model (canonical names)")
     return config, arrays
 

@@ -26,9 +26,9 @@ float32 round-off; see :class:`BERTEncoder`), about 3x the book's step on 2 core
 * dropout masks from 16-bit random numbers (:func:`_keep_scale`).
 
 Nothing that the loss reads changes: padded positions never reach a valid one (their keys get
-no attention weight). Encodings that no loss reads (padded positions; with ``output_rows``,
-positions not asked for) are returned as zeros on that path. Eval mode, autocast, GPUs and
-``BERTEncoder.packed = False`` take the plain path.
+no attention weight). The encodings of padded positions, which no loss reads, are returned as
+zeros on that path. Eval mode, autocast, GPUs and ``BERTEncoder.packed = False`` take the
+plain path.
 """
 
 from __future__ import annotations
@@ -386,6 +386,14 @@ class Packing(NamedTuple):
     def num_slots(self) -> int:
         return self.sources.shape[0]
 
+    def row_of(self) -> torch.Tensor:
+        """The packed row of every position ``example * length + position``; -1 where no row
+        holds it (padding; with :func:`select`, positions not asked for)."""
+        row_of = torch.full((self.batch_size * self.length,), -1, dtype=torch.int64,
+                            device=self.rows.device)
+        row_of[self.padded_rows] = torch.arange(self.rows.shape[0], device=self.rows.device)
+        return row_of
+
 
 def pack(valid_lens: torch.Tensor, batch_size: int, length: int) -> Packing:
     """The :class:`Packing` of a batch whose example ``i`` has ``valid_lens[i]`` (at least one)
@@ -457,9 +465,7 @@ def select(packing: Packing, valid_lens: torch.Tensor, output_rows: torch.Tensor
     slots = starts[group_of[example]] + rank * sizes[group_of[example]] + local[example]
     sources = torch.zeros(start, dtype=torch.int64, device=device)
     sources[slots] = torch.arange(flat.shape[0], device=device)
-    row_of = torch.empty(b * n, dtype=torch.int64, device=device)
-    row_of[packing.padded_rows] = torch.arange(packing.rows.shape[0], device=device)
-    inputs = row_of[flat]
+    inputs = packing.row_of()[flat]
     return Packing(b, n, tuple(groups), packing.key_masks, slots, sources, flat, pos,
                    torch.cumsum(counts, 0) - counts, packing.order, inputs[sources], inputs)
 
@@ -993,10 +999,7 @@ class BERTModel(nn.Module):
             if output_rows is None:
                 encoded_X, cls = unpack(X, packing)
             else:  # the rows of X that hold the positions asked for (padding: none), <cls>
-                row_of = torch.full((packing.batch_size * packing.length,), -1,
-                                    dtype=torch.int64, device=X.device)
-                row_of[packing.padded_rows] = torch.arange(X.shape[0], device=X.device)
-                index = row_of[output_rows.reshape(-1)]
+                index = packing.row_of()[output_rows.reshape(-1)]
                 padding = index < 0
                 encoded_X = X.index_select(0, index.clamp(min=0))
                 if bool(padding.any()):  # a padded position: zeros, as in unpack

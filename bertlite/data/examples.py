@@ -166,8 +166,7 @@ def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray
     keys = rng.random((n, max_len))
     keys[~candidates] = 2.0
     # the k smallest keys of each row, in order: those of a full argsort, at a third the cost
-    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < max_len else \
-        np.broadcast_to(np.arange(max_len), (n, max_len))
+    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k]  # k < max_len: max_len >= 4
     chosen = np.take_along_axis(smallest, np.argsort(
         np.take_along_axis(keys, smallest, axis=1), axis=1), axis=1)
     used = np.arange(k) < num_preds[:, None]
