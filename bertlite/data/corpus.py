@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertlite.data._bytewords import code_lines
 from bertlite.errors import DataError
 
 #: The reserved tokens of the book's vocabulary (``<unk>`` comes first, at index 0).
@@ -76,7 +77,9 @@ def _paragraph_lines(text: str | bytes) -> list:
     \r\n or \r, as in the book's text-mode readlines(); str.splitlines() would also break
     them at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029."""
     nl, cr, sep = ("\n", "\r", " . ") if isinstance(text, str) else (b"\n", b"\r", b" . ")
-    lines = text.replace(cr + nl, nl).replace(cr, nl).split(nl)
+    if cr in text:
+        text = text.replace(cr + nl, nl).replace(cr, nl)
+    lines = text.split(nl)
     return [line.strip() for line in lines if sep in line]
 
 
@@ -120,21 +123,28 @@ class TokenizedCorpus:
         return [types[c] for c in self.codes.tolist()]
 
     def word_counts(self) -> Counter[str]:
-        counts = np.bincount(self.codes[self.codes >= 0], minlength=len(self.types))
+        counts = np.bincount(self.codes + 1, minlength=len(self.types) + 1)[1:]  # -1: ends
         return Counter(dict(zip(self.types, counts.tolist())))
 
 
-def _code_words(words: list, distinct: list, distinct_text: list[str]
-                ) -> tuple[list[str], np.ndarray]:
-    """``types, codes`` of words, given their distinct ones in any form (``distinct``, say
-    bytes) and as text; ``_BOUNDARY`` becomes -1."""
+def _type_codes(distinct_text: list[str]) -> tuple[list[str], np.ndarray]:
+    """``types, codes``: the distinct words of text that may repeat (different bytes may
+    lowercase alike) and the code of each entry among them; ``_BOUNDARY`` becomes -1."""
     types = dict.fromkeys(distinct_text)
     types.pop(_BOUNDARY, None)
     code_of_type = dict(zip(types, range(len(types))))
     code_of_type[_BOUNDARY] = -1
-    code_of = dict(zip(distinct, map(code_of_type.__getitem__, distinct_text)))
-    codes = itemgetter(*words)(code_of) if len(words) > 1 else (code_of[words[0]],)
-    return list(types), np.array(codes, dtype=np.int32)
+    codes = np.fromiter(map(code_of_type.__getitem__, distinct_text), dtype=np.int32,
+                        count=len(distinct_text))
+    return list(types), codes
+
+
+def _index_words(words: list) -> tuple[list, np.ndarray]:
+    """``distinct, index``: the distinct words, and the index of each word among them."""
+    index_of = dict.fromkeys(words)
+    index_of.update(zip(index_of, range(len(index_of))))
+    index = itemgetter(*words)(index_of) if len(words) > 1 else (index_of[words[0]],)
+    return list(index_of), np.array(index, dtype=np.intp)
 
 
 def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
@@ -142,10 +152,10 @@ def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
     sentences = [s for p in paragraphs for s in p]
     words = f" {_BOUNDARY} ".join(sentences).split()
     words.append(_BOUNDARY)
-    distinct = list(dict.fromkeys(words))
-    types, codes = _code_words(words, distinct, distinct)
-    return TokenizedCorpus(types, codes, np.asarray([len(p) for p in paragraphs],
-                                                    dtype=np.int64))
+    distinct, index = _index_words(words)
+    types, codes = _type_codes(distinct)
+    return TokenizedCorpus(types, codes[index], np.asarray([len(p) for p in paragraphs],
+                                                           dtype=np.int64))
 
 
 def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
@@ -153,21 +163,33 @@ def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
 
     The text is split as bytes, and only its distinct words are decoded and lowercased (the
     same words: lowercasing neither makes nor breaks a space or a ``' . '``), unless they hold
-    whitespace that only str.split() knows, where it goes through read_wiki."""
+    whitespace that only str.split() knows, where it goes through read_wiki. Where words are
+    separated by single spaces, as in WikiText, they are coded with numpy (``_bytewords``)."""
     lines = _paragraph_lines(_read_checked(path))
     if not lines:
         raise _no_paragraph(path)
-    sizes = np.fromiter((line.count(b" . ") + 1 for line in lines), dtype=np.int64,
-                        count=len(lines))
-    boundary = f" {_BOUNDARY} ".encode()
-    # joined by \n (which no line holds) so that no ' . ' spans two lines
-    words = b"\n".join(lines).replace(b" . ", boundary).replace(b"\n", boundary).split()
-    words.append(_BOUNDARY.encode())
-    distinct = list(dict.fromkeys(words))
-    text = b"\n".join(distinct).decode("utf-8")  # \n: in no word, and uncased
-    if _STR_ONLY_SPACE.search(text):
+    # sentences end at ' . ' within a line (never across two: lines are joined by \n) and at
+    # the end of each line
+    text = b"\n".join(lines).replace(b" . ", f" {_BOUNDARY} ".encode())
+    coded = code_lines(text)
+    if coded is not None:
+        distinct, index, line_ends = coded
+    else:
+        line_words = [line.split() for line in text.split(b"\n")]
+        distinct, index = _index_words([w for words in line_words for w in words])
+        line_ends = np.cumsum([len(words) for words in line_words])
+    distinct.append(_BOUNDARY.encode())
+    # a boundary after each line's last word, with the index of the appended distinct word
+    index = np.insert(index, line_ends, len(distinct) - 1)
+    decoded = b"\n".join(distinct).decode("utf-8")  # \n: in no word, and uncased
+    if _STR_ONLY_SPACE.search(decoded):
         return tokenize_corpus(read_wiki(path))
-    types, codes = _code_words(words, distinct, text.lower().split("\n"))
+    types, codes = _type_codes(decoded.lower().split("\n"))
+    codes = codes[index]
+    # sentences per line: the sentence ends up to each line's end, minus those up to the last
+    sentence_ends = np.flatnonzero(codes < 0)
+    line_end_at = line_ends + np.arange(len(line_ends))  # shifted by the boundaries before
+    sizes = np.diff(np.searchsorted(sentence_ends, line_end_at, side="right"), prepend=0)
     return TokenizedCorpus(types, codes, sizes)
 
 
