@@ -30,6 +30,7 @@ from bertlite.data import (
 from bertlite.data import cache as data_cache
 from bertlite.data import loader as data_loader
 from bertlite.data.corpus import read_corpus, tokenize_corpus
+from bertlite.data.examples import mask_tokens
 from bertlite.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,6 +318,30 @@ def test_masking_rates_and_positions(examples, vocab, ids):
     outside = np.ones_like(examples.tokens, dtype=bool)
     outside[rows[used], positions[used]] = False
     assert np.array_equal(examples.masked_tokens[outside], examples.tokens[outside])
+
+
+def test_mlm_positions_are_a_uniform_draw_among_the_candidates():
+    """Every candidate position is predicted equally often, whatever its place in the row,
+    and the draws of two rows are independent (a uniform subset of the candidates)."""
+    rows, max_len, valid = 20_000, 64, 40
+    tokens = np.full((rows, max_len), 7, dtype=np.int32)
+    segments = np.zeros((rows, max_len), dtype=np.int32)
+    segments[:, 21:valid] = 1  # A: 1-19, <sep> at 20, B: 21-38, <sep> at 39
+    valid_lens = np.full(rows, valid, dtype=np.float32)
+    _, positions, weights, _ = mask_tokens(tokens, segments, valid_lens, vocab_size=100,
+                                           mask_id=2, rng=np.random.default_rng(5))
+    assert np.all(weights.sum(axis=1) == 6)  # round(0.15 * 40)
+    chosen = np.zeros((rows, max_len))
+    np.put_along_axis(chosen, positions[:, :6].astype(np.int64), 1.0, axis=1)
+    candidates = [c for c in range(1, valid - 1) if c != 20]
+    rate = chosen[:, candidates].mean(axis=0)
+    expected = 6 / len(candidates)
+    assert np.abs(rate - expected).max() < 5 * np.sqrt(expected * (1 - expected) / rows)
+    assert chosen[:, [0, 20, valid - 1, valid]].sum() == 0
+    # pairs: two given candidates together as often as a uniform 6-subset would have them
+    both = (chosen[:, 1] * chosen[:, 38]).mean()
+    pair = 6 * 5 / (len(candidates) * (len(candidates) - 1))
+    assert abs(both - pair) < 5 * np.sqrt(pair / rows)
 
 
 def test_example_count_is_close_to_the_books(examples):

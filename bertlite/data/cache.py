@@ -14,7 +14,7 @@ from bertlite.data.vocab import Vocab
 from bertlite.io import atomic_path
 
 #: Bump when the arrays a given input produces change.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> Path:

@@ -113,20 +113,26 @@ def build_nsp_pairs(corpus: EncodedCorpus, max_len: int, rng: np.random.Generato
     n = len(a_idx)
     valid = len_a + len_b + 3
 
-    tokens = np.full((n, max_len), pad_id, dtype=np.int32)
-    cols = np.arange(max_len)
-    in_a = (cols >= 1) & (cols <= len_a[:, None])
-    in_b = (cols >= len_a[:, None] + 2) & (cols < valid[:, None] - 1)
-    rows_a, cols_a = np.nonzero(in_a)
-    tokens[rows_a, cols_a] = corpus.token_ids[corpus.sentence_starts[a_idx][rows_a] + cols_a - 1]
-    rows_b, cols_b = np.nonzero(in_b)
-    tokens[rows_b, cols_b] = corpus.token_ids[
-        corpus.sentence_starts[b_idx][rows_b] + cols_b - len_a[rows_b] - 2]
+    # every cell is read from the token ids followed by <pad>, <cls> and <sep>: A's tokens,
+    # then B's shifted past A and its <sep>, then the special tokens
+    num_ids = len(corpus.token_ids)
+    source_ids = np.concatenate([corpus.token_ids, np.array([pad_id, cls_id, sep_id],
+                                                            dtype=corpus.token_ids.dtype)])
+    cols = np.arange(max_len, dtype=np.int32)
+    len_a, valid = len_a.astype(np.int32), valid.astype(np.int32)
+    len_a_col, valid_col = len_a[:, None], valid[:, None]
+    in_b = cols >= len_a_col + 2
+    source = np.where(in_b, (corpus.sentence_starts[b_idx] - len_a - 2).astype(np.int32)[:, None],
+                      (corpus.sentence_starts[a_idx] - 1).astype(np.int32)[:, None])
+    source += cols
+    padding = cols >= valid_col
+    source[padding] = num_ids  # <pad>
+    source[:, 0] = num_ids + 1  # <cls>
     rows = np.arange(n)
-    tokens[:, 0] = cls_id
-    tokens[rows, len_a + 1] = sep_id
-    tokens[rows, valid - 1] = sep_id
-    segments = ((cols >= len_a[:, None] + 2) & (cols < valid[:, None])).astype(np.int32)
+    source[rows, len_a + 1] = num_ids + 2  # <sep>
+    source[rows, valid - 1] = num_ids + 2
+    tokens = source_ids[source]
+    segments = (in_b & ~padding).view(np.int8).astype(np.int32)
     return tokens, segments, valid.astype(np.float32), is_next.astype(np.int32)
 
 
@@ -134,8 +140,8 @@ def mlm_candidates(segments: np.ndarray, valid_lens: np.ndarray) -> np.ndarray:
     """Positions that may be predicted: every valid token but ``<cls>`` and the ``<sep>``s."""
     cols = np.arange(segments.shape[1])
     valid = valid_lens.astype(np.int64)[:, None]
-    in_seq = cols < valid
-    first_sep = ((segments == 0) & in_seq).sum(axis=1, keepdims=True) - 1
+    # segment 0 is <cls> A <sep>: its last position is the first <sep>
+    first_sep = valid - segments.sum(axis=1, keepdims=True) - 1
     return (cols > 0) & (cols < valid - 1) & (cols != first_sep)
 
 
@@ -163,28 +169,43 @@ def mask_tokens(tokens: np.ndarray, segments: np.ndarray, valid_lens: np.ndarray
     if continuation is not None:
         return _mask_whole_words(tokens, candidates, num_preds, k, vocab_size=vocab_size,
                                  mask_id=mask_id, rng=rng, continuation=continuation)
-    keys = rng.random((n, max_len))
-    keys[~candidates] = 2.0
-    # the k smallest keys of each row, in order: those of a full argsort, at a third the cost
-    smallest = np.argpartition(keys, k - 1, axis=1)[:, :k]  # k < max_len: max_len >= 4
-    chosen = np.take_along_axis(smallest, np.argsort(
-        np.take_along_axis(keys, smallest, axis=1), axis=1), axis=1)
-    used = np.arange(k) < num_preds[:, None]
-    positions = np.where(used, chosen, max_len)
-    positions.sort(axis=1)
-    used = positions < max_len
-    positions[~used] = 0
-    labels = np.take_along_axis(tokens, positions, axis=1)
-    labels[~used] = 0
+    # selection sampling, column by column: a candidate is taken with probability (still
+    # needed) / (candidates left), which draws each subset of num_preds candidates alike
+    draws = rng.random((max_len, n), dtype=np.float32)
+    candidates_by_col = np.ascontiguousarray(candidates.T)
+    taken = np.empty((max_len, n), dtype=bool)
+    needed = num_preds.astype(np.float32)
+    left = candidates_by_col.sum(axis=0, dtype=np.float32)
+    for col in range(max_len):
+        is_candidate = candidates_by_col[col]
+        take = np.less(draws[col] * left, needed, out=taken[col])
+        take &= is_candidate
+        needed -= take
+        left -= is_candidate
+    rows, positions = np.nonzero(taken.T)  # by example, then by position: sorted
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(num_preds) - num_preds, num_preds)
+    labels = tokens[rows, positions]
 
-    draw, keep = rng.random((n, k)), rng.random((n, k))
-    random_tokens = rng.integers(0, vocab_size, (n, k))
+    draw, keep = rng.random(len(rows)), rng.random(len(rows))
+    random_tokens = rng.integers(0, vocab_size, len(rows))
     replacement = np.where(draw < 0.8, mask_id, np.where(keep < 0.5, labels, random_tokens))
     masked = tokens.copy()
-    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))
-    masked[rows[used], positions[used]] = replacement[used]
-    return (masked, positions.astype(np.int32), used.astype(np.float32),
-            labels.astype(np.int32))
+    masked[rows, positions] = replacement
+    return _prediction_slots(n, k, rows, slots, positions, labels, masked)
+
+
+def _prediction_slots(n: int, k: int, rows: np.ndarray, slots: np.ndarray,
+                      positions: np.ndarray, labels: np.ndarray, masked: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``masked, pred_positions, mlm_weights, mlm_labels`` from the predictions as flat
+    (row, slot) pairs: unused slots hold position 0, weight 0 and label 0."""
+    pred_positions = np.zeros((n, k), dtype=np.int32)
+    weights = np.zeros((n, k), dtype=np.float32)
+    pred_labels = np.zeros((n, k), dtype=np.int32)
+    pred_positions[rows, slots] = positions
+    weights[rows, slots] = 1.0
+    pred_labels[rows, slots] = labels
+    return masked, pred_positions, weights, pred_labels
 
 
 def word_index(tokens: np.ndarray, candidates: np.ndarray, continuation: np.ndarray
