@@ -37,11 +37,10 @@ class Vocab:
         self.tokenizer = None
         self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
         self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
-        for token, _ in _by_frequency(
-                [item for item in counter.items() if item[1] >= min_freq]):
-            if token not in self.token_to_idx:
-                self.token_to_idx[token] = len(self.idx_to_token)
-                self.idx_to_token.append(token)
+        kept = sorted(token for token, count in counter.items() if count >= min_freq)
+        kept.sort(key=counter.__getitem__, reverse=True)  # stable: ties stay by text
+        self.idx_to_token += [t for t in kept if t not in self.token_to_idx]
+        self.token_to_idx = dict(zip(self.idx_to_token, range(len(self.idx_to_token))))
 
     @classmethod
     def from_tokens(cls, idx_to_token: Sequence[str]) -> Vocab:
