@@ -7,9 +7,12 @@ each in a subprocess of its own:
 
 * the book: ``d2l.torch._read_wiki`` + ``d2l.torch._WikiTextDataset(paragraphs, max_len)``,
   median of 3 runs;
-* bertlite uncached: ``prepare_data(path, max_len, cache=False)``, median of 3 runs;
-* bertlite cached: ``prepare_data(path, max_len)`` after one warm-up call that writes the
-  cache, median of 5 loads;
+* bertlite uncached: ``prepare_data(path, max_len, cache=False)``, median of 5 runs;
+* bertlite cached: ``prepare_data(path, max_len)`` after one call that writes the cache,
+  median of 5 loads;
+
+each after one more call, the process's first (cold: memory not yet mapped, code not yet
+run), whose time is shown apart ("first s");
 
 and the memory of one more run of each in a fresh process: the growth of the peak RSS during
 that run (the peak is reset first where Linux allows it) and the tracemalloc peak (Python
@@ -86,12 +89,16 @@ def worker(impl: str, folder: Path, max_len: int, cache_dir: Path, runs: int,
                 "peak_rss_mb": rss_peak, "peak_reset": reset,
                 "traced_peak_mb": traced_peak / 2**20,
                 "num_examples": num_examples, "vocab_size": vocab_size}
+    start = time.perf_counter()
+    run(runs)  # the process's first call (cold): reported, not in the median
+    first = time.perf_counter() - start
     times = []
     for i in range(runs):
         start = time.perf_counter()
         num_examples, vocab_size = run(i)
         times.append(time.perf_counter() - start)
-    return {"times": times, "num_examples": num_examples, "vocab_size": vocab_size}
+    return {"times": times, "first": first, "num_examples": num_examples,
+            "vocab_size": vocab_size}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default: {M.DEFAULT_DATA_DIR})")
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--book-runs", type=int, default=3)
-    parser.add_argument("--uncached-runs", type=int, default=3)
+    parser.add_argument("--uncached-runs", type=int, default=5)
     parser.add_argument("--cached-runs", type=int, default=5)
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -188,8 +195,8 @@ def print_table(rows, max_len: int, runs: dict[str, int]) -> None:
     print(f"\nData preparation, max_len {max_len}; Python {platform.python_version()}, "
           f"numpy {np.__version__}, {os.cpu_count()} CPUs\n")
     header = (f"{'input':<11} {'MB':>4}  {'implementation':<36} {'time s':>7} {'min s':>7} "
-              f"{'vs book':>8} {'peak RSS +MB':>12} {'traced MB':>10} {'examples':>9} "
-              f"{'vocab':>6}")
+              f"{'vs book':>8} {'first s':>7} {'vs book':>8} {'peak RSS +MB':>12} "
+              f"{'traced MB':>10} {'examples':>9} {'vocab':>6}")
     print(header)
     print("-" * len(header))
     for name, size_mb, results in rows:
@@ -199,7 +206,9 @@ def print_table(rows, max_len: int, runs: dict[str, int]) -> None:
             first = impl == "book"
             print(f"{name if first else '':<11} {f'{size_mb:.1f}' if first else '':>4}  "
                   f"{labels[impl]:<36} {r['median']:>7.3f} {min(r['times']):>7.3f} "
-                  f"{book / r['median']:>7.1f}x {r['peak_rss_growth_mb']:>12.1f} "
+                  f"{book / r['median']:>7.1f}x {r['first']:>7.3f} "
+                  f"{results['book']['first'] / r['first']:>7.1f}x "
+                  f"{r['peak_rss_growth_mb']:>12.1f} "
                   f"{r['traced_peak_mb']:>10.1f} {r['num_examples']:>9,} {r['vocab_size']:>6,}")
         print()
     print("targets:")
@@ -213,7 +222,9 @@ def print_table(rows, max_len: int, runs: dict[str, int]) -> None:
     resets = {r["peak_reset"] for _, _, res in rows for r in res.values()}
     note = ("reset before the run" if resets == {True}
             else "NOT resettable here: the growth may hide under the import peak")
-    print("\npeak RSS +MB: growth of the process's peak RSS during one preparation (peak "
+    print("\ntime s: median of the runs after the process's first call; first s: that first "
+          "call (cold), with its ratio to the book's first call.")
+    print("peak RSS +MB: growth of the process's peak RSS during one preparation (peak "
           f"{note}); traced MB: tracemalloc peak of another run (Python objects and numpy "
           "arrays; torch tensors are not traced). Each measurement runs in its own process.")
 
