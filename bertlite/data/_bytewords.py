@@ -88,17 +88,23 @@ def code_lines(text: bytes) -> tuple[list[bytes], np.ndarray, np.ndarray] | None
     line). A NUL byte may only be the one-byte word ``\\x00``."""
     if any(c in text for c in (b"\t", b"\r", b"\x0b", b"\x0c")) or not text:
         return None
+    if len(text) >= 2**31 - 16:  # offsets are int32 (half the memory traffic of int64)
+        return None
     array = np.frombuffer(text, dtype=np.uint8)
-    is_space = array == 32
-    separators = np.flatnonzero(is_space | (array == 10))
-    starts = np.empty(len(separators) + 1, dtype=np.int64)
-    starts[0], starts[1:] = 0, separators + 1
-    ends = np.empty_like(starts)
-    ends[:-1], ends[-1] = separators, len(text)
-    lengths = ends - starts
+    is_separator = array == 32
+    is_separator |= array == 10
+    separators = np.flatnonzero(is_separator).astype(np.int32)
+    del is_separator
+    starts = np.empty(len(separators) + 1, dtype=np.int32)
+    starts[0] = 0
+    np.add(separators, 1, out=starts[1:])
+    lengths = np.empty_like(starts)
+    lengths[:-1], lengths[-1] = separators, len(text)
+    lengths -= starts
     if lengths.min() < 1:  # two separators in a row, or one at an end
         return None
-    line_ends = np.flatnonzero(~is_space[separators]) + 1
+    line_ends = np.flatnonzero(array[separators] == 10) + 1
+    del separators
     line_ends = np.append(line_ends, len(starts))
     # 8 bytes from every offset (unaligned, overlapping): the text then 16 padding bytes
     window = np.ndarray((len(text) + 8,), dtype="<u8", buffer=text + bytes(16), strides=(1,))
@@ -110,10 +116,14 @@ def code_lines(text: bytes) -> tuple[list[bytes], np.ndarray, np.ndarray] | None
         if not len(words):
             continue
         first, size = starts[words], lengths[words]
+        low = window[first]
         if width == 1:
-            keys = (window[first] & _LOW_BYTES[size],)
+            low &= _LOW_BYTES[size]
+            keys = (low,)
         else:
-            keys = (window[first], window[first + 8] & _LOW_BYTES[size - 8])
+            high = window[first + 8]
+            high &= _LOW_BYTES[size - 8]
+            keys = (low, high)
         found = distinct_rows(keys)
         if found is None:
             return None
@@ -122,7 +132,8 @@ def code_lines(text: bytes) -> tuple[list[bytes], np.ndarray, np.ndarray] | None
         distinct += _key_bytes(group_distinct)
     words = np.flatnonzero(lengths > 16)
     if len(words):
-        long_words = [text[s:e] for s, e in zip(starts[words].tolist(), ends[words].tolist())]
+        first = starts[words].tolist()
+        long_words = [text[s:s + n] for s, n in zip(first, lengths[words].tolist())]
         index_of = dict.fromkeys(long_words)
         index_of.update(zip(index_of, range(len(distinct), len(distinct) + len(index_of))))
         index[words] = np.fromiter(map(index_of.__getitem__, long_words), dtype=np.int32,
