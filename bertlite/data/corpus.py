@@ -171,6 +171,7 @@ def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
     # sentences end at ' . ' within a line (never across two: lines are joined by \n) and at
     # the end of each line
     text = b"\n".join(lines).replace(b" . ", f" {_BOUNDARY} ".encode())
+    del lines  # a copy of the text: freed before the coder's arrays are made
     coded = code_lines(text)
     if coded is not None:
         distinct, index, line_ends = coded
