@@ -9,6 +9,8 @@ import pytest
 from bertlite.data import _bytewords
 from bertlite.data._bytewords import _ODD_1, _ODD_2, code_lines, distinct_rows
 from bertlite.data.corpus import read_corpus, read_wiki, tokenize_corpus
+from bertlite.data.examples import encode_corpus
+from bertlite.data.vocab import build_corpus_vocab, build_vocab
 
 
 def _random_lines(rng: np.random.Generator, num_lines: int, vocabulary: list[bytes]) -> bytes:
@@ -113,3 +115,21 @@ def test_read_corpus_fast_path_equals_tokenizing_read_wiki(tmp_path, text):
     assert fast.words == slow.words
     assert fast.paragraph_sizes.tolist() == slow.paragraph_sizes.tolist()
     assert fast.word_counts() == slow.word_counts()
+
+
+@pytest.mark.parametrize("min_freq", [1, 2, 5])
+def test_corpus_vocab_equals_the_counted_one(tmp_path, min_freq):
+    """Ties by text, reserved tokens written in the text (kept or rare), unknown words: the
+    same vocabulary, counts and token ids as counting every word."""
+    text = (" b a . c b a . <mask> <pad> <mask> d . a b c . \n"
+            " <MASK> c . d e . b <unk> . a c . <mask> b . d d . e a\n")
+    path = tmp_path / "wiki.train.tokens"
+    path.write_text(text, encoding="utf-8")
+    corpus = read_corpus(path)
+    counted = build_vocab(corpus.word_counts(), min_freq=min_freq)
+    vocab, type_ids = build_corpus_vocab(corpus, min_freq=min_freq)
+    assert vocab.idx_to_token == counted.idx_to_token
+    assert vocab.token_freqs == counted.token_freqs
+    fast, slow = encode_corpus(corpus, vocab, type_ids), encode_corpus(corpus, counted)
+    assert fast.token_ids.tolist() == slow.token_ids.tolist()
+    assert vocab["<mask>"] in fast.token_ids.tolist()  # the text's <mask> is the token

@@ -122,9 +122,12 @@ class TokenizedCorpus:
         types = [*self.types, _BOUNDARY]
         return [types[c] for c in self.codes.tolist()]
 
+    def counts(self) -> np.ndarray:
+        """How often each of ``types`` occurs."""
+        return np.bincount(self.codes + 1, minlength=len(self.types) + 1)[1:]  # -1: ends
+
     def word_counts(self) -> Counter[str]:
-        counts = np.bincount(self.codes + 1, minlength=len(self.types) + 1)[1:]  # -1: ends
-        return Counter(dict(zip(self.types, counts.tolist())))
+        return Counter(dict(zip(self.types, self.counts().tolist())))
 
 
 def _type_codes(distinct_text: list[str]) -> tuple[list[str], np.ndarray]:

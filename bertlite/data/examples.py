@@ -31,15 +31,22 @@ class EncodedCorpus:
     paragraph_sizes: np.ndarray  # (num paragraphs,) int64, sentences per paragraph
 
 
-def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab) -> EncodedCorpus:
+def encode_corpus(corpus: TokenizedCorpus, vocab: Vocab, type_ids: np.ndarray | None = None
+                  ) -> EncodedCorpus:
     """Token ids of a tokenized corpus (unknown words are ``<unk>``, 0). With a subword
-    vocabulary (``vocab.tokenizer``, say WordPiece) each word becomes its pieces."""
+    vocabulary (``vocab.tokenizer``, say WordPiece) each word becomes its pieces.
+    ``type_ids``, the id of each of ``corpus.types`` where already known (from
+    ``build_corpus_vocab``), saves looking them up."""
     if vocab.tokenizer is not None:
         ids = _subword_ids(corpus, vocab.tokenizer)
     else:
-        get = vocab.token_to_idx.get
-        table = np.fromiter((*map(get, corpus.types, repeat(0)), -1), dtype=np.int32,
-                            count=len(corpus.types) + 1)  # the last, for code -1: -1
+        table = np.empty(len(corpus.types) + 1, dtype=np.int32)
+        table[-1] = -1  # for code -1, the end of a sentence
+        if type_ids is None:
+            table[:-1] = np.fromiter(map(vocab.token_to_idx.get, corpus.types,
+                                         repeat(0)), dtype=np.int32, count=len(corpus.types))
+        else:
+            table[:-1] = type_ids
         ids = table[corpus.codes]
     boundary = ids < 0
     ends = np.flatnonzero(boundary)

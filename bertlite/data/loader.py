@@ -24,7 +24,7 @@ from bertlite.data.tokenizer import (
     WordPieceTokenizer,
     check_tokenizer_kind,
 )
-from bertlite.data.vocab import Vocab, build_vocab
+from bertlite.data.vocab import Vocab, build_corpus_vocab
 from bertlite.errors import DataError
 
 MASKING_MODES = ("static", "dynamic")
@@ -79,14 +79,15 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
         if hit is not None:
             return hit
     corpus = read_corpus(path)
+    type_ids = None  # the vocabulary's id of each distinct word, where built from the corpus
     if vocab is None:
         if tokenizer == "wordpiece":
             vocab = WordPieceTokenizer.train(
                 (s for p in read_wiki(path) for s in p), vocab_size=wordpiece_vocab_size,
                 min_frequency=min_freq).to_vocab()
         else:
-            vocab = build_vocab(corpus.word_counts(), min_freq=min_freq)
-    examples = build_examples(encode_corpus(corpus, vocab), vocab, max_len, seed,
+            vocab, type_ids = build_corpus_vocab(corpus, min_freq=min_freq)
+    examples = build_examples(encode_corpus(corpus, vocab, type_ids), vocab, max_len, seed,
                               whole_word_mask=whole_word_mask)
     if cache_file is not None:
         try:

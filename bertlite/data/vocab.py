@@ -9,7 +9,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import overload
 
-from bertlite.data.corpus import SPECIAL_TOKENS
+import numpy as np
+
+from bertlite.data.corpus import SPECIAL_TOKENS, TokenizedCorpus
 from bertlite.errors import DataError
 
 
@@ -91,6 +93,8 @@ class Vocab:
     def token_freqs(self) -> list[tuple[str, int]]:
         """Every counted token with its count, most frequent first (as the book's)."""
         if self._token_freqs is None:
+            if callable(self._counter):  # counted when first asked for (build_corpus_vocab)
+                self._counter = self._counter()
             self._token_freqs = _by_frequency(list(self._counter.items()))
         return self._token_freqs
 
@@ -129,3 +133,28 @@ def build_vocab(tokens: Iterable[str] | Iterable[Sequence[str]] | Mapping[str, i
     """The book's vocabulary for pretraining: ``min_freq`` 5 and the four reserved tokens;
     ``tokens`` is a flat list of words, a list of sentences, or word counts."""
     return Vocab(tokens, min_freq=min_freq, reserved_tokens=list(SPECIAL_TOKENS))
+
+
+def build_corpus_vocab(corpus: TokenizedCorpus, min_freq: int = 5) -> tuple[Vocab, np.ndarray]:
+    """``build_vocab(corpus.word_counts(), min_freq)``, and the id of each of the corpus's
+    distinct words (``corpus.types``) in it, 0 for the unknown ones: the same vocabulary from
+    the counts as arrays, without a Counter or a lookup per distinct word."""
+    counts = corpus.counts()
+    kept = np.flatnonzero(counts >= min_freq)
+    words = [corpus.types[i] for i in kept.tolist()]
+    by_text = np.array(sorted(range(len(words)), key=words.__getitem__), dtype=np.intp)
+    order = by_text[np.argsort(-counts[kept[by_text]], kind="stable")]  # ties stay by text
+    vocab = Vocab(reserved_tokens=list(SPECIAL_TOKENS))
+    types = corpus.types
+    vocab._counter = lambda: Counter(dict(zip(types, counts.tolist())))
+    reserved = dict(vocab.token_to_idx)
+    new = [i for i in order.tolist() if words[i] not in reserved]
+    start = len(vocab.idx_to_token)
+    vocab.idx_to_token += [words[i] for i in new]
+    vocab.token_to_idx = dict(zip(vocab.idx_to_token, range(len(vocab.idx_to_token))))
+    ids = np.zeros(len(types), dtype=np.int32)
+    ids[kept[new]] = np.arange(start, start + len(new), dtype=np.int32)
+    for token, index in reserved.items():  # a reserved token in the text is that token
+        if token in types:
+            ids[types.index(token)] = index
+    return vocab, ids
