@@ -154,7 +154,6 @@ def build_corpus_vocab(corpus: TokenizedCorpus, min_freq: int = 5) -> tuple[Voca
     vocab.token_to_idx = dict(zip(vocab.idx_to_token, range(len(vocab.idx_to_token))))
     ids = np.zeros(len(types), dtype=np.int32)
     ids[kept[new]] = np.arange(start, start + len(new), dtype=np.int32)
-    for token, index in reserved.items():  # a reserved token in the text is that token
-        if token in types:
-            ids[types.index(token)] = index
+    for token in reserved.keys() & set(types):  # a reserved token in the text is that token
+        ids[types.index(token)] = reserved[token]
     return vocab, ids
