@@ -125,12 +125,13 @@ def build_nsp_pairs(corpus: EncodedCorpus, max_len: int, rng: np.random.Generato
     num_ids = len(corpus.token_ids)
     source_ids = np.concatenate([corpus.token_ids, np.array([pad_id, cls_id, sep_id],
                                                             dtype=corpus.token_ids.dtype)])
-    cols = np.arange(max_len, dtype=np.int32)
-    len_a, valid = len_a.astype(np.int32), valid.astype(np.int32)
+    index = np.int32 if num_ids + 3 < 2**31 else np.int64  # int32: half the memory traffic
+    cols = np.arange(max_len, dtype=index)
+    len_a, valid = len_a.astype(index), valid.astype(index)
     len_a_col, valid_col = len_a[:, None], valid[:, None]
     in_b = cols >= len_a_col + 2
-    source = np.where(in_b, (corpus.sentence_starts[b_idx] - len_a - 2).astype(np.int32)[:, None],
-                      (corpus.sentence_starts[a_idx] - 1).astype(np.int32)[:, None])
+    source = np.where(in_b, (corpus.sentence_starts[b_idx] - len_a - 2).astype(index)[:, None],
+                      (corpus.sentence_starts[a_idx] - 1).astype(index)[:, None])
     source += cols
     padding = cols >= valid_col
     source[padding] = num_ids  # <pad>
