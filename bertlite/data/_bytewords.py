@@ -56,7 +56,8 @@ def distinct_rows(keys: tuple[np.ndarray, ...]
                   ) -> tuple[np.ndarray, tuple[np.ndarray, ...]] | None:
     """``codes, distinct``: the index of each key row (the rows of equal ``keys[i][j]`` over
     ``i``) among the distinct rows, and the distinct rows themselves, in no particular order;
-    None where keys collide too often in the hash (crafted keys, never natural text)."""
+    None where keys collide too often in the hash (crafted keys; words of natural text do
+    not)."""
     bits = max(10, (len(keys[0]) // 2).bit_length())
     most_bits = max(12, (len(keys[0]) * 4).bit_length())
     while (found := _slots_of(keys, bits)) is None:
