@@ -133,10 +133,16 @@ def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # -- dense layers with fused bias and ReLU ------------------------------------------------------
 
 
+def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   relu: bool = False) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [],
+                                              "")
+
+
 def _probe_fused_linear() -> bool:
     try:
         x, w = torch.ones(2, 3), torch.ones(4, 3)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, torch.ones(4), "relu", [], "")
+        y = _mkldnn_linear(x, w, torch.ones(4), relu=True)
         return bool(torch.backends.mkldnn.is_available() and torch.equal(y, torch.full((2, 4),
                                                                                       4.0)))
     except Exception:  # an op of oneDNN builds only; a build without it uses F.linear
@@ -152,8 +158,7 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu):
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none",
-                                               [], "")
+        y = _mkldnn_linear(x, weight, bias, relu)
         ctx.save_for_backward(x, weight, y if relu else None)
         ctx.has_bias = bias is not None
         return y
@@ -348,12 +353,6 @@ MIN_GROUP_SIZE = 32
 #: every group adds ~20 small operations per layer (on a loaded machine each parallel operation
 #: can wait a scheduler time slice for a preempted thread)
 MAX_GROUPS = 4
-
-
-def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   relu: bool = False) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [],
-                                              "")
 
 
 class Packing(NamedTuple):

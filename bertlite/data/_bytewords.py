@@ -11,6 +11,8 @@ dictionary.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 _ODD_1 = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multipliers
@@ -69,6 +71,15 @@ def distinct_rows(keys: tuple[np.ndarray, ...]
     code_of_slot = np.cumsum(used, dtype=np.int32) - 1
     first = owner[used]
     return code_of_slot[slot_of], tuple(column[first] for column in keys)
+
+
+def index_words(words: list) -> tuple[list, np.ndarray]:
+    """``distinct, index``: the distinct words (in order of first occurrence) and the index of
+    each word among them, with a dictionary (a hash and a lookup per word)."""
+    index_of = dict.fromkeys(words)
+    index_of.update(zip(index_of, range(len(index_of))))
+    index = itemgetter(*words)(index_of) if len(words) > 1 else (index_of[words[0]],)
+    return list(index_of), np.array(index, dtype=np.int32)
 
 
 def _key_bytes(distinct: tuple[np.ndarray, ...]) -> list[bytes]:
@@ -133,11 +144,8 @@ def code_lines(text: bytes) -> tuple[list[bytes], np.ndarray, np.ndarray] | None
         distinct += _key_bytes(group_distinct)
     words = np.flatnonzero(lengths > 16)
     if len(words):
-        first = starts[words].tolist()
-        long_words = [text[s:s + n] for s, n in zip(first, lengths[words].tolist())]
-        index_of = dict.fromkeys(long_words)
-        index_of.update(zip(index_of, range(len(distinct), len(distinct) + len(index_of))))
-        index[words] = np.fromiter(map(index_of.__getitem__, long_words), dtype=np.int32,
-                                   count=len(long_words))
-        distinct += list(index_of)
+        long_distinct, long_index = index_words(
+            [text[s:s + n] for s, n in zip(starts[words].tolist(), lengths[words].tolist())])
+        index[words] = long_index + len(distinct)
+        distinct += long_distinct
     return distinct, index, line_ends

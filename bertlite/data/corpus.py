@@ -14,12 +14,11 @@ import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
-from bertlite.data._bytewords import code_lines
+from bertlite.data._bytewords import code_lines, index_words
 from bertlite.errors import DataError
 
 #: The reserved tokens of the book's vocabulary (``<unk>`` comes first, at index 0).
@@ -142,20 +141,12 @@ def _type_codes(distinct_text: list[str]) -> tuple[list[str], np.ndarray]:
     return list(types), codes
 
 
-def _index_words(words: list) -> tuple[list, np.ndarray]:
-    """``distinct, index``: the distinct words, and the index of each word among them."""
-    index_of = dict.fromkeys(words)
-    index_of.update(zip(index_of, range(len(index_of))))
-    index = itemgetter(*words)(index_of) if len(words) > 1 else (index_of[words[0]],)
-    return list(index_of), np.array(index, dtype=np.intp)
-
-
 def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
     """Word tokens of paragraphs of sentence strings, as the book's ``sentence.split()``."""
     sentences = [s for p in paragraphs for s in p]
     words = f" {_BOUNDARY} ".join(sentences).split()
     words.append(_BOUNDARY)
-    distinct, index = _index_words(words)
+    distinct, index = index_words(words)
     types, codes = _type_codes(distinct)
     return TokenizedCorpus(types, codes[index], np.asarray([len(p) for p in paragraphs],
                                                            dtype=np.int64))
@@ -180,7 +171,7 @@ def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
         distinct, index, line_ends = coded
     else:
         line_words = [line.split() for line in text.split(b"\n")]
-        distinct, index = _index_words([w for words in line_words for w in words])
+        distinct, index = index_words([w for words in line_words for w in words])
         line_ends = np.cumsum([len(words) for words in line_words])
     distinct.append(_BOUNDARY.encode())
     # a boundary after each line's last word, with the index of the appended distinct word
