@@ -261,6 +261,7 @@ def info(config: str | None = None) -> dict[str, Any]:
     """Versions, backends (installed or not) and their devices; with ``config``, its size and
     the chance-level losses that answer the book's first exercise."""
     from bertlite._version import __version__
+    from bertlite.install import install_command
     from bertlite.registry import available_backends, installed_backends
 
     report: dict[str, Any] = {"bertlite": __version__, "python": sys.version.split()[0],
@@ -270,7 +271,7 @@ def info(config: str | None = None) -> dict[str, Any]:
     for name in available_backends():
         if name not in installed:
             report["backends"][name] = {"installed": False,
-                                        "install": f'pip install "bertlite[{name}]"'}
+                                        "install": install_command(name)}
             continue
         try:
             report["backends"][name] = {"installed": True, **get_backend(name).info()}
