@@ -31,7 +31,9 @@ rounded to a multiple of 2**-16); :func:`scaled_mask` scales kept elements by
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,12 @@ _M0, _M1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157  # Philox-4x64 multipliers
 _W0, _W1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B  # Weyl key increments
 _LO32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
+#: draws per chunk (about 256 KB of bits, in cache while they become a mask)
+_CHUNK_DRAWS = 1 << 17
+#: draws per thread at least, below which a mask is drawn by one thread
+_THREAD_MIN_DRAWS = 1 << 20
+_THREADS: int | None = None
+_POOL: ThreadPoolExecutor | None = None
 
 
 def _check_uint(name: str, value: Any, bits: int = 64) -> int:
@@ -110,25 +118,35 @@ def philox4x64(counter: Any, key: Sequence[int], rounds: int = 10) -> np.ndarray
     if len(key) != 2:
         raise ValueError(f"key must be two 64-bit words, got {key!r}")
     k0, k1 = (_check_uint("key word", k) for k in key)
-    c0, c1, c2, c3 = (ctr[..., i].copy() for i in range(4))
+    c0, c1, c2, c3 = (ctr.reshape(-1, 4)[:, i].copy() for i in range(4))
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + _W0) & _U64, (k1 + _W1) & _U64
         hi0, lo0 = _mulhilo(_M0, c0)
         hi1, lo1 = _mulhilo(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
-    return np.stack([c0, c1, c2, c3], axis=-1)
+    return np.stack([c0, c1, c2, c3], axis=-1).reshape(ctr.shape)
 
 
-def _philox_stream(key: tuple[int, int], start: int, count: int) -> np.ndarray:
-    """``count`` consecutive Philox-4x64-10 blocks from the 256-bit counter ``start`` under
-    ``key``, flat (``4 * count`` uint64), by NumPy's C generator.
+def _threads() -> int:
+    return _THREADS or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
 
-    NumPy increments its counter before each block, so it is set to ``start - 1``."""
-    before = (start - 1) % (1 << 256)
-    counter = np.array([(before >> (64 * i)) & _U64 for i in range(4)], dtype=np.uint64)
-    gen = np.random.Philox(counter=counter, key=np.array(key, dtype=np.uint64))
-    return gen.random_raw(4 * count)
+
+def set_num_threads(threads: int | None) -> None:
+    """Threads that draw a big mask (default ``None``: the usable CPUs, at most 4)."""
+    global _THREADS
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    _THREADS = threads
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers < _threads():
+        _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="bertlite-dropout")
+    return _POOL
 
 
 # -- masks -------------------------------------------------------------------------------------
@@ -162,46 +180,114 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
-                shape: int | Sequence[int]) -> np.ndarray:
-    """The uint16 draws ``(len(rows), *shape)`` of site ``site`` at step ``step`` of the run
-    ``seed``, for the global example indices ``rows`` (a ``range`` for a contiguous part of the
-    batch, else any sequence); ``shape`` is one example's shape at this site."""
-    key = (_check_uint("seed", seed), _check_uint("step", step))
+def _segments(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
+    """The runs cut into ``parts`` pieces of about equal rows: lists of ``(out_row, first,
+    length)``, each piece contiguous in the output."""
+    total = sum(length for _, length in runs)
+    size = max(1, -(-total // parts))
+    pieces: list[list[tuple[int, int, int]]] = [[]]
+    out_row, room = 0, size
+    for first, length in runs:
+        while length:
+            if not room:
+                pieces.append([])
+                room = size
+            take = min(length, room)
+            pieces[-1].append((out_row, first, take))
+            out_row, first, length, room = out_row + take, first + take, length - take, room - take
+    return pieces
+
+
+def _generate(seed: int, step: int, site: int, rows: Any, shape: Any,
+              emit: Callable[[int, np.ndarray], None]) -> tuple[int, tuple[int, ...]]:
+    """Draw the bits of ``rows`` x ``shape`` chunk by chunk (a few hundred KB, cache-sized),
+    handing each to ``emit(out_row, bits)`` with ``bits`` a ``(k, prod(shape))`` uint16 view;
+    big masks are drawn by several threads (NumPy's Philox runs without the GIL). Returns the
+    row count and the checked shape."""
+    key = np.array([_check_uint("seed", seed), _check_uint("step", step)], dtype=np.uint64)
     site = _check_uint("site", site)
     shape = _check_shape(shape)
     runs, count = _row_runs(rows)
     per_row = math.prod(shape)
     blocks = -(-per_row // DRAWS_PER_BLOCK)
-    if runs and (runs[-1][0] + runs[-1][1]) * blocks >= 1 << 64 or \
-            any((first + length) * blocks >= 1 << 64 for first, length in runs):
-        raise ValueError("rows x shape exceed the 2**64 blocks of a site's counter")
-    out = np.empty((count, blocks * DRAWS_PER_BLOCK), dtype=np.uint16)
-    done = 0
-    for first, length in runs:
-        raw = _philox_stream(key, first * blocks + (site << 64) + (DOMAIN << 192),
-                             length * blocks)
-        out[done:done + length] = raw.astype("<u8", copy=False).view("<u2").reshape(length, -1)
-        done += length
-    return out[:, :per_row].reshape(count, *shape)
+    if runs and max(first + length for first, length in runs) * blocks >= 1 << 64:
+        raise ValueError(f"rows x shape {shape} exceed the 2**64 blocks of a site's counter")
+    rows_per_chunk = max(1, _CHUNK_DRAWS // (blocks * DRAWS_PER_BLOCK))
+    threads = min(_threads(), max(1, count * per_row // _THREAD_MIN_DRAWS))
+
+    def work(piece: list[tuple[int, int, int]]) -> None:
+        for out_row, first, length in piece:
+            base = (first * blocks + (site << 64) + (DOMAIN << 192) - 1) % (1 << 256)
+            gen = np.random.Philox(counter=np.array(
+                [(base >> (64 * i)) & _U64 for i in range(4)], dtype=np.uint64), key=key)
+            for done in range(0, length, rows_per_chunk):
+                k = min(rows_per_chunk, length - done)
+                raw = gen.random_raw(4 * blocks * k)  # NumPy steps the counter, then draws
+                bits = raw.astype("<u8", copy=False).view("<u2").reshape(k, -1)
+                emit(out_row + done, bits[:, :per_row])
+
+    pieces = _segments(runs, threads)
+    if len(pieces) == 1:
+        work(pieces[0])
+    else:
+        for future in [_pool().submit(work, piece) for piece in pieces]:
+            future.result()
+    return count, shape
+
+
+def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
+                shape: int | Sequence[int]) -> np.ndarray:
+    """The uint16 draws ``(len(rows), *shape)`` of site ``site`` at step ``step`` of the run
+    ``seed``, for the global example indices ``rows`` (a ``range`` for a contiguous part of the
+    batch, else any sequence); ``shape`` is one example's shape at this site."""
+    out: list[np.ndarray] = []
+
+    def emit(row: int, bits: np.ndarray) -> None:
+        out[0][row:row + len(bits)] = bits
+
+    count, shape = _prepare(rows, shape)
+    out.append(np.empty((count, math.prod(shape)), dtype=np.uint16))
+    _generate(seed, step, site, rows, shape, emit)
+    return out[0].reshape(count, *shape)
 
 
 def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
               shape: int | Sequence[int]) -> np.ndarray:
     """Which elements dropout keeps (bool ``(rows, *shape)``), for the global examples
     ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`."""
-    drop = threshold(p)
-    bits = random_bits(seed, step, site, _row_range(row_start, rows), shape)
-    return bits >= np.uint16(drop)
+    drop = np.uint16(threshold(p))
+    index = _row_range(row_start, rows)
+    count, shape = _prepare(index, shape)
+    out = np.empty((count, math.prod(shape)), dtype=bool)
+
+    def emit(row: int, bits: np.ndarray) -> None:
+        np.greater_equal(bits, drop, out=out[row:row + len(bits)])
+
+    _generate(seed, step, site, index, shape, emit)
+    return out.reshape(count, *shape)
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
                 shape: int | Sequence[int], dtype: Any = np.float32) -> np.ndarray:
     """:func:`keep_mask` as ``dtype`` (float32), kept elements ``1 / keep_probability(p)``:
     dropout is ``x * scaled_mask(...)``, with every element's expectation kept exactly."""
-    keep = keep_mask(seed, step, site, p, row_start, rows, shape)
-    out = np.empty(keep.shape, dtype=dtype)
-    return np.multiply(keep, out.dtype.type(1.0 / keep_probability(p)), out=out)
+    drop = np.uint16(threshold(p))
+    index = _row_range(row_start, rows)
+    count, shape = _prepare(index, shape)
+    out = np.empty((count, math.prod(shape)), dtype=dtype)
+    scale = out.dtype.type(1.0 / keep_probability(p))
+
+    def emit(row: int, bits: np.ndarray) -> None:
+        part = out[row:row + len(bits)]
+        np.greater_equal(bits, drop, out=part)
+        part *= scale
+
+    _generate(seed, step, site, index, shape, emit)
+    return out.reshape(count, *shape)
+
+
+def _prepare(rows: Any, shape: Any) -> tuple[int, tuple[int, ...]]:
+    return _row_runs(rows)[1], _check_shape(shape)
 
 
 def _row_range(row_start: int, rows: int) -> range:
