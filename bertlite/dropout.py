@@ -59,6 +59,7 @@ _CHUNK_DRAWS = 1 << 17
 _THREAD_MIN_DRAWS = 1 << 20
 _THREADS: int | None = None
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def _check_uint(name: str, value: Any, bits: int = 64) -> int:
@@ -142,11 +143,21 @@ def set_num_threads(threads: int | None) -> None:
     _THREADS = threads
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers < _threads():
-        _POOL = ThreadPoolExecutor(_threads(), thread_name_prefix="bertlite-dropout")
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < threads:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, "bertlite-dropout"), threads
     return _POOL
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own."""
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 # -- masks -------------------------------------------------------------------------------------
@@ -230,7 +241,7 @@ def _generate(seed: int, step: int, site: int, rows: Any, shape: Any,
     if len(pieces) == 1:
         work(pieces[0])
     else:
-        for future in [_pool().submit(work, piece) for piece in pieces]:
+        for future in [_pool(len(pieces)).submit(work, piece) for piece in pieces]:
             future.result()
     return count, shape
 
@@ -240,41 +251,47 @@ def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
     """The uint16 draws ``(len(rows), *shape)`` of site ``site`` at step ``step`` of the run
     ``seed``, for the global example indices ``rows`` (a ``range`` for a contiguous part of the
     batch, else any sequence); ``shape`` is one example's shape at this site."""
-    out: list[np.ndarray] = []
+    count, shape = _prepare(rows, shape)
+    out = np.empty((count, math.prod(shape)), dtype=np.uint16)
 
     def emit(row: int, bits: np.ndarray) -> None:
-        out[0][row:row + len(bits)] = bits
+        out[row:row + len(bits)] = bits
 
-    count, shape = _prepare(rows, shape)
-    out.append(np.empty((count, math.prod(shape)), dtype=np.uint16))
     _generate(seed, step, site, rows, shape, emit)
-    return out[0].reshape(count, *shape)
+    return out.reshape(count, *shape)
 
 
 def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
-              shape: int | Sequence[int]) -> np.ndarray:
+              shape: int | Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
     """Which elements dropout keeps (bool ``(rows, *shape)``), for the global examples
-    ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`."""
+    ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`.
+    ``out``: a C-contiguous bool array of that shape to fill (a buffer reused every step)."""
     drop = np.uint16(threshold(p))
     index = _row_range(row_start, rows)
     count, shape = _prepare(index, shape)
-    out = np.empty((count, math.prod(shape)), dtype=bool)
+    result = out = _output(out, count, shape, np.dtype(bool))
+    out = out.reshape(count, math.prod(shape))
 
     def emit(row: int, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=out[row:row + len(bits)])
 
     _generate(seed, step, site, index, shape, emit)
-    return out.reshape(count, *shape)
+    return result
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
-                shape: int | Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+                shape: int | Sequence[int], dtype: Any = np.float32,
+                out: np.ndarray | None = None) -> np.ndarray:
     """:func:`keep_mask` as ``dtype`` (float32), kept elements ``1 / keep_probability(p)``:
-    dropout is ``x * scaled_mask(...)``, with every element's expectation kept exactly."""
+    dropout is ``x * scaled_mask(...)``, with every element's expectation kept exactly.
+    ``out``: a C-contiguous array of that shape and dtype to fill."""
     drop = np.uint16(threshold(p))
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
     index = _row_range(row_start, rows)
     count, shape = _prepare(index, shape)
-    out = np.empty((count, math.prod(shape)), dtype=dtype)
+    result = out = _output(out, count, shape, np.dtype(dtype))
+    out = out.reshape(count, math.prod(shape))
     scale = out.dtype.type(1.0 / keep_probability(p))
 
     def emit(row: int, bits: np.ndarray) -> None:
@@ -283,11 +300,24 @@ def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows:
         part *= scale
 
     _generate(seed, step, site, index, shape, emit)
-    return out.reshape(count, *shape)
+    return result
 
 
 def _prepare(rows: Any, shape: Any) -> tuple[int, tuple[int, ...]]:
     return _row_runs(rows)[1], _check_shape(shape)
+
+
+def _output(out: np.ndarray | None, count: int, shape: tuple[int, ...], dtype: np.dtype
+            ) -> np.ndarray:
+    """``out`` (checked) or a new array of shape ``(count, *shape)``."""
+    if out is None:
+        return np.empty((count, *shape), dtype=dtype)
+    if (not isinstance(out, np.ndarray) or out.shape != (count, *shape) or out.dtype != dtype
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
+                         f"{(count, *shape)}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+    return out
 
 
 def _row_range(row_start: int, rows: int) -> range:

@@ -220,6 +220,40 @@ def test_argument_errors(call, error, message):
         call()
 
 
+def test_out_buffers_are_filled_in_place():
+    keep = np.empty((6, 3, 40), dtype=bool)
+    assert D.keep_mask(2, 3, 4, 0.2, 10, 6, (3, 40), out=keep) is keep
+    np.testing.assert_array_equal(keep, D.keep_mask(2, 3, 4, 0.2, 10, 6, (3, 40)))
+    scaled = np.full((6, 3, 40), np.nan, dtype=np.float32)
+    assert D.scaled_mask(2, 3, 4, 0.2, 10, 6, (3, 40), out=scaled) is scaled
+    np.testing.assert_array_equal(scaled, D.scaled_mask(2, 3, 4, 0.2, 10, 6, (3, 40)))
+    for bad in (np.empty((6, 3, 41), bool), np.empty((6, 3, 40), np.uint8),
+                np.empty((6, 40, 3), bool).transpose(0, 2, 1)):
+        with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous bool array "
+                                             r"of shape \(6, 3, 40\)"):
+            D.keep_mask(2, 3, 4, 0.2, 10, 6, (3, 40), out=bad)
+    with pytest.raises(ValueError, match="dtype must be a floating-point type"):
+        D.scaled_mask(2, 3, 4, 0.2, 10, 6, (3, 40), dtype=np.int32)
+
+
+def test_a_forked_child_draws_with_threads_of_its_own():
+    """The thread pool does not survive fork(); the child starts its own (no deadlock)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork() on this platform")
+    shape = (2, 64, 64)
+    try:
+        D.set_num_threads(2)
+        expected = D.keep_mask(1, 2, 3, 0.2, 0, 300, shape)  # the parent's pool now exists
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(D.keep_mask, (1, 2, 3, 0.2, 0, 300, shape)).get(timeout=120)
+    finally:
+        D.set_num_threads(None)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_empty_and_scalar_shapes():
     assert D.keep_mask(0, 0, 0, 0.2, 5, 0, (3, 4)).shape == (0, 3, 4)
     assert D.random_bits(0, 0, 0, [], 7).shape == (0, 7)
