@@ -227,13 +227,17 @@ def _generate(seed: int, step: int, site: int, rows: Any, shape: Any,
     threads = min(_threads(), max(1, count * per_row // _THREAD_MIN_DRAWS))
 
     def work(piece: list[tuple[int, int, int]]) -> None:
+        gen = np.random.Philox(key=key)
         for out_row, first, length in piece:
+            # NumPy steps its counter before each block: start one block before the run's
             base = (first * blocks + (site << 64) + (DOMAIN << 192) - 1) % (1 << 256)
-            gen = np.random.Philox(counter=np.array(
-                [(base >> (64 * i)) & _U64 for i in range(4)], dtype=np.uint64), key=key)
+            gen.state = {"bit_generator": "Philox", "buffer": np.zeros(4, np.uint64),
+                         "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+                         "state": {"key": key, "counter": np.array(
+                             [(base >> (64 * i)) & _U64 for i in range(4)], dtype=np.uint64)}}
             for done in range(0, length, rows_per_chunk):
                 k = min(rows_per_chunk, length - done)
-                raw = gen.random_raw(4 * blocks * k)  # NumPy steps the counter, then draws
+                raw = gen.random_raw(4 * blocks * k)
                 bits = raw.astype("<u8", copy=False).view("<u2").reshape(k, -1)
                 emit(out_row + done, bits[:, :per_row])
 

@@ -15,6 +15,11 @@ KAT_4X64 = {
     7: [
         ([0] * 4, [0] * 2, [0x5DC8EE6268EC62CD, 0x139BC570B6C125A0, 0x84D6DEB4FB65F49E,
                             0xAFF7583376D378C2]),
+        ([2**64 - 1] * 4, [2**64 - 1] * 2, [0x071DD84367903154, 0x48E2BBDC722B37D1,
+                                            0x6AFA9890BB89F76C, 0x9194C8D8ADA56AC7]),
+        ([0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0, 0x082EFA98EC4E6C89],
+         [0x452821E638D01377, 0xBE5466CF34E90C6C],
+         [0x513A366704EDF755, 0xF05D9924C07044D3, 0xBEF2CB9CBEA74C6C, 0x8DB948DE4CAA1F8A]),
     ],
     10: [
         ([0] * 4, [0] * 2, [0x16554D9ECA36314C, 0xDB20FE9D672D0FDC, 0xD7E772CEE186176B,
@@ -34,6 +39,16 @@ def test_philox4x64_known_answers(rounds, counter, key, expected):
     out = D.philox4x64(np.array(counter, dtype=np.uint64), key, rounds=rounds)
     assert out.dtype == np.uint64 and out.shape == (4,)
     assert [int(x) for x in out] == expected
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT_4X64[10])
+def test_numpys_philox_gives_the_known_answers(counter, key, expected):
+    """The fast path's engine, with its convention (it steps the counter before a block)."""
+    before = (sum(c << (64 * i) for i, c in enumerate(counter)) - 1) % (1 << 256)
+    gen = np.random.Philox(counter=np.array([(before >> (64 * i)) & (2**64 - 1)
+                                             for i in range(4)], dtype=np.uint64),
+                           key=np.array(key, dtype=np.uint64))
+    assert [int(x) for x in gen.random_raw(4)] == expected
 
 
 def test_philox4x64_is_vectorized_over_counters():
