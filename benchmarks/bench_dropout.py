@@ -8,7 +8,9 @@ Shapes: the tiny config's at batch 512 x 64 (activations 512 x 64 x 128 and the 
 load, medians over the rounds:
 
 * ``bertlite.dropout.random_bits`` (the uint16 draws), ``keep_mask`` (bool) and ``scaled_mask``
-  (float32, kept elements ``1 / keep_probability``), for the whole batch;
+  (float32, kept elements ``1 / keep_probability``), for the whole batch, with the default
+  threads (``$OMP_NUM_THREADS``, else the usable CPUs, at most 4), and ``keep_mask`` with one
+  thread;
 * torch: ``x.bernoulli_(1 - p)`` into a preallocated float32 tensor, ``torch.rand(shape) >= p``
   (bool), and the torch backend's present mask (SFC64 bits, ``_keep_scale``), each with
   ``--threads`` torch threads (skipped when torch is absent).
@@ -42,7 +44,15 @@ def candidates(rows: int, shape: tuple[int, ...], p: float, threads: int) -> dic
         "bertlite random_bits": lambda: dropout.random_bits(0, 1, 2, range(rows), shape),
         "bertlite keep_mask": lambda: dropout.keep_mask(0, 1, 2, p, 0, rows, shape),
         "bertlite scaled_mask": lambda: dropout.scaled_mask(0, 1, 2, p, 0, rows, shape),
+        "bertlite keep_mask, 1 thread": lambda: one_thread(dropout.keep_mask),
     }
+
+    def one_thread(fn):
+        dropout.set_num_threads(1)
+        try:
+            return fn(0, 1, 2, p, 0, rows, shape)
+        finally:
+            dropout.set_num_threads(None)
     try:
         import torch
     except ImportError:

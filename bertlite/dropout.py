@@ -16,11 +16,16 @@ Example ``r`` of a site whose per-example shape has ``n`` elements owns the bloc
 block ``b`` of site ``s`` is the counter ``(b, s, 0, DOMAIN)`` (words little-endian first) under
 the key ``(seed, step)``. Element ``i`` of example ``r`` is draw ``i % 16`` of its block
 ``r * ceil(n / 16) + i // 16``. The per-example shape is part of the layout, so every part of a
-batch must pass the same one (it is one example's shape, the same everywhere).
+batch must pass the same one (one example's shape at the batch's ``max_len``); a path that
+computes fewer positions (packed valid tokens, groups padded to their longest) draws the mask
+at that shape and takes its elements from it.
 
 The draws come from NumPy's C Philox (:class:`numpy.random.Philox`, bit-identical in NumPy 1.23
-and 2.x), one call per site and contiguous range of rows; :func:`philox4x64` is a vectorized
-NumPy version of the same function, checked against Random123's known answers.
+and 2.x), one generator state per site and contiguous run of rows, in cache-sized chunks that
+become the mask at once; a big mask is drawn by several threads (:func:`set_num_threads`;
+NumPy's generator releases the GIL), and ``out=`` fills a buffer reused from step to step.
+:func:`philox4x64` is a vectorized NumPy version of the same function; both are checked
+against Random123's known answers.
 
 An element is dropped when its draw is below :func:`threshold` ``= round(p * 65536)``, so it is
 kept with probability exactly :func:`keep_probability` ``= 1 - threshold(p) / 65536`` (``p``
@@ -130,12 +135,18 @@ def philox4x64(counter: Any, key: Sequence[int], rounds: int = 10) -> np.ndarray
 
 
 def _threads() -> int:
-    return _THREADS or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                           else os.cpu_count() or 1)
+    if _THREADS:
+        return _THREADS
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:  # the frameworks' own thread count (torchrun sets 1)
+        return min(4, int(omp))
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 def set_num_threads(threads: int | None) -> None:
-    """Threads that draw a big mask (default ``None``: the usable CPUs, at most 4)."""
+    """Threads that draw a big mask. ``None`` (the default): ``$OMP_NUM_THREADS`` when set (as
+    the frameworks do), else the usable CPUs; at most 4."""
     global _THREADS
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):

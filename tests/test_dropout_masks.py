@@ -127,6 +127,15 @@ def test_threads_draw_the_same_masks(threads):
     np.testing.assert_array_equal(np.concatenate(parts), one)
 
 
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert D._threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert D._threads() == 4
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert 1 <= D._threads() <= 4
+
+
 def test_threshold_and_keep_probability_are_exact():
     assert D.threshold(0.2) == 13107 and D.keep_probability(0.2) == 1 - 13107 / 65536
     assert D.threshold(0.25) == 16384 and D.keep_probability(0.25) == 0.75
