@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from bertlite.config import BERTConfig
+
 #: Random draws per Philox-4x64 block (4 words of 64 bits, 16 bits a draw).
 DRAWS_PER_BLOCK = 16
 #: Distinct values of a draw.
@@ -340,3 +342,21 @@ def _row_range(row_start: int, rows: int) -> range:
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
         raise ValueError(f"rows must be a number of examples >= 0, got {rows!r}")
     return range(row_start, row_start + int(rows))
+
+
+def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows: int,
+                  length: int, dtype: Any = np.float32) -> list[dict[str, np.ndarray]]:
+    """The scaled masks of every dropout of the encoder for the global examples ``row_start ..
+    row_start + rows - 1`` of a batch padded to ``length``: per layer, ``"attention"``
+    ``(rows, num_heads, length, length)`` (batch-major, then heads, as both backends lay out
+    the attention weights) and ``"addnorm1"``, ``"addnorm2"`` ``(rows, length, num_hiddens)``.
+    Empty when ``config.dropout`` is 0."""
+    if config.dropout == 0:
+        return []
+    length = _check_uint("length", length)
+    shapes = {"attention": (config.num_heads, length, length),
+              "addnorm1": (length, config.num_hiddens), "addnorm2": (length, config.num_hiddens)}
+    return [{kind: scaled_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
+                               rows, shape, dtype=dtype)
+             for kind, shape in shapes.items()}
+            for layer in range(config.num_layers)]

@@ -202,6 +202,23 @@ def test_rows_and_positions_get_their_own_draws():
     assert not any(np.array_equal(other[0], row) for row in bits)
 
 
+def test_encoder_masks_one_per_site_and_layer():
+    from bertlite.config import BERTConfig
+
+    config = BERTConfig(vocab_size=50, num_hiddens=8, ffn_num_hiddens=16, num_heads=2,
+                        num_layers=3, dropout=0.25)
+    masks = D.encoder_masks(config, 7, 2, 4, 5, 6)
+    assert len(masks) == 3 and all(list(m) == list(D.SITE_KINDS) for m in masks)
+    for layer, per_layer in enumerate(masks):
+        assert per_layer["attention"].shape == (5, 2, 6, 6)
+        assert per_layer["addnorm1"].shape == per_layer["addnorm2"].shape == (5, 6, 8)
+        for kind, mask in per_layer.items():
+            np.testing.assert_array_equal(mask, D.scaled_mask(
+                7, 2, D.site_id(layer, kind), 0.25, 4, 5, mask.shape[1:]))
+    assert set(np.unique(masks[0]["addnorm1"])) == {0.0, np.float32(4 / 3)}
+    assert D.encoder_masks(config.replace(dropout=0.0), 7, 2, 4, 5, 6) == []
+
+
 def test_site_ids_are_distinct_and_stable():
     ids = [D.site_id(layer, kind) for layer in range(4) for kind in D.SITE_KINDS]
     assert ids == list(range(12))
