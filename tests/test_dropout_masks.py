@@ -4,6 +4,8 @@ their statistics, independence and argument errors (no framework needed)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -300,3 +302,10 @@ def test_empty_and_scalar_shapes():
     assert D.random_bits(0, 0, 0, [], 7).shape == (0, 7)
     np.testing.assert_array_equal(D.random_bits(0, 0, 0, range(3), 7),
                                   D.random_bits(0, 0, 0, range(3), (7,)))
+
+
+def test_masks_need_no_framework():
+    code = ("import sys, bertlite.dropout as d; d.keep_mask(0, 0, 0, 0.2, 0, 2, 8); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mxnet')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
