@@ -10,7 +10,7 @@ load, medians over the rounds:
 * ``bertlite.dropout.random_bits`` (the uint16 draws), ``keep_mask`` (bool) and ``scaled_mask``
   (float32, kept elements ``1 / keep_probability``), for the whole batch, with the default
   threads (``$OMP_NUM_THREADS``, else the usable CPUs, at most 4), and ``keep_mask`` with one
-  thread;
+  thread, and ``scaled_mask`` filling a buffer reused from call to call (``out=``);
 * torch: ``x.bernoulli_(1 - p)`` into a preallocated float32 tensor, ``torch.rand(shape) >= p``
   (bool), and the torch backend's present mask (SFC64 bits, ``_keep_scale``), each with
   ``--threads`` torch threads (skipped when torch is absent).
@@ -38,14 +38,19 @@ SHAPES = {"activations 512x64x128": (512, (64, 128)),
 
 def candidates(rows: int, shape: tuple[int, ...], p: float, threads: int) -> dict:
     """The mask generators to time, by name, each making one whole-batch mask."""
+    import numpy as np
+
     from bertlite import dropout
 
     fns = {
         "bertlite random_bits": lambda: dropout.random_bits(0, 1, 2, range(rows), shape),
         "bertlite keep_mask": lambda: dropout.keep_mask(0, 1, 2, p, 0, rows, shape),
         "bertlite scaled_mask": lambda: dropout.scaled_mask(0, 1, 2, p, 0, rows, shape),
+        "bertlite scaled_mask, out= buffer": lambda: dropout.scaled_mask(
+            0, 1, 2, p, 0, rows, shape, out=buffer),
         "bertlite keep_mask, 1 thread": lambda: one_thread(dropout.keep_mask),
     }
+    buffer = np.empty((rows, *shape), dtype=np.float32)
 
     def one_thread(fn):
         dropout.set_num_threads(1)
