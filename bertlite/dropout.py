@@ -8,12 +8,12 @@ flat index within that example's shape (position, then feature). So the mask of 
 ``[a, b)`` computed alone equals rows ``a..b-1`` of the whole batch's mask: accumulation
 micro-batches, devices, DDP ranks and kvstore workers all see the masks of one process with the
 whole batch, and a resumed run the masks of an uninterrupted one (the step is in the key).
-Both backends use these masks, so they draw the same ones.
+Backends that take their masks from here draw the same ones, bit for bit.
 
 Layout: one Philox block (4 x 64 bits) gives 16 draws, read as little-endian 16-bit words.
 Example ``r`` of a site whose per-example shape has ``n`` elements owns the blocks
 ``r * ceil(n / 16)`` to ``(r + 1) * ceil(n / 16) - 1`` (its last block's spare draws are unused);
-block ``b`` of site ``s`` is the counter ``(b, s, 0, DOMAIN)`` (words little-endian first) under
+block ``b`` of site ``s`` is the counter ``(b, s, 0, DOMAIN)`` (word 0, the lowest, first) under
 the key ``(seed, step)``. Element ``i`` of example ``r`` is draw ``i % 16`` of its block
 ``r * ceil(n / 16) + i // 16``. The per-example shape is part of the layout, so every part of a
 batch must pass the same one (one example's shape at the batch's ``max_len``); a path that
