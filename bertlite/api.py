@@ -62,6 +62,12 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_dropout(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1) (0 turns dropout off), "
+                         f"got {value!r}")
+
+
 def _check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -125,7 +131,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           tokenizer: str | WordPieceTokenizer = "word",
           wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
           whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
-          on_nan: str = "stop") -> TrainResult:
+          on_nan: str = "stop", dropout: float | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -138,7 +144,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     ``tokenizer="wordpiece"`` trains a WordPiece vocabulary of at most ``wordpiece_vocab_size``
     pieces on the split instead of the book's word vocabulary (``pip install
     "bertlite[wordpiece]"``; it is saved in checkpoints as ``tokenizer.json``);
-    ``whole_word_mask`` masks all pieces of a word together.
+    ``whole_word_mask`` masks all pieces of a word together. ``dropout`` (in [0, 1)) replaces
+    the config's dropout probability (the book's 0.2 in ``"tiny"``).
 
     Scaling: ``batch_size`` is the global batch of one optimizer step, whatever runs it.
     ``accumulate=K`` computes it as K micro-batches one after another (the memory of a K times
@@ -162,6 +169,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
         if value is not None:
             _check_positive_int(name, value)
+    if dropout is not None:
+        _check_dropout(dropout)
     be = get_backend(backend)
     seed = 0 if seed is None else int(seed)
     settings = OptimizerSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
@@ -183,6 +192,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                     wordpiece_vocab_size=wordpiece_vocab_size,
                                     whole_word_mask=whole_word_mask)
     model_config = resolve_config(config, len(vocab), max_len=max_len)
+    if dropout is not None:
+        model_config = model_config.replace(dropout=float(dropout))
     free = be.free_memory(devs)
     if free is not None:  # fail before the model is built, not at the first step
         check_fits(estimate_memory(model_config, -(-batch_size // accumulate), max_len,

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: bf16 (CPU or GPU) or fp16 (CUDA); default float32")
     p.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
                    help="on a NaN/infinite loss: stop (default) or skip that update")
+    p.add_argument("--dropout", type=float, metavar="P",
+                   help="dropout probability in [0, 1) (default: the config's, 0.2 for tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="bertlite-loss.png", help="PNG of the loss curves")
     p.add_argument("--no-plot", action="store_true")
@@ -133,7 +135,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         resume=args.resume, eval_every=args.eval_every, eval_split=args.eval_split,
         tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
         whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
-        precision=args.precision, on_nan=args.on_nan)
+        precision=args.precision, on_nan=args.on_nan, dropout=args.dropout)
     if not result.backend.is_main_process():  # torchrun: one process reports and saves
         return 0
     if not args.no_plot:
