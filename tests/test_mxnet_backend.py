@@ -778,16 +778,6 @@ def test_one_process_is_the_main_one(backend, monkeypatch):
     assert backend.info()["distributed"] == "no (one process)"
 
 
-def test_worker_rows_are_disjoint_and_cover_the_batch():
-    for rows, accumulate, workers in [(16, 1, 2), (17, 2, 2), (9, 3, 3), (3, 2, 2), (5, 1, 1)]:
-        parts = [distributed.worker_rows(rows, accumulate, r, workers) for r in range(workers)]
-        assert all(len(p) == accumulate for p in parts)
-        covered = [i for p in parts for s in p for i in range(s.start, s.stop)]
-        assert covered == list(range(rows))
-        sizes = [s.stop - s.start for p in parts for s in p]
-        assert max(sizes) - min(sizes) <= 1
-
-
 def test_distributed_environment(monkeypatch):
     env = {"DMLC_ROLE": "worker", "DMLC_NUM_WORKER": "2", "DMLC_PS_ROOT_URI": "127.0.0.1",
            "DMLC_PS_ROOT_PORT": "9000", "DMLC_NUM_SERVER": "1"}

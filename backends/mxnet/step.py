@@ -48,6 +48,7 @@ import numpy as onp
 from mxnet import autograd, gluon
 from mxnet import np as mnp
 
+from bertlite import sharding
 from bertlite.data.loader import Batch
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
@@ -320,11 +321,6 @@ def _zero_grads(params: Sequence[gluon.Parameter],
                 data._fresh_grad = True
 
 
-def _global_totals(batch: Batch) -> tuple[float, int]:
-    """The whole batch's MLM weight sum and number of examples (host numpy, no device work)."""
-    return float(onp.asarray(batch.mlm_weights, dtype=onp.float64).sum()), len(batch.tokens)
-
-
 def _finite(*values: Any) -> bool:
     return all(math.isfinite(float(v)) for v in values)
 
@@ -375,8 +371,8 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     devices = opt.devices
     plan = check_precision(precision, devices)
     rank, workers = distributed.rank(), distributed.num_workers()
-    mlm_weight_total, num_rows = _global_totals(batch)
-    parts = [s for s in distributed.worker_rows(num_rows, accumulate, rank, workers)
+    mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
+    parts = [s for s in sharding.process_parts(num_rows, accumulate, rank, workers)
              if s.stop > s.start]
     params = _trained_params(net)
     if len(parts) > 1 and any(p.grad_req != "add" for p in params):
