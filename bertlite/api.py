@@ -85,7 +85,7 @@ def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState
         trainer_state={"step": state.step, "epoch": state.epoch,
                        "batch_index": state.batch_index, "optimizer": settings.to_dict(),
                        "history": state.history.to_dict()})
-    ckpt.prune_checkpoints(directory, keep)
+    ckpt.prune_checkpoints(directory, keep, training.get("run"))
 
 
 def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any]
