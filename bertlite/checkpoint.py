@@ -44,7 +44,7 @@ from bertlite.checkpoint_schema import (
 from bertlite.config import BERTConfig
 from bertlite.data.vocab import Vocab
 from bertlite.errors import CheckpointError, DataError
-from bertlite.io import fsync_dir, make_temp_dir
+from bertlite.io import current_umask, fsync_dir, make_temp_dir
 from bertlite.params import check_state_dict
 
 FORMAT_VERSION = 2
@@ -74,6 +74,7 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray], files: dict[str, str
         metadata["bertlite.config"] = json.dumps(config)
     save_file(arrays, str(path), metadata=metadata)
     with open(path, "rb+") as f:
+        os.fchmod(f.fileno(), 0o666 & ~current_umask())  # safetensors makes it 0600
         os.fsync(f.fileno())
 
 
