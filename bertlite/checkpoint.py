@@ -287,6 +287,14 @@ def read_checkpoint(path: str | os.PathLike, *, with_trainer: bool = False
                     ) -> dict[str, Any]:
     """Config, vocab, weights (and trainer state) of a checkpoint folder, all checked: the
     fields, the reserved tokens, the digests (format 2 on) and that the weights are finite."""
+    try:
+        return _read_checkpoint(path, with_trainer)
+    except OSError as err:  # say, a teammate's checkpoint that the umask made private
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}"
+                              f"{f' ({err.filename})' if err.filename else ''}") from None
+
+
+def _read_checkpoint(path: str | os.PathLike, with_trainer: bool) -> dict[str, Any]:
     path = resolve_checkpoint(path)
     meta = read_config(path)
     config = BERTConfig.from_dict(meta["model"])
@@ -337,7 +345,7 @@ def read_checkpoint(path: str | os.PathLike, *, with_trainer: bool = False
         if meta["format"] >= 2:
             check_file_digests(path, files, (TRAINER_JSON,))
         state = check_trainer_json(_read_json(path / TRAINER_JSON), path / TRAINER_JSON,
-                                   meta["training"].get("num_steps"))
+                                   meta.get("training", {}).get("num_steps"))
         result["trainer_arrays"], result["trainer_state"] = arrays, state
     return result
 

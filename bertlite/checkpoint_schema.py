@@ -71,8 +71,6 @@ def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
     _field(meta, "backend", where, lambda v: isinstance(v, str), "a string", required=False)
     _field(meta, "bertlite_version", where, lambda v: isinstance(v, str), "a string",
            required=False)
-    _field(meta, "run", where, lambda v: isinstance(v, str) and v != "", "a run id string",
-           required=False)
     model = _object(_field(meta, "model", where, lambda v: True, ""), f"{where}: 'model'")
     try:
         BERTConfig.from_dict(model)

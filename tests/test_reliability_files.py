@@ -440,7 +440,9 @@ def test_checkpoint_and_cache_files_get_the_umasks_modes(shared_dir, umask, dir_
     readable = as_nobody("import sys; from bertlite.checkpoint import read_checkpoint; "
                          "read_checkpoint(sys.argv[1], with_trainer=True)", str(folder))
     if umask == 0o077:
-        assert readable.returncode == 1 and "Permission denied" in readable.stderr
+        last = readable.stderr.strip().splitlines()[-1]
+        assert last == f"bertlite.errors.CheckpointError: cannot read checkpoint {folder}: " \
+                       f"Permission denied ({folder})"
     else:
         assert readable.returncode == 0, readable.stderr
 
