@@ -441,8 +441,8 @@ def test_checkpoint_and_cache_files_get_the_umasks_modes(shared_dir, umask, dir_
                          "read_checkpoint(sys.argv[1], with_trainer=True)", str(folder))
     if umask == 0o077:
         last = readable.stderr.strip().splitlines()[-1]
-        assert last == f"bertlite.errors.CheckpointError: cannot read checkpoint {folder}: " \
-                       f"Permission denied ({folder})"
+        assert last.startswith(f"bertlite.errors.CheckpointError: cannot read checkpoint "
+                               f"{folder}: Permission denied ({folder}")
     else:
         assert readable.returncode == 0, readable.stderr
 
