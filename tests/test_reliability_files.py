@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,19 @@ def test_cli_save_and_checkpoint_dir_overlapping_is_refused_before_training(
     assert f"the save path {save} {relation} the checkpoint directory run" in \
         capsys.readouterr().err
     assert not Path("run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("what, make, message", REFUSED[:3], ids=[r[0] for r in REFUSED[:3]])
+def test_cli_save_to_a_foreign_target_is_refused_before_training(
+        backend_name, tmp_path, capsys, what, make, message):
+    make(tmp_path / "out")
+    before = snapshot(tmp_path)
+    code = cli_main(["pretrain", "--backend", backend_name, "--corpus", "sample", "--steps", "2",
+                     "--batch-size", "8", "--checkpoint-dir", str(tmp_path / "run"), "--save",
+                     str(tmp_path / "out"), "--no-plot", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and re.search(message, err)
+    assert snapshot(tmp_path) == before  # nothing trained, nothing written
 
 
 def test_pruning_touches_only_this_runs_checkpoints(backend_name, tmp_path):
