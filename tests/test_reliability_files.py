@@ -177,11 +177,14 @@ def test_pruning_touches_only_this_runs_checkpoints(backend_name, tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [1, 3, 5]
     # a resume keeps the run's id, so its new checkpoints replace its older ones
     run_id = ckpt.run_id(run / "step-000005")
-    bertlite.train(backend_name, num_steps=6, checkpoint_dir=run, keep_checkpoints=1,
-                   resume=True, **RUN)
+    result = bertlite.train(backend_name, num_steps=6, checkpoint_dir=run, keep_checkpoints=1,
+                            resume=True, **RUN)
     assert ckpt.run_id(run / "step-000006") == run_id
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [1, 3, 6]
     assert all(snapshot(run).get(k) == v for k, v in foreign.items())
+    with pytest.raises(CheckpointError, match="not a bertlite checkpoint .*step-000001"):
+        result.save(run)  # a run's checkpoint directory is not a checkpoint
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [1, 3, 6]
 
 
 # ------------------------------------------------------- 4. checkpoints verified, not trusted
