@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bertlite import checkpoint as ckpt
+from bertlite import lock as _lock
 from bertlite.backend import PRECISIONS, Backend
 from bertlite.config import BERTConfig, resolve_config
 from bertlite.data.loader import BatchIterator, load_data_wiki
@@ -90,7 +91,7 @@ def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState
         trainer_state={"step": state.step, "epoch": state.epoch,
                        "batch_index": state.batch_index, "optimizer": settings.to_dict(),
                        "history": state.history.to_dict()})
-    ckpt.prune_checkpoints(directory, keep)
+    ckpt.prune_checkpoints(directory, keep, training.get("run"))
 
 
 def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any]
@@ -117,6 +118,7 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
                       history=History.from_dict(meta["history"]))
 
 
+@_lock.releases_locks
 def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           data_dir: str | os.PathLike | None = None, split: str = "train",
           config: str | BERTConfig | dict = "tiny", batch_size: int = 512, max_len: int = 64,
@@ -185,6 +187,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         _check_writable(ckpt_dir)
+        if main:  # one run at a time in a checkpoint directory (released when train ends)
+            _lock.acquire(ckpt_dir)
 
     check_tokenizer_kind(tokenizer)
     batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
@@ -209,12 +213,15 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                 "tokenizer": vocab.tokenizer.kind if vocab.tokenizer is not None else "word",
                 "whole_word_mask": bool(whole_word_mask), "accumulate": accumulate,
                 "precision": precision,
-                "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches)}
+                "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches),
+                "run": ckpt.new_run_id()}
     result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
                          num_steps=num_steps, seed=seed)
     state = None
     if resume and ckpt_dir is not None:
         state = _resume(ckpt_dir, result, opt, training)
+        if state is not None:  # the run goes on: its checkpoints keep its id (for pruning)
+            training["run"] = ckpt.latest_run_id(ckpt_dir) or training["run"]
     state = state or TrainState()
 
     callbacks = []

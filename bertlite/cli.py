@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import bertlite
+    from bertlite.checkpoint import check_save_path
 
+    if args.save:  # refused before training: --save must not replace the run's checkpoints
+        check_save_path(args.save, args.checkpoint_dir)
     result = bertlite.train(
         args.backend, corpus=args.corpus, data_dir=args.data_dir, split=args.split,
         config=args.config, batch_size=args.batch_size, max_len=args.max_len,
