@@ -127,8 +127,8 @@ def low_precision_dense(dtype: Any) -> Iterator[None]:
     def fully_connected(x, weight, bias=None, *args, **kwargs):
         if kwargs.get("name") != "fwd":
             return original(x, weight, bias, *args, **kwargs)
-        out = original(_cast(x, dtype), _cast(weight, dtype),
-                       None if bias is None else _cast(bias, dtype), *args, **kwargs)
+        out = original(_cast(x, dtype), _cast_parameter(weight, dtype),
+                       None if bias is None else _cast_parameter(bias, dtype), *args, **kwargs)
         return _cast(out, "float32")
 
     _SYMBOL_NPX.fully_connected = fully_connected

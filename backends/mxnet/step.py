@@ -33,6 +33,7 @@ defaults).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,7 +205,24 @@ def check_precision(precision: str, devices: Sequence[mx.Context]) -> PrecisionP
     if plan.dtype == "bfloat16" and not mx.runtime.Features().is_enabled("MKLDNN"):
         raise ValueError("precision='bf16' needs an MXNet build with oneDNN (MKLDNN), which "
                          f"this one ({mx.__version__}) lacks; use precision='float32'")
+    if plan.dtype == "bfloat16" and not _cpu_computes_bfloat16():
+        raise ValueError("precision='bf16' needs a CPU on which oneDNN computes in bfloat16 "
+                         "(AVX-512 or newer); this one cannot; use precision='float32'")
     return plan
+
+
+@functools.cache
+def _cpu_computes_bfloat16() -> bool:
+    """Whether oneDNN runs a bfloat16 matrix product on this CPU (it has no bfloat16 kernels
+    below AVX-512: the product fails when it runs)."""
+    from mxnet.contrib.amp.amp import bfloat16
+
+    x = mx.nd.amp_cast(mx.nd.ones((2, 4), ctx=mx.cpu()), dtype=bfloat16)
+    try:
+        mx.nd.FullyConnected(x, x, no_bias=True, num_hidden=2).wait_to_read()
+    except mx.base.MXNetError:
+        return False
+    return True
 
 
 def check_accumulate(accumulate: Any) -> int:
