@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import build, make_batch, tiny_config
 
+from bertlite.errors import BackendError
 from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from conftest import framework_installed
@@ -281,6 +282,8 @@ def test_the_switch_builds_plain_or_fast_models_that_train_alike():
         losses = [[float(x) for x in be.train_step(net, opt, b, 1e-3)] for b in batches]
         results[is_fast] = losses, be.state_dict(net)
         if not is_fast:
+            with pytest.raises(BackendError, match="fp16.*fast=True"):
+                be.check_train_options([mx.gpu(0)], precision="fp16")
             with pytest.raises(ValueError, match="bf16.*fast"):
                 step.shard_losses(net, step.split_batch(batches[0], [mx.cpu()]), 1.0,
                                       8, step.PRECISION_PLANS["bf16"])

@@ -91,10 +91,13 @@ class MXNetBackend(Backend):
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """accumulate: any positive integer; precision: float32 anywhere, bf16 on the CPU,
-        fp16 on GPUs; skip_nonfinite: yes."""
+        fp16 on GPUs (both on the fast path only); skip_nonfinite: yes."""
         try:
             _step.check_accumulate(accumulate)
             _step.check_precision(precision, list(devices))
+            if precision != "float32" and not self.fast:
+                raise ValueError(f"precision={precision!r} rewrites the fast path's compiled "
+                                 "graph; use MXNetBackend(fast=True) or precision='float32'")
         except ValueError as err:
             raise BackendError(f"the mxnet backend cannot train so: {err}") from None
 
