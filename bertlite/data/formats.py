@@ -16,7 +16,6 @@ ranges that start and end at a paragraph boundary, so that workers can share one
 
 from __future__ import annotations
 
-import codecs
 import glob
 import gzip
 import io
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bertlite.data.corpus import _paragraph_lines
 from bertlite.data.sentences import normalize_sentence, split_sentences
 from bertlite.errors import DataError
 
@@ -172,47 +172,70 @@ def plan_ranges(path: Path, format: str, chunk_bytes: int) -> list[tuple[int, in
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _text_blocks(path: Path, start: int, end: int, stats: ReadStats
-                 ) -> Iterator[tuple[int, str]]:
-    """``(byte offset, text)`` blocks of whole lines of ``path[start:end]`` (``end`` -1: to
+def _raw_blocks(path: Path, start: int, end: int, stats: ReadStats
+                ) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, bytes)`` blocks of whole lines of ``path[start:end]`` (``end`` -1: to
     the end of the stream), checked to be UTF-8 text with no NUL byte."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with open_binary(path) as f:
-        if start:
-            f.seek(start)
-        pos, carry = start, b""
-        while True:
-            want = _BLOCK if end < 0 else min(_BLOCK, end - pos)
-            block = f.read(want) if want > 0 else b""
-            data = carry + block
-            if not block:
-                if data:
-                    stats.bytes += len(data)
-                    yield pos - len(carry), _decode(decoder, data, path, pos - len(carry), True)
-                return
-            pos += len(block)
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                carry = data
-                continue
-            stats.bytes += cut
-            yield pos - len(data), _decode(decoder, data[:cut], path, pos - len(data), False)
-            carry = data[cut:]
+    try:
+        with open_binary(path) as f:
+            if start:
+                f.seek(start)
+            pos, carry = start, b""
+            while True:
+                want = _BLOCK if end < 0 else min(_BLOCK, end - pos)
+                block = f.read(want) if want > 0 else b""
+                data = carry + block
+                if not block:
+                    if data:
+                        stats.bytes += len(data)
+                        _check(data, path, pos - len(data))
+                        yield pos - len(data), data
+                    return
+                pos += len(block)
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    carry = data
+                    continue
+                stats.bytes += cut
+                _check(data[:cut], path, pos - len(data))
+                yield pos - len(data), data[:cut]
+                carry = data[cut:]
+    except (OSError, EOFError) as err:  # a damaged .gz, say
+        raise DataError(f"cannot read {path}: {err}; is it a valid (compressed) text file?"
+                        ) from None
 
 
-def _decode(decoder: codecs.IncrementalDecoder, data: bytes, path: Path, offset: int,
-            final: bool) -> str:
+def _check(data: bytes, path: Path, offset: int) -> None:
     if b"\x00" in data:
         raise DataError(f"{path} looks binary (a NUL byte near byte {offset + data.index(0)}); "
                         "give a text file")
     try:
-        text = decoder.decode(data, final=True)
+        data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (byte {offset + err.start}: "
                         f"{data[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+
+
+def _text_blocks(path: Path, start: int, end: int, stats: ReadStats
+                 ) -> Iterator[tuple[int, str]]:
+    """As :func:`_raw_blocks`, decoded, with every line end made ``\\n``."""
+    for offset, data in _raw_blocks(path, start, end, stats):
+        text = data.decode("utf-8")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        yield offset, text
+
+
+def wiki_lines(path: Path, start: int = 0, end: int = -1, stats: ReadStats | None = None
+               ) -> Iterator[bytes]:
+    """The paragraph lines of a WikiText file as bytes (stripped, holding ``' . '``), the lines
+    :func:`bertlite.data.corpus.read_corpus` codes (the fast path of ``wikitext``)."""
+    stats = stats if stats is not None else ReadStats()
+    for _, data in _raw_blocks(path, start, end, stats):
+        lines = _paragraph_lines(data)
+        stats.documents += len(lines)
+        stats.sentences += sum(line.count(b" . ") for line in lines) + len(lines)
+        yield from lines
 
 
 def _lines(path: Path, start: int, end: int, stats: ReadStats) -> Iterator[str]:

@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from bertlite.data.corpus import tokenize_corpus
+from bertlite.data._bytewords import code_lines, index_words
+from bertlite.data.corpus import (
+    _BOUNDARY,
+    _STR_ONLY_SPACE,
+    TokenizedCorpus,
+    _type_codes,
+    tokenize_corpus,
+)
 from bertlite.data.examples import (
     EncodedCorpus,
     PretrainingExamples,
@@ -42,6 +49,7 @@ from bertlite.data.formats import (
     expand_inputs,
     plan_ranges,
     read_paragraphs,
+    wiki_lines,
 )
 from bertlite.data.manifest import (
     MANIFEST,
@@ -87,19 +95,58 @@ def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_name: str,
-            skip_bad_lines: bool, stats: ReadStats) -> Iterator[list[list[str]]]:
-    """The paragraphs of a task, in chunks of about ``chunk_bytes`` characters."""
-    chunk: list[list[str]] = []
+            skip_bad_lines: bool, stats: ReadStats) -> Iterator[list]:
+    """The paragraphs of a task, in chunks of about ``chunk_bytes`` characters: lists of
+    sentence lists, or for ``wikitext`` the paragraph lines as bytes (see
+    :func:`tokenize_chunk`)."""
+    chunk: list = []
     size = 0
-    for paragraph in read_paragraphs(Path(path), fmt, start, end, field_name=field_name,
-                                     skip_bad_lines=skip_bad_lines, stats=stats):
-        chunk.append(paragraph)
-        size += sum(map(len, paragraph)) + 3 * len(paragraph)
-        if size >= chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
+    if fmt == "wikitext":
+        for line in wiki_lines(Path(path), start, end, stats):
+            chunk.append(line)
+            size += len(line) + 1
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+    else:
+        for paragraph in read_paragraphs(Path(path), fmt, start, end, field_name=field_name,
+                                         skip_bad_lines=skip_bad_lines, stats=stats):
+            chunk.append(paragraph)
+            size += sum(map(len, paragraph)) + 3 * len(paragraph)
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def tokenize_chunk(chunk: list) -> TokenizedCorpus:
+    """The words of a chunk. WikiText lines (bytes) are coded as
+    :func:`bertlite.data.corpus.read_corpus` codes a file: split as bytes, only the distinct
+    words decoded and lowercased, the same words as the book's rules give."""
+    if not chunk or not isinstance(chunk[0], bytes):
+        return tokenize_corpus(chunk)
+    text = b"\n".join(chunk).replace(b" . ", f" {_BOUNDARY} ".encode())
+    coded = code_lines(text)
+    if coded is not None:
+        distinct, index, line_ends = coded
+    else:
+        line_words = [line.split() for line in text.split(b"\n")]
+        distinct, index = index_words([w for words in line_words for w in words])
+        line_ends = np.cumsum([len(words) for words in line_words])
+    del text
+    distinct.append(_BOUNDARY.encode())
+    index = np.insert(index, line_ends, len(distinct) - 1)
+    decoded = b"\n".join(distinct).decode("utf-8")
+    if _STR_ONLY_SPACE.search(decoded):  # whitespace only str.split() knows: the book's way
+        return tokenize_corpus([line.decode("utf-8").lower().strip().split(" . ")
+                                for line in chunk])
+    types, codes = _type_codes(decoded.lower().split("\n"))
+    codes = codes[index]
+    sentence_ends = np.flatnonzero(codes < 0)
+    line_end_at = line_ends + np.arange(len(line_ends))
+    sizes = np.diff(np.searchsorted(sentence_ends, line_end_at, side="right"), prepend=0)
+    return TokenizedCorpus(types, codes, sizes)
 
 
 def _count_task(task: dict[str, Any]) -> tuple[dict[str, int], ReadStats]:
@@ -107,7 +154,7 @@ def _count_task(task: dict[str, Any]) -> tuple[dict[str, int], ReadStats]:
     stats = ReadStats()
     counts: Counter[str] = Counter()
     for chunk in _chunks(stats=stats, **task["read"]):
-        corpus = tokenize_corpus(chunk)
+        corpus = tokenize_chunk(chunk)
         counts.update(dict(zip(corpus.types, corpus.counts().tolist())))
     return dict(counts), stats
 
@@ -151,7 +198,7 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
     shards = []
     index = task["index"]
     for sub, chunk in enumerate(_chunks(stats=stats, **task["read"])):
-        corpus = encode_corpus(tokenize_corpus(chunk), vocab)
+        corpus = encode_corpus(tokenize_chunk(chunk), vocab)
         del chunk
         examples = build_shard_examples(corpus, vocab, settings["max_len"], settings["seed"],
                                         (index, sub), settings["whole_word_mask"])
@@ -190,6 +237,8 @@ def _sample_sentences(tasks: list[dict[str, Any]], sample_bytes: int) -> Iterato
     for task in tasks:
         for chunk in _chunks(stats=ReadStats(), **task["read"]):
             for paragraph in chunk:
+                if isinstance(paragraph, bytes):
+                    paragraph = paragraph.decode("utf-8").lower().strip().split(" . ")
                 yield from paragraph
                 taken += sum(map(len, paragraph))
                 if taken >= sample_bytes:
