@@ -282,7 +282,7 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
             jsonl_field: str = "text", skip_bad_lines: bool = False,
             memory_mb: int = DEFAULT_MEMORY_MB, workers: int | None = None,
             part: str | tuple[int, int] | None = None, vocab: Vocab | None = None,
-            verbose: bool = False) -> Path:
+            shard_bytes: int | None = None, verbose: bool = False) -> Path:
     """Prepare a corpus (a file, folder or glob, in a format of
     :mod:`bertlite.data.formats`) for training into the folder ``out`` (default: a folder
     under the data cache named by the cache key); returns the folder.
@@ -291,6 +291,7 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
     interrupted run continues where it stopped. ``workers`` processes (default: the cores)
     share the work; ``part="i/N"`` does one machine's share and leaves the manifest to a last
     :func:`merge`. ``vocab`` (say, the training folder's, for a held-out split) is used as is.
+    ``shard_bytes`` sets the text per shard (by default from ``memory_mb``).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 4:
         raise DataError(f"max_len must be an integer of at least 4 (<cls> a <sep> b <sep>), "
@@ -300,7 +301,9 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
     started = time.perf_counter()
     files = expand_inputs(corpus)
     fmt = detect_format(files, format)
-    chunk_bytes = chunk_bytes_for(memory_mb)
+    chunk_bytes = chunk_bytes_for(memory_mb) if shard_bytes is None else int(shard_bytes)
+    if chunk_bytes < 1:
+        raise DataError(f"shard_bytes must be positive, got {shard_bytes!r}")
     part_of = parse_part(part)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     if vocab is not None:
