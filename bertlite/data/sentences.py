@@ -42,10 +42,10 @@ def _is_abbreviation(text: str, end: int) -> bool:
     found = _WORD_BEFORE.search(text, 0, end)
     if not found:
         return False
-    word = found.group(1).lstrip(_CLOSERS + "(\"'[").lower()
-    if word in ABBREVIATIONS:
+    word = found.group(1).lstrip(_CLOSERS + "(\"'[")
+    if word.lower() in ABBREVIATIONS:
         return True
-    return len(word) == 1 and word.isalpha() and not ("\uac00" <= word <= "\ud7a3")
+    return len(word) == 1 and word.isupper()  # an initial: J. R. Tolkien
 
 
 def split_sentences(text: str) -> list[str]:
