@@ -119,6 +119,7 @@ def test_workers_parts_and_merge_agree(tmp_path):
 def test_reuse_resume_and_settings_guard(tmp_path):
     folder = prepare(SAMPLE, tmp_path / "p", max_len=40, shard_bytes=30_000, workers=1)
     before = _shard_digests(folder)
+    assert not list(folder.glob("words-*"))  # pass 1's coded words, deleted once used
     stamp = (folder / "manifest.json").stat().st_mtime_ns
     assert prepare(SAMPLE, folder, max_len=40, shard_bytes=30_000) == folder  # the cache key
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp

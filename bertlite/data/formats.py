@@ -26,7 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from bertlite.data.corpus import _paragraph_lines
+import numpy as np
+
+from bertlite.data._bytewords import code_lines, index_words
+from bertlite.data.corpus import (
+    _BOUNDARY,
+    _STR_ONLY_SPACE,
+    TokenizedCorpus,
+    _paragraph_lines,
+    _type_codes,
+    tokenize_corpus,
+)
 from bertlite.data.sentences import normalize_sentence, split_sentences
 from bertlite.errors import DataError
 
@@ -347,3 +357,58 @@ def _jsonl(path: Path, start: int, end: int, stats: ReadStats, *, field_name: st
         stats.bad_lines += 1
         if len(stats.bad_examples) < 5:
             stats.bad_examples.append(f"{where} {problem}")
+
+
+def chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_name: str,
+            skip_bad_lines: bool, stats: ReadStats) -> Iterator[list]:
+    """The paragraphs of a task, in chunks of about ``chunk_bytes`` characters: lists of
+    sentence lists, or for ``wikitext`` the paragraph lines as bytes (see
+    :func:`tokenize_chunk`)."""
+    chunk: list = []
+    size = 0
+    if fmt == "wikitext":
+        for line in wiki_lines(Path(path), start, end, stats):
+            chunk.append(line)
+            size += len(line) + 1
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+    else:
+        for paragraph in read_paragraphs(Path(path), fmt, start, end, field_name=field_name,
+                                         skip_bad_lines=skip_bad_lines, stats=stats):
+            chunk.append(paragraph)
+            size += sum(map(len, paragraph)) + 3 * len(paragraph)
+            if size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenize_chunk(chunk: list) -> TokenizedCorpus:
+    """The words of a chunk. WikiText lines (bytes) are coded as
+    :func:`bertlite.data.corpus.read_corpus` codes a file: split as bytes, only the distinct
+    words decoded and lowercased, the same words as the book's rules give."""
+    if not chunk or not isinstance(chunk[0], bytes):
+        return tokenize_corpus(chunk)
+    text = b"\n".join(chunk).replace(b" . ", f" {_BOUNDARY} ".encode())
+    coded = code_lines(text)
+    if coded is not None:
+        distinct, index, line_ends = coded
+    else:
+        line_words = [line.split() for line in text.split(b"\n")]
+        distinct, index = index_words([w for words in line_words for w in words])
+        line_ends = np.cumsum([len(words) for words in line_words])
+    del text
+    distinct.append(_BOUNDARY.encode())
+    index = np.insert(index, line_ends, len(distinct) - 1)
+    decoded = b"\n".join(distinct).decode("utf-8")
+    if _STR_ONLY_SPACE.search(decoded):  # whitespace only str.split() knows: the book's way
+        return tokenize_corpus([line.decode("utf-8").lower().strip().split(" . ")
+                                for line in chunk])
+    types, codes = _type_codes(decoded.lower().split("\n"))
+    codes = codes[index]
+    sentence_ends = np.flatnonzero(codes < 0)
+    line_end_at = line_ends + np.arange(len(line_ends))
+    sizes = np.diff(np.searchsorted(sentence_ends, line_end_at, side="right"), prepend=0)
+    return TokenizedCorpus(types, codes, sizes)

@@ -27,14 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bertlite.data._bytewords import code_lines, index_words
-from bertlite.data.corpus import (
-    _BOUNDARY,
-    _STR_ONLY_SPACE,
-    TokenizedCorpus,
-    _type_codes,
-    tokenize_corpus,
-)
+from bertlite.data.corpus import TokenizedCorpus
 from bertlite.data.examples import (
     EncodedCorpus,
     PretrainingExamples,
@@ -45,11 +38,11 @@ from bertlite.data.examples import (
 )
 from bertlite.data.formats import (
     ReadStats,
+    chunks,
     detect_format,
     expand_inputs,
     plan_ranges,
-    read_paragraphs,
-    wiki_lines,
+    tokenize_chunk,
 )
 from bertlite.data.manifest import (
     MANIFEST,
@@ -59,7 +52,14 @@ from bertlite.data.manifest import (
     settings_key,
     write_json,
 )
-from bertlite.data.shards import file_sha1, record_dtype, to_records, write_shard
+from bertlite.data.shards import (
+    file_sha1,
+    load_words,
+    record_dtype,
+    save_words,
+    to_records,
+    write_shard,
+)
 from bertlite.data.tokenizer import (
     DEFAULT_WORDPIECE_VOCAB_SIZE,
     TOKENIZER_KINDS,
@@ -94,69 +94,40 @@ def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return i, n
 
 
-def _chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_name: str,
-            skip_bad_lines: bool, stats: ReadStats) -> Iterator[list]:
-    """The paragraphs of a task, in chunks of about ``chunk_bytes`` characters: lists of
-    sentence lists, or for ``wikitext`` the paragraph lines as bytes (see
-    :func:`tokenize_chunk`)."""
-    chunk: list = []
-    size = 0
-    if fmt == "wikitext":
-        for line in wiki_lines(Path(path), start, end, stats):
-            chunk.append(line)
-            size += len(line) + 1
-            if size >= chunk_bytes:
-                yield chunk
-                chunk, size = [], 0
-    else:
-        for paragraph in read_paragraphs(Path(path), fmt, start, end, field_name=field_name,
-                                         skip_bad_lines=skip_bad_lines, stats=stats):
-            chunk.append(paragraph)
-            size += sum(map(len, paragraph)) + 3 * len(paragraph)
-            if size >= chunk_bytes:
-                yield chunk
-                chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def tokenize_chunk(chunk: list) -> TokenizedCorpus:
-    """The words of a chunk. WikiText lines (bytes) are coded as
-    :func:`bertlite.data.corpus.read_corpus` codes a file: split as bytes, only the distinct
-    words decoded and lowercased, the same words as the book's rules give."""
-    if not chunk or not isinstance(chunk[0], bytes):
-        return tokenize_corpus(chunk)
-    text = b"\n".join(chunk).replace(b" . ", f" {_BOUNDARY} ".encode())
-    coded = code_lines(text)
-    if coded is not None:
-        distinct, index, line_ends = coded
-    else:
-        line_words = [line.split() for line in text.split(b"\n")]
-        distinct, index = index_words([w for words in line_words for w in words])
-        line_ends = np.cumsum([len(words) for words in line_words])
-    del text
-    distinct.append(_BOUNDARY.encode())
-    index = np.insert(index, line_ends, len(distinct) - 1)
-    decoded = b"\n".join(distinct).decode("utf-8")
-    if _STR_ONLY_SPACE.search(decoded):  # whitespace only str.split() knows: the book's way
-        return tokenize_corpus([line.decode("utf-8").lower().strip().split(" . ")
-                                for line in chunk])
-    types, codes = _type_codes(decoded.lower().split("\n"))
-    codes = codes[index]
-    sentence_ends = np.flatnonzero(codes < 0)
-    line_end_at = line_ends + np.arange(len(line_ends))
-    sizes = np.diff(np.searchsorted(sentence_ends, line_end_at, side="right"), prepend=0)
-    return TokenizedCorpus(types, codes, sizes)
-
-
 def _count_task(task: dict[str, Any]) -> tuple[dict[str, int], ReadStats]:
-    """Word counts of one task (pass 1)."""
+    """Word counts of one task (pass 1). The coded words of its chunks are kept in the folder
+    (``words-*.npz``, about 4 bytes a word) for pass 2, which then need not read and split the
+    text again; they are deleted once the task's shards are written."""
+    out, index = Path(task["out"]), task["index"]
     stats = ReadStats()
     counts: Counter[str] = Counter()
-    for chunk in _chunks(stats=stats, **task["read"]):
+    num = 0
+    for num, chunk in enumerate(chunks(stats=stats, **task["read"]), 1):
         corpus = tokenize_chunk(chunk)
+        del chunk
         counts.update(dict(zip(corpus.types, corpus.counts().tolist())))
+        save_words(out / f"words-{index:05d}-{num - 1:03d}.npz", corpus)
+    write_json(out / f"words-{index:05d}.json", {"chunks": num, "stats": asdict(stats)})
     return dict(counts), stats
+
+
+def _task_corpora(task: dict[str, Any], stats: ReadStats) -> Iterator[TokenizedCorpus]:
+    """The words of a task's chunks: kept by pass 1, else read from the text."""
+    out, index = Path(task["out"]), task["index"]
+    kept = out / f"words-{index:05d}.json"
+    if kept.is_file():
+        record = read_json(kept)
+        stats.add(ReadStats(**record["stats"]))
+        for sub in range(record["chunks"]):
+            yield load_words(out / f"words-{index:05d}-{sub:03d}.npz")
+        return
+    for chunk in chunks(stats=stats, **task["read"]):
+        yield tokenize_chunk(chunk)
+
+
+def _drop_words(out: Path, index: int) -> None:
+    for path in out.glob(f"words-{index:05d}*"):
+        path.unlink(missing_ok=True)
 
 
 def load_folder_vocab(folder: Path) -> Vocab:
@@ -197,9 +168,9 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
     stats = ReadStats()
     shards = []
     index = task["index"]
-    for sub, chunk in enumerate(_chunks(stats=stats, **task["read"])):
-        corpus = encode_corpus(tokenize_chunk(chunk), vocab)
-        del chunk
+    for sub, words in enumerate(_task_corpora(task, stats)):
+        corpus = encode_corpus(words, vocab)
+        del words
         examples = build_shard_examples(corpus, vocab, settings["max_len"], settings["seed"],
                                         (index, sub), settings["whole_word_mask"])
         if examples is None:
@@ -208,6 +179,7 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
                                   to_records(examples, dtype)))
     record = {"index": index, "shards": shards, "stats": asdict(stats)}
     write_json(out / f"task-{index:05d}.json", record)
+    _drop_words(out, index)
     return record
 
 
@@ -235,7 +207,7 @@ def _word_vocab(tasks: list[dict[str, Any]], min_freq: int, workers: int) -> Voc
 def _sample_sentences(tasks: list[dict[str, Any]], sample_bytes: int) -> Iterator[str]:
     taken = 0
     for task in tasks:
-        for chunk in _chunks(stats=ReadStats(), **task["read"]):
+        for chunk in chunks(stats=ReadStats(), **task["read"]):
             for paragraph in chunk:
                 if isinstance(paragraph, bytes):
                     paragraph = paragraph.decode("utf-8").lower().strip().split(" . ")

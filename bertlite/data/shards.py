@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertlite.data.corpus import TokenizedCorpus
 from bertlite.data.examples import PretrainingExamples, max_num_mlm_preds
 from bertlite.io import atomic_path
 
@@ -84,3 +85,17 @@ def write_shard(path: Path, records: np.ndarray) -> dict[str, object]:
 def open_shard(path: Path) -> np.ndarray:
     """A shard's records, memory-mapped (read-only)."""
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def save_words(path: Path, corpus: TokenizedCorpus) -> None:
+    """Keep a chunk's coded words (between the passes of ``prepare``), atomically."""
+    types = np.frombuffer("\n".join(corpus.types).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, codes=corpus.codes, sizes=corpus.paragraph_sizes, types=types)
+
+
+def load_words(path: Path) -> TokenizedCorpus:
+    with np.load(path, allow_pickle=False) as kept:
+        text = kept["types"].tobytes().decode("utf-8")
+        return TokenizedCorpus(text.split("\n") if text else [], kept["codes"], kept["sizes"])
