@@ -226,3 +226,31 @@ def test_corpus_prepared_into_the_cache(tmp_path, backend):
     assert made and first.metadata["training"]["corpus"] == str(made[0].parent)
     bertlite.train(backend.name, **options)
     assert sorted(cache.glob("ko-*/manifest.json")) == made  # reused, not prepared again
+
+
+def test_a_full_disk_leaves_no_half_shard(tmp_path):
+    """A real write limit (RLIMIT_FSIZE, as a full disk) in a child process: a clear error, no
+    shard or temporary file left under a listed name, no manifest; then the run resumes."""
+    pytest.importorskip("resource")  # POSIX only
+    out = tmp_path / "p"
+    script = (
+        "import resource, signal, sys\n"
+        "from bertlite.data.prepare import prepare\n"
+        "from bertlite.errors import DataError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    prepare({str(SAMPLE)!r}, {str(out)!r}, max_len=64, workers=1)\n"
+        "except DataError as err:\n"
+        "    print(err); sys.exit(3)\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "cannot write" in done.stdout and "run the same command again" in done.stdout
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("shard-*")) and not list(out.glob(".*.tmp"))
+    folder = prepare(SAMPLE, out, max_len=64, workers=1)
+    assert read_manifest(folder)["examples"] > 0

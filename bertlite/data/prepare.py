@@ -175,8 +175,12 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
                                         (index, sub), settings["whole_word_mask"])
         if examples is None:
             continue
-        shards.append(write_shard(out / f"shard-{index:05d}-{sub:03d}.npy",
-                                  to_records(examples, dtype)))
+        path = out / f"shard-{index:05d}-{sub:03d}.npy"
+        try:
+            shards.append(write_shard(path, to_records(examples, dtype)))
+        except OSError as err:  # a full disk, say: the temporary file is gone, nothing listed
+            raise DataError(f"cannot write {path}: {err.strerror or err}; free some space and "
+                            "run the same command again (it resumes)") from None
     record = {"index": index, "shards": shards, "stats": asdict(stats)}
     write_json(out / f"task-{index:05d}.json", record)
     _drop_words(out, index)
