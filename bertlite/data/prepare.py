@@ -188,12 +188,15 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(fn: Any, tasks: list[dict[str, Any]], workers: int) -> Iterator[Any]:
-    """``fn`` over tasks, in ``workers`` fresh processes (spawned: safe beside any framework's
-    threads), or in this process for one worker."""
+    """``fn`` over tasks, in ``workers`` processes, or in this process for one worker. Forked
+    where the platform allows (no re-import of the caller's script, which a script without an
+    ``if __name__ == "__main__"`` guard would not survive; the workers use numpy only)."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with context.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap_unordered(fn, tasks)
 
 
