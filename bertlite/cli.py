@@ -176,6 +176,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                                         "held-out split)")
     r.add_argument("--memory-mb", type=int, default=1024,
                    help="memory budget; sets the text per shard (default 1024)")
+    r.add_argument("--shard-mb", type=float,
+                   help="text per shard in MB (default: --memory-mb / 48)")
     r.add_argument("--workers", type=int, help="processes (default: the cores)")
     r.add_argument("--part", help="prepare only part i of N ('i/N'); then --merge")
     r.add_argument("--merge", action="store_true",
@@ -205,7 +207,8 @@ def _prepare(args: argparse.Namespace) -> int:
             wordpiece_sample_mb=args.wordpiece_sample_mb,
             whole_word_mask=args.whole_word_mask, jsonl_field=args.jsonl_field,
             skip_bad_lines=args.skip_bad_lines, memory_mb=args.memory_mb,
-            workers=args.workers, part=args.part, vocab=vocab)
+            workers=args.workers, part=args.part, vocab=vocab,
+            shard_bytes=None if args.shard_mb is None else int(args.shard_mb * 2**20))
         if args.part:
             print(f"part {args.part} prepared in {folder}; run `bertlite prepare --merge "
                   f"--out {folder}` once every part is done")

@@ -254,3 +254,17 @@ def test_a_full_disk_leaves_no_half_shard(tmp_path):
     assert not list(out.glob("shard-*")) and not list(out.glob(".*.tmp"))
     folder = prepare(SAMPLE, out, max_len=64, workers=1)
     assert read_manifest(folder)["examples"] > 0
+
+
+def test_cli_parts_then_merge(tmp_path, capsys):
+    out = tmp_path / "p"
+    base = ["prepare", str(SAMPLE), "--out", str(out), "--max-len", "40", "--workers", "1"]
+    assert main([*base, "--shard-mb", "0.03", "--part", "0/2"]) == 0
+    assert "--merge" in capsys.readouterr().out
+    assert main(["prepare", "--merge", "--out", str(out)]) == 2
+    assert "not prepared yet" in capsys.readouterr().err
+    assert main([*base, "--shard-mb", "0.03", "--part", "1/2"]) == 0
+    assert main(["prepare", "--merge", "--out", str(out)]) == 0
+    assert read_manifest(out)["examples"] > 0
+    assert main(["prepare", "--out", str(out)]) == 2  # no corpus given
+    assert "give the corpus" in capsys.readouterr().err

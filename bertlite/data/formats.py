@@ -5,8 +5,9 @@ A paragraph is a list of sentences, each a string of space-separated words (what
 
 * ``wikitext`` - the book's: one paragraph a line, sentences separated by ``' . '``, lowercased;
 * ``lines`` - the original BERT format: one sentence a line, a blank line between documents;
-* ``text`` - running text, paragraphs separated by blank lines (or one a line), split into
-  sentences by :func:`bertlite.data.sentences.split_sentences`;
+* ``text`` - running text, paragraphs separated by blank lines (the lines of one joined; a
+  file without blank lines is read in paragraphs of up to 1 MB), split into sentences by
+  :func:`bertlite.data.sentences.split_sentences`;
 * ``jsonl`` - one JSON object a line, the text of a document in a field (``text``).
 
 Inputs are one file, a folder (its files, recursively) or a glob; ``.gz`` files (and ``.zst``

@@ -113,7 +113,9 @@ class PreparedBatches:
 
     def batch(self, epoch: int, index: int) -> Batch:
         """Batch ``index`` of pass ``epoch``."""
-        idx = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        stop = min(len(self.data), (index + 1) * self.batch_size)
+        idx = (self.order(epoch)[index * self.batch_size:stop] if self.shuffle
+               else np.arange(index * self.batch_size, stop))
         rec = self.data.records(idx)
         i32 = np.int32
         tokens, segments = rec["tokens"].astype(i32), rec["segments"].astype(i32)
