@@ -4,11 +4,11 @@
 
 Makes the corpus with ``make_corpus.py`` (unless ``--corpus`` is given), then runs, each in a
 fresh subprocess and in this order: the in-memory path (``prepare_data(path, cache=False)``,
-today's ``load_data_wiki``) and ``bertlite.prepare`` (word vocabulary, min_freq 5, max_len 64)
-with each number of workers. Reports the wall time, MB/s of input end to end and the peak
-proportional set size (PSS) of the whole process tree (workers included), with the ratios to
-the in-memory path measured in the same run. Targets (issue 17): >= 10 MB/s end to end and
-< 1 GB peak RSS of the tree.
+today's ``load_data_wiki``) and ``bertlite.prepare`` (word vocabulary, min_freq 5, max_len 64;
+``--tokenizer wordpiece`` for WordPiece in both) with each number of workers. Reports the wall
+time, MB/s of input end to end and the peak proportional set size (PSS) of the whole process
+tree (workers included), with the ratios to the in-memory path measured in the same run.
+Targets (issue 17): >= 10 MB/s end to end and < 1 GB peak RSS of the tree.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "memory":
         from bertlite.data.loader import prepare_data
 
-        examples, vocab = prepare_data(path, args.max_len, cache=False)
+        examples, vocab = prepare_data(path, args.max_len, cache=False,
+                                       tokenizer=args.tokenizer)
         result = {"examples": len(examples), "vocab": len(vocab)}
     else:
         from bertlite.data.manifest import read_manifest
         from bertlite.data.prepare import prepare
 
         folder = prepare(path, args.out, max_len=args.max_len, workers=args.workers[0],
-                         memory_mb=args.memory_mb)
+                         memory_mb=args.memory_mb, tokenizer=args.tokenizer)
         manifest = read_manifest(folder, verify=False)
         result = {"examples": manifest["examples"], "vocab": manifest["vocab"]["size"],
                   "shards": len(manifest["shards"])}
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--memory-mb", type=int, default=1024)
+    parser.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"],
+                        help="wordpiece: 10,000 pieces trained on the text (both paths)")
     parser.add_argument("--skip-memory-path", action="store_true",
                         help="leave out the in-memory path (it needs ~13x the corpus in RAM)")
     parser.add_argument("--worker", choices=["memory", "prepare"], help=argparse.SUPPRESS)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             corpus = make_corpus(tmp / "corpus.tokens", args.mb)
         mb = corpus.stat().st_size / 1e6
         print(f"corpus {corpus} ({mb:.1f} MB)")
-        common = ["--path", str(corpus), "--max-len", str(args.max_len)]
+        common = ["--path", str(corpus), "--max-len", str(args.max_len), "--tokenizer",
+                  args.tokenizer]
         runs = [] if args.skip_memory_path else [("in-memory (prepare_data)", ["--worker",
                                                                              "memory"])]
         for n in args.workers:

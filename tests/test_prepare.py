@@ -268,3 +268,15 @@ def test_cli_parts_then_merge(tmp_path, capsys):
     assert read_manifest(out)["examples"] > 0
     assert main(["prepare", "--out", str(out)]) == 2  # no corpus given
     assert "give the corpus" in capsys.readouterr().err
+
+
+def test_exact_resume_from_a_prepared_folder(backend, tmp_path):
+    folder = prepare(SAMPLE, tmp_path / "p", max_len=32, seed=4, shard_bytes=40_000, workers=1)
+    options = {"data": str(folder), "batch_size": 16, "max_len": 32, "seed": 4, "plot": None,
+               "progress": False, "verbose": False, "masking": "dynamic"}
+    whole = bertlite.train(backend.name, num_steps=4, **options)
+    bertlite.train(backend.name, num_steps=2, checkpoint_dir=tmp_path / "ck", **options)
+    resumed = bertlite.train(backend.name, num_steps=4, checkpoint_dir=tmp_path / "ck",
+                             resume=True, **options)
+    np.testing.assert_allclose(resumed.history.mlm_loss, whole.history.mlm_loss, rtol=1e-6)
+    np.testing.assert_allclose(resumed.history.nsp_loss, whole.history.nsp_loss, rtol=1e-6)
