@@ -74,11 +74,20 @@ VOCAB_FILE, TOKENIZER_FILE, VOCAB_DONE = "vocab.txt", "tokenizer.json", "vocab.j
 
 
 def chunk_bytes_for(memory_mb: int) -> int:
-    """Text per shard for a memory budget: a chunk of text takes about 20 times its size while
-    its examples are built, and up to two workers share the budget by default."""
+    """Text per shard for a memory budget (1/48 of it, at most 64 MB): a worker takes about 12
+    times its chunk while the chunk's examples are built, so about three workers fit in the
+    budget beside this process (:func:`workers_within`)."""
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 64:
         raise DataError(f"memory_mb must be an integer of at least 64, got {memory_mb!r}")
     return min(64 << 20, (memory_mb << 20) // 48)
+
+
+def workers_within(memory_mb: int, chunk_bytes: int) -> int:
+    """How many workers fit in the memory budget: each holds one chunk while it is coded and
+    its examples built (about 12 times the chunk, plus the interpreter), beside this process
+    (about 100 MB, and the vocabulary's counts)."""
+    per_worker = 12 * chunk_bytes + (40 << 20)
+    return max(1, ((memory_mb << 20) - (100 << 20)) // per_worker)
 
 
 def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -268,9 +277,10 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
 
     A folder already prepared with the same settings from the same inputs is reused; an
     interrupted run continues where it stopped. ``workers`` processes (default: the cores)
-    share the work; ``part="i/N"`` does one machine's share and leaves the manifest to a last
-    :func:`merge`. ``vocab`` (say, the training folder's, for a held-out split) is used as is.
-    ``shard_bytes`` sets the text per shard (by default from ``memory_mb``).
+    share the work, as many as fit in ``memory_mb``; ``part="i/N"`` does one machine's share
+    and leaves the manifest to a last :func:`merge`. ``vocab`` (say, the training folder's,
+    for a held-out split) is used as is. ``shard_bytes`` sets the text per shard (by default
+    from ``memory_mb``).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 4:
         raise DataError(f"max_len must be an integer of at least 4 (<cls> a <sep> b <sep>), "
@@ -285,6 +295,7 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
         raise DataError(f"shard_bytes must be positive, got {shard_bytes!r}")
     part_of = parse_part(part)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = min(workers, workers_within(memory_mb, chunk_bytes))  # the budget bounds them
     if vocab is not None:
         tokenizer = "word" if vocab.tokenizer is None else vocab.tokenizer.kind
     settings = {"format": fmt, "max_len": max_len, "seed": int(seed), "min_freq": min_freq,
