@@ -48,6 +48,8 @@ EXTENSION_FORMATS = {".tokens": "wikitext", ".jsonl": "jsonl", ".ndjson": "jsonl
 _BLOCK = 1 << 20
 #: a ``text`` paragraph longer than this many characters is cut at a line end
 MAX_PARAGRAPH_CHARS = 1 << 20
+#: a longer line is an error (a file without line breaks cannot be read in bounded memory)
+MAX_LINE_BYTES = 64 << 20
 
 
 @dataclass
@@ -205,6 +207,10 @@ def _raw_blocks(path: Path, start: int, end: int, stats: ReadStats
                 pos += len(block)
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
+                    if len(data) > MAX_LINE_BYTES:  # memory stays bounded
+                        raise DataError(f"{path} has a line longer than "
+                                        f"{MAX_LINE_BYTES >> 20} MB near byte {pos}; is it a "
+                                        "text file with line breaks?")
                     carry = data
                     continue
                 stats.bytes += cut
