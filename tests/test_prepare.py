@@ -280,3 +280,24 @@ def test_exact_resume_from_a_prepared_folder(backend, tmp_path):
                              resume=True, **options)
     np.testing.assert_allclose(resumed.history.mlm_loss, whole.history.mlm_loss, rtol=1e-6)
     np.testing.assert_allclose(resumed.history.nsp_loss, whole.history.nsp_loss, rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs the tokenizers package")
+def test_korean_wordpiece_whole_word_masks(tmp_path):
+    path = _korean_corpus(tmp_path / "src")
+    folder = prepare(path, tmp_path / "p", format="text", tokenizer="wordpiece",
+                     wordpiece_vocab_size=120, min_freq=1, max_len=24, whole_word_mask=True,
+                     workers=1)
+    data = PreparedData(folder)
+    continues = np.array([t.startswith("##") for t in data.vocab.idx_to_token])
+    assert continues.any() and "##다" in data.vocab
+    records = data.records(np.arange(len(data)))
+    split_words = 0
+    for tokens, positions, weights in zip(records["tokens"], records["pred_positions"],
+                                          records["mlm_weights"]):
+        predicted = set(positions[weights > 0].tolist())
+        for p in predicted:
+            if continues[tokens[p]]:  # a piece inside a word: the piece before it goes too
+                split_words += 1
+                assert p - 1 in predicted
+    assert split_words > 0
