@@ -133,7 +133,9 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           tokenizer: str | WordPieceTokenizer = "word",
           wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
           whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
-          on_nan: str = "stop", dropout: float | None = None) -> TrainResult:
+          on_nan: str = "stop", dropout: float | None = None,
+          data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
+          format: str | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -191,10 +193,19 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
             _lock.acquire(ckpt_dir)
 
     check_tokenizer_kind(tokenizer)
-    batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
-                                    split=split, seed=seed, masking=masking, tokenizer=tokenizer,
-                                    wordpiece_vocab_size=wordpiece_vocab_size,
-                                    whole_word_mask=whole_word_mask)
+    if data is not None:
+        batches, vocab, corpus = _prepared_batches(data, format, batch_size, max_len, seed,
+                                                   masking, tokenizer, wordpiece_vocab_size,
+                                                   whole_word_mask)
+        whole_word_mask = bool(batches.data.settings["whole_word_mask"])
+    elif eval_data is not None:
+        raise DataError("eval_data needs data= (a prepared folder or a corpus to prepare)")
+    else:
+        batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
+                                        split=split, seed=seed, masking=masking,
+                                        tokenizer=tokenizer,
+                                        wordpiece_vocab_size=wordpiece_vocab_size,
+                                        whole_word_mask=whole_word_mask)
     model_config = resolve_config(config, len(vocab), max_len=max_len)
     if dropout is not None:
         model_config = model_config.replace(dropout=float(dropout))
@@ -228,8 +239,12 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if eval_every is not None and main:
         from bertlite.evaluate import evaluate_batches, heldout_batches
 
-        heldout = heldout_batches(result, corpus=corpus, split=eval_split, data_dir=data_dir,
-                                  max_len=max_len, whole_word_mask=whole_word_mask)
+        if data is not None:
+            heldout = _prepared_heldout(eval_data, format, max_len, vocab, whole_word_mask)
+        else:
+            heldout = heldout_batches(result, corpus=corpus, split=eval_split,
+                                      data_dir=data_dir, max_len=max_len,
+                                      whole_word_mask=whole_word_mask)
 
         def evaluate_now(st: TrainState) -> None:
             if st.step % eval_every == 0 or st.step == num_steps:
@@ -264,9 +279,43 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     return result
 
 
+def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: int,
+                      max_len: int, seed: int, masking: str, tokenizer: Any,
+                      wordpiece_vocab_size: int, whole_word_mask: bool) -> tuple[Any, Any, str]:
+    """Batches, vocabulary and name of ``data=``: a prepared folder, or a corpus prepared
+    first."""
+    from bertlite.data.prepared import PreparedBatches, open_data
+
+    if not isinstance(tokenizer, str):
+        raise DataError("with data=, tokenizer must be 'word' or 'wordpiece' (a trained "
+                        "tokenizer's vocabulary goes to bertlite.prepare(vocab=...))")
+    prepared = open_data(data, format=format, max_len=max_len, seed=seed, tokenizer=tokenizer,
+                         wordpiece_vocab_size=wordpiece_vocab_size,
+                         whole_word_mask=whole_word_mask)
+    batches = PreparedBatches(prepared, batch_size, seed=seed, masking=masking)
+    return batches, prepared.vocab, str(prepared.folder)
+
+
+def _prepared_heldout(eval_data: str | os.PathLike | None, format: str | None, max_len: int,
+                      vocab: Any, whole_word_mask: bool) -> Any:
+    """The held-out batches of ``eval_data=`` (fixed masks and order, the training vocab)."""
+    from bertlite.data.prepared import PreparedBatches, open_data
+    from bertlite.evaluate import EVAL_SEED
+
+    if eval_data is None:
+        raise DataError("eval_every with data= needs eval_data= (a held-out prepared folder "
+                        "or corpus)")
+    prepared = open_data(eval_data, format=format, max_len=max_len, seed=EVAL_SEED,
+                         vocab=vocab, whole_word_mask=whole_word_mask)
+    return PreparedBatches(prepared, min(128, len(prepared)), seed=EVAL_SEED, shuffle=False)
+
+
 def _corpus_digest(batches: BatchIterator) -> str:
     """A short fingerprint of the prepared data, so a resume cannot silently switch corpora."""
     import hashlib
+
+    if hasattr(batches, "digest"):  # a prepared folder: its manifest's key
+        return str(batches.digest)
 
     digest = hashlib.sha1()
     ex = batches.examples
