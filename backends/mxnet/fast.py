@@ -37,16 +37,10 @@ from mxnet.gluon import nn
 from bertlite.loss import bert_loss
 
 from .loss import MXNetLossOps, _StaticLastAxis
-from .model import BERTModel, row
+from .model import BERTModel, _parameter, row
 
 __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
            "sparse_forward"]
-
-
-def _parameter(F: Any, param: Any, like: Any) -> Any:
-    """A block's own parameter inside another block's computation: its symbol while a graph
-    is traced, else its data on ``like``'s device."""
-    return param.var() if F is mx.symbol else param.data(like.ctx)
 
 
 def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,
