@@ -11,12 +11,14 @@ from bertlite.config import BERTConfig
 from bertlite.data import Vocab, get_tokens_and_segments, load_data_wiki
 from bertlite.data.prepare import prepare
 from bertlite.evaluate import evaluate
+from bertlite.hf import export_hf, from_hf
 from bertlite.memory import estimate_memory
 from bertlite.model import Pretrained, get_bert_encoding
 from bertlite.registry import available_backends, get_backend
 
 __all__ = [
     "BERTConfig", "Pretrained", "TrainResult", "Vocab", "__version__", "available_backends",
-    "estimate_memory", "evaluate", "get_backend", "get_bert_encoding", "get_tokens_and_segments",
+    "estimate_memory", "evaluate", "export_hf", "from_hf", "get_backend", "get_bert_encoding",
+    "get_tokens_and_segments",
     "info", "load", "load_data_wiki", "prepare", "save", "train",
 ]

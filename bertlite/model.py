@@ -76,6 +76,13 @@ class Pretrained:
         return self.backend.encode(self.model, ids, np.asarray([segments], dtype=np.int32),
                                    np.asarray([len(tokens)], dtype=np.float32))
 
+    def to_hf(self, path: str) -> Any:
+        """Write a ``transformers`` ``BertForPreTraining`` folder (see
+        :func:`bertlite.hf.export_hf`); the book's flavour is refused."""
+        from bertlite.hf import export_hf
+
+        return export_hf(self, path)
+
     def save(self, path: str, **kwargs: Any) -> None:
         """Write a framework-neutral checkpoint folder (see :func:`bertlite.save`)."""
         from bertlite.checkpoint import save
