@@ -135,7 +135,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
           on_nan: str = "stop", dropout: float | None = None,
           data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
-          format: str | None = None) -> TrainResult:
+          format: str | None = None, init: str | os.PathLike | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -149,7 +149,10 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     pieces on the split instead of the book's word vocabulary (``pip install
     "bertlite[wordpiece]"``; it is saved in checkpoints as ``tokenizer.json``);
     ``whole_word_mask`` masks all pieces of a word together. ``dropout`` (in [0, 1)) replaces
-    the config's dropout probability (the book's 0.2 in ``"tiny"``).
+    the config's dropout probability (the book's 0.2 in ``"tiny"``). ``init`` (a local
+    ``transformers`` BERT folder, see :func:`bertlite.from_hf`) continues pretraining from its
+    weights, config and WordPiece tokenizer (the data is tokenized with it; ``config`` and
+    ``tokenizer`` must stay at their defaults).
 
     Scaling: ``batch_size`` is the global batch of one optimizer step, whatever runs it.
     ``accumulate=K`` computes it as K micro-batches one after another (the memory of a K times
@@ -192,6 +195,9 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
         if main:  # one run at a time in a checkpoint directory (released when train ends)
             _lock.acquire(ckpt_dir)
 
+    init_weights = None
+    if init is not None:
+        config, init_weights, tokenizer = _init_from(init, config, tokenizer, seed)
     check_tokenizer_kind(tokenizer)
     if data is not None:
         batches, vocab, corpus = _prepared_batches(data, format, batch_size, max_len, seed,
@@ -217,7 +223,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                    free, batch_size=batch_size, max_len=max_len)
     be.seed(seed)
     net = be.build_model(model_config, devs)
-    be.load_state_dict(net, init_params(model_config, seed))
+    be.load_state_dict(net, init_params(model_config, seed) if init_weights is None
+                       else init_weights)
     opt = be.create_optimizer(net, settings)
     training = {"corpus": str(corpus), "split": split, "batch_size": batch_size,
                 "max_len": max_len, "seed": seed, "masking": masking, "num_steps": num_steps,
@@ -225,7 +232,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                 "whole_word_mask": bool(whole_word_mask), "accumulate": accumulate,
                 "precision": precision,
                 "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches),
-                "run": ckpt.new_run_id()}
+                "run": ckpt.new_run_id(),
+                **({"init": str(Path(init).resolve())} if init is not None else {})}
     result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
                          num_steps=num_steps, seed=seed)
     state = None
@@ -277,6 +285,24 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
         plot_history(state.history, plot, title=f"{be.name}, {model_config.num_layers} layers, "
                                                 f"batch {batch_size} x {max_len}")
     return result
+
+
+def _init_from(init: str | os.PathLike, config: Any, tokenizer: Any, seed: int
+               ) -> tuple[BERTConfig, dict[str, Any], WordPieceTokenizer]:
+    """The config, weights and tokenizer that ``train(init=...)`` starts from."""
+    from bertlite.hf import load_init
+
+    if tokenizer != "word" or config != "tiny":
+        raise ValueError("init= takes the config and the tokenizer from the transformers folder: "
+                         "leave config= and tokenizer= at their defaults")
+    init_config, weights, vocab, meta = load_init(init, seed)
+    if vocab.tokenizer is None:
+        raise DataError(f"{init} has a word-level tokenizer; continued pretraining needs a "
+                        "WordPiece tokenizer (the corpus is tokenized with it)")
+    if not meta["tokenizer"]["lowercase"]:
+        raise DataError(f"{init} has a cased tokenizer, but bertlite lowercases every corpus; "
+                        "continue pretraining from an uncased model")
+    return init_config, weights, vocab.tokenizer
 
 
 def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: int,

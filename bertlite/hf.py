@@ -25,7 +25,7 @@ from bertlite.errors import CheckpointError
 from bertlite.params import init_params, parameter_shapes
 
 __all__ = ["HF_ARCHITECTURES", "export_hf", "from_hf", "from_hf_arrays", "hf_config", "hf_names",
-           "read_hf_folder", "to_hf_arrays", "write_hf_folder"]
+           "load_init", "read_hf_folder", "to_hf_arrays", "write_hf_folder"]
 
 #: the architectures whose weights import (the heads a folder lacks are initialised)
 HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
@@ -280,24 +280,33 @@ def export_hf(model: Any, out: str | os.PathLike) -> Path:
                            pad_token_id=model.vocab["<pad>"])
 
 
+def load_init(path: str | os.PathLike, seed: int = 0
+              ) -> tuple[BERTConfig, dict[str, np.ndarray], Any, dict[str, Any]]:
+    """``(config, canonical weights, vocabulary, metadata)`` of a local ``transformers`` BERT
+    folder: what :func:`from_hf` builds a model of and ``train(init=...)`` starts from."""
+    from bertlite.hf_tokenizer import read_tokenizer
+
+    config, meta, arrays = read_hf_folder(path)
+    weights, initialised = from_hf_arrays(arrays, config, str(path), seed=seed)
+    vocab, tokenizer = read_tokenizer(path, config.vocab_size)
+    metadata = {"imported_from": f"transformers {meta.get('architectures', ['BertModel'])[0]} "
+                                 f"({Path(path).resolve()})",
+                "initialised": initialised, "tokenizer": tokenizer}
+    return config, weights, vocab, metadata
+
+
 def from_hf(path: str | os.PathLike, backend: Any = None, *, devices: Any = None,
             seed: int = 0) -> Any:
     """A bertlite model (:class:`~bertlite.model.Pretrained`) of ``backend`` from a local
     ``transformers`` BERT folder (``BertForPreTraining``; ``BertForMaskedLM`` or ``BertModel``
     with the missing heads initialised from ``seed``, listed in ``metadata["initialised"]``)
     and its WordPiece tokenizer, special tokens at their own ids. Never reads the network."""
-    from bertlite.hf_tokenizer import read_tokenizer
     from bertlite.model import Pretrained
     from bertlite.registry import get_backend
 
-    config, meta, arrays = read_hf_folder(path)
-    weights, initialised = from_hf_arrays(arrays, config, str(path), seed=seed)
-    vocab, tokenizer = read_tokenizer(path, config.vocab_size)
+    config, weights, vocab, metadata = load_init(path, seed)
     be = get_backend(backend)
     devs = be.parse_devices(devices)
     net = be.build_model(config, devs)
     be.load_state_dict(net, weights)
-    metadata = {"imported_from": f"transformers {meta.get('architectures', ['BertModel'])[0]} "
-                                 f"({Path(path).resolve()})",
-                "initialised": initialised, "tokenizer": tokenizer}
     return Pretrained(net, be, vocab, config, devs, metadata=metadata)

@@ -242,3 +242,32 @@ class _Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_continue_pretraining_from_a_transformers_folder(backend, tmp_path):
+    folder = tmp_path / "bert"
+    save_hf_bert(folder)
+    start = bertlite.from_hf(folder, backend=backend).state_dict()
+    result = bertlite.train(backend, corpus="sample", init=folder, num_steps=2, batch_size=8,
+                            max_len=32, lr=1e-3, plot=None, progress=False, verbose=False)
+    assert result.config == bertlite.from_hf(folder, backend=backend).config
+    assert result.vocab["<mask>"] == 103 and result.vocab["<pad>"] == 0
+    assert np.isfinite(result.history.mlm_loss).all() and len(result.history.mlm_loss) == 2
+    moved = result.state_dict()
+    assert not np.array_equal(moved["encoder.token_embedding.weight"],
+                              start["encoder.token_embedding.weight"])
+    out = result.to_hf(str(tmp_path / "continued"))
+    net = transformers.BertForPreTraining.from_pretrained(out)
+    np.testing.assert_array_equal(net.bert.embeddings.word_embeddings.weight.detach().numpy(),
+                                  moved["encoder.token_embedding.weight"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(config="bert-mini"), "leave config= and tokenizer= at their defaults"),
+    (dict(tokenizer="wordpiece"), "leave config= and tokenizer= at their defaults"),
+])
+def test_init_takes_config_and_tokenizer_from_the_folder(backend, tmp_path, kwargs, message):
+    save_hf_bert(tmp_path / "bert")
+    with pytest.raises(ValueError, match=message):
+        bertlite.train(backend, corpus="sample", init=tmp_path / "bert", num_steps=1,
+                       plot=None, progress=False, verbose=False, **kwargs)
