@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of a --data corpus (default: from the extension)")
     p.add_argument("--split", default="train")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--init", help="continue pretraining a local transformers BERT folder (its "
+                                  "config, weights and WordPiece tokenizer)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--max-len", type=int, default=64)
@@ -122,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show a preset's size and chance-level losses")
     i.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export-hf", help="write a checkpoint as a transformers "
+                                         "BertForPreTraining folder (BERT flavour only)")
+    x.add_argument("--checkpoint", required=True, help="checkpoint folder or directory")
+    x.add_argument("--out", required=True, help="new folder for the transformers files")
+    h = sub.add_parser("import-hf", help="a local transformers BERT folder as a bertlite "
+                                         "checkpoint")
+    h.add_argument("folder", help="folder with config.json, model.safetensors, tokenizer")
+    h.add_argument("--out", required=True, help="checkpoint folder to write")
+    h.add_argument("--backend", help="torch or mxnet (default: $BERTLITE_BACKEND)")
+
     # parsed by bertlite.launch itself (main() hands it everything after the subcommand)
     sub.add_parser("launch-mxnet", add_help=False,
                    help="run a command as MXNet dist_sync workers on this machine, with a "
@@ -148,7 +160,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
         whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
         precision=args.precision, on_nan=args.on_nan, dropout=args.dropout, data=args.data,
-        eval_data=args.eval_data, format=args.format)
+        eval_data=args.eval_data, format=args.format, init=args.init)
     if not result.backend.is_main_process():  # torchrun: one process reports and saves
         return 0
     if not args.no_plot:
@@ -320,6 +332,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from bertlite.hf import export_checkpoint
+
+    print(f"transformers folder: {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from bertlite.hf import from_hf
+
+    model = from_hf(args.folder, backend=args.backend)
+    for name in model.metadata["initialised"]:
+        print(f"initialised (not in the folder): {name}")
+    model.save(args.out)
+    print(f"checkpoint: {args.out} ({model.metadata['imported_from']})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch-mxnet"]:  # its own parser: everything after -- is the command
@@ -332,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
-                "evaluate": _evaluate, "plan": _plan, "info": _info}[args.command](args)
+                "evaluate": _evaluate, "plan": _plan, "info": _info, "export-hf": _export_hf,
+                "import-hf": _import_hf}[args.command](args)
     except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -24,8 +24,8 @@ from bertlite.config import BERTConfig
 from bertlite.errors import CheckpointError
 from bertlite.params import init_params, parameter_shapes
 
-__all__ = ["HF_ARCHITECTURES", "export_hf", "from_hf", "from_hf_arrays", "hf_config", "hf_names",
-           "load_init", "read_hf_folder", "to_hf_arrays", "write_hf_folder"]
+__all__ = ["HF_ARCHITECTURES", "export_checkpoint", "export_hf", "from_hf", "from_hf_arrays",
+           "hf_config", "hf_names", "load_init", "read_hf_folder", "to_hf_arrays", "write_hf_folder"]
 
 #: the architectures whose weights import (the heads a folder lacks are initialised)
 HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
@@ -242,7 +242,7 @@ def write_hf_folder(out: str | os.PathLike, config: BERTConfig, state: dict[str,
     out = Path(out)
     meta = hf_config(config, pad_token_id=pad_token_id)  # refuses the book's flavour first
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
+        raise CheckpointError(f"{out} exists and is not an empty folder; choose a new --out")
     arrays = to_hf_arrays(state, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -278,6 +278,19 @@ def export_hf(model: Any, out: str | os.PathLike) -> Path:
     files = tokenizer_files(model.vocab, model.config.max_len)
     return write_hf_folder(out, model.config, model.state_dict(), files,
                            pad_token_id=model.vocab["<pad>"])
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """``bertlite export-hf``: a bertlite checkpoint folder (or the latest of a directory) as
+    a ``transformers`` folder, read and written without a framework."""
+    from bertlite.checkpoint import read_checkpoint
+    from bertlite.hf_tokenizer import tokenizer_files
+
+    ckpt = read_checkpoint(checkpoint)
+    config, vocab = ckpt["config"], ckpt["vocab"]
+    check_exportable(config)
+    return write_hf_folder(out, config, ckpt["weights"], tokenizer_files(vocab, config.max_len),
+                           pad_token_id=vocab["<pad>"])
 
 
 def load_init(path: str | os.PathLike, seed: int = 0

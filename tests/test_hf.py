@@ -124,7 +124,7 @@ def test_book_flavour_export_is_refused(backend, tmp_path):
 def test_export_into_a_used_folder_is_refused(backend, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(CheckpointError, match="not an empty folder"):
         bertlite_model(backend, word_vocab()).to_hf(str(tmp_path / "out"))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
 
@@ -271,3 +271,30 @@ def test_init_takes_config_and_tokenizer_from_the_folder(backend, tmp_path, kwar
     with pytest.raises(ValueError, match=message):
         bertlite.train(backend, corpus="sample", init=tmp_path / "bert", num_steps=1,
                        plot=None, progress=False, verbose=False, **kwargs)
+
+
+def test_cli_import_export_and_pretrain_init(backend, tmp_path, capsys):
+    from bertlite.cli import main
+
+    save_hf_bert(tmp_path / "bert", "BertForMaskedLM")
+    assert main(["import-hf", str(tmp_path / "bert"), "--out", str(tmp_path / "ck"),
+                 "--backend", backend.name]) == 0
+    out = capsys.readouterr().out
+    assert "initialised (not in the folder): nsp.output.weight" in out
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ck"), "--out",
+                 str(tmp_path / "hf")]) == 0
+    again = bertlite.from_hf(tmp_path / "hf", backend=backend)
+    loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
+    for name, value in loaded.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], value, err_msg=name)
+    assert main(["pretrain", "--backend", backend.name, "--corpus", "sample", "--init",
+                 str(tmp_path / "hf"), "--steps", "1", "--batch-size", "4", "--max-len", "24",
+                 "--no-plot", "--no-progress", "--save", str(tmp_path / "more")]) == 0
+    assert bertlite.load(tmp_path / "more", backend=backend.name).vocab["<mask>"] == 103
+    # the book's flavour: one clear error, nothing written
+    book = bertlite_model(backend, word_vocab(), embedding_norm=False)
+    book.save(str(tmp_path / "book"))
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "book"), "--out",
+                 str(tmp_path / "book-hf")]) == 2
+    assert "cannot represent exactly" in capsys.readouterr().err
+    assert not (tmp_path / "book-hf").exists()
