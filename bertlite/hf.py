@@ -25,7 +25,8 @@ from bertlite.errors import CheckpointError
 from bertlite.params import init_params, parameter_shapes
 
 __all__ = ["HF_ARCHITECTURES", "export_checkpoint", "export_hf", "from_hf", "from_hf_arrays",
-           "hf_config", "hf_names", "load_init", "read_hf_folder", "to_hf_arrays", "write_hf_folder"]
+           "hf_config", "hf_names", "load_init", "read_hf_folder", "to_hf_arrays",
+           "write_hf_folder"]
 
 #: the architectures whose weights import (the heads a folder lacks are initialised)
 HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")
