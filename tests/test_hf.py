@@ -298,3 +298,32 @@ def test_cli_import_export_and_pretrain_init(backend, tmp_path, capsys):
                  str(tmp_path / "book-hf")]) == 2
     assert "cannot represent exactly" in capsys.readouterr().err
     assert not (tmp_path / "book-hf").exists()
+
+
+def test_continue_pretraining_example(backend, tmp_path, capsys):
+    """examples/continue_pretraining.py on a tiny random BERT: import, continue, export, and
+    transformers' fill-mask pipeline on the result."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "continue_pretraining.py"
+    spec = importlib.util.spec_from_file_location("bertlite_example_continue", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    predictions = example.main(["--tiny", str(tmp_path / "tiny"), "--backend", backend.name,
+                                "--steps", "2", "--batch-size", "8", "--max-len", "32",
+                                "--out", str(tmp_path / "out")])
+    assert len(predictions) == 5 and all(0 <= score <= 1 for _, score in predictions)
+    out = capsys.readouterr().out
+    assert f"exported: {tmp_path / 'out'}" in out and "the crane is <mask> over" in out
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_missing_tokenizers_names_the_hf_extra(backend, tmp_path, monkeypatch):
+    import sys
+
+    model = bertlite_model(backend, word_vocab())
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers fails
+    with pytest.raises(ImportError, match=r"pip install .*\[hf\]"):
+        model.to_hf(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
