@@ -312,12 +312,12 @@ def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: i
     first."""
     from bertlite.data.prepared import PreparedBatches, open_data
 
-    if not isinstance(tokenizer, str):
-        raise DataError("with data=, tokenizer must be 'word' or 'wordpiece' (a trained "
-                        "tokenizer's vocabulary goes to bertlite.prepare(vocab=...))")
+    vocab = None
+    if isinstance(tokenizer, WordPieceTokenizer):  # init=: the imported tokenizer's pieces
+        vocab, tokenizer = tokenizer.to_vocab(), tokenizer.kind
     prepared = open_data(data, format=format, max_len=max_len, seed=seed, tokenizer=tokenizer,
                          wordpiece_vocab_size=wordpiece_vocab_size,
-                         whole_word_mask=whole_word_mask)
+                         whole_word_mask=whole_word_mask, vocab=vocab)
     batches = PreparedBatches(prepared, batch_size, seed=seed, masking=masking)
     return batches, prepared.vocab, str(prepared.folder)
 

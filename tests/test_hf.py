@@ -262,6 +262,28 @@ def test_continue_pretraining_from_a_transformers_folder(backend, tmp_path):
                                   moved["encoder.token_embedding.weight"])
 
 
+def test_continue_pretraining_on_a_corpus_to_prepare(backend, tmp_path):
+    """init= with data=: the corpus is prepared with the imported tokenizer, whose special
+    tokens keep BERT's ids ([PAD]=0 pads every example, [CLS]=101 starts it)."""
+    from bertlite.data.prepared import PreparedBatches, open_data
+
+    save_hf_bert(tmp_path / "bert")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT.replace(" . ", ". ").capitalize()
+                                   for _ in range(40)) + "\n")
+    result = bertlite.train(backend, data=corpus, format="text", init=tmp_path / "bert",
+                            num_steps=1, batch_size=4, max_len=24, plot=None, progress=False,
+                            verbose=False)
+    vocab = bertlite.from_hf(tmp_path / "bert", backend=backend).vocab
+    assert result.vocab == vocab
+    prepared = open_data(corpus, format="text", max_len=24, tokenizer="wordpiece", vocab=vocab)
+    batch = next(iter(PreparedBatches(prepared, 4, seed=0)))
+    assert (batch.tokens[:, 0] == 101).all()
+    short = batch.valid_lens < 24
+    assert short.any() and all((row[int(n):] == 0).all()
+                               for row, n in zip(batch.tokens, batch.valid_lens))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(config="bert-mini"), "leave config= and tokenizer= at their defaults"),
     (dict(tokenizer="wordpiece"), "leave config= and tokenizer= at their defaults"),
