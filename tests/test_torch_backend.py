@@ -1,4 +1,4 @@
-"""What only the PyTorch backend has: SDPA attention, the fast dropout, the book's PyTorch tab
+"""What only the PyTorch backend has: SDPA attention, the book's PyTorch tab
 running unchanged on ``bertlite.backends.torch``, torch devices."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from test_model import make_batch, tiny_config
+from helpers import make_batch, tiny_config
 
 from bertlite.config import BERTConfig
 from bertlite.errors import DeviceError
@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bertlite.backends import torch as d2l_api  # noqa: E402
+from bertlite.backends.torch import fast as torch_fast  # noqa: E402
 from bertlite.backends.torch import model as torch_model  # noqa: E402
 from bertlite.backends.torch import step as torch_step  # noqa: E402
 from bertlite.backends.torch.devices import parse_devices, try_all_gpus, try_gpu  # noqa: E402
@@ -84,32 +85,13 @@ def test_training_attention_path_equals_sdpa_without_dropout():
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 2, 8, 4, requires_grad=True) for _ in range(3))
     mask = torch_model.attention_mask(torch.tensor([8, 3]), 8, torch.float32)
-    manual = torch_model.masked_softmax_attention(q, k, v, mask, 0.0, True)
+    manual = torch_model.masked_softmax_attention(q, k, v, mask, nn.Dropout(0.0))
     grads = torch.autograd.grad(manual.square().sum(), (q, k, v))
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sdpa_grads = torch.autograd.grad(sdpa.square().sum(), (q, k, v))
     assert (manual - sdpa).abs().max() < 1e-6
     for a, b in zip(grads, sdpa_grads):
         assert (a - b).abs().max() < 1e-5
-
-
-def test_fast_dropout_statistics_and_seed():
-    X = torch.ones(1000, 1000)
-    torch.manual_seed(0)
-    out = torch_model.dropout(X, 0.2, training=True)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.8) < 0.003
-    assert torch.allclose(out[kept], torch.tensor(1 / 0.8), rtol=1e-4)
-    assert abs(out.mean().item() - 1.0) < 0.005  # the expectation is kept
-    torch.manual_seed(0)
-    assert torch.equal(torch_model.dropout(X, 0.2, training=True), out)
-    assert torch_model.dropout(X, 0.2, training=False) is X
-    assert torch_model.dropout(X, 0.0, training=True) is X
-    # The gradient is the same mask.
-    Y = torch.ones(5, 7, requires_grad=True)
-    dropped = torch_model.dropout(Y, 0.5, training=True)
-    dropped.sum().backward()
-    assert torch.equal(Y.grad, dropped.detach())
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -208,7 +190,7 @@ def test_sparse_mlm_training_loss_equals_the_full_forward():
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
+def test_packed_training_path_equals_the_plain_one(num_layers):
     """Training on the CPU packs the valid tokens, computes the last layer only at the
     predicted positions and <cls> and fuses the MLM decoder with its loss: the same losses,
     gradients and (at the rows asked for) encodings as the padded path."""
@@ -216,13 +198,13 @@ def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
                         ffn_num_hiddens=64, num_heads=2, num_layers=num_layers, dropout=0.0,
                         max_len=64)
     model = torch_model.BERTModel.from_config(config, seed=0).train()
-    tensors = torch_step.to_tensors(make_batch(3), torch.device("cpu"))
-    assert model.encoder.takes_packed_path(tensors.tokens, tensors.valid_lens)
+    tensors = torch_step.to_tensors(make_batch(seed=3), torch.device("cpu"))
+    assert torch_fast.packs(model, tensors.tokens, tensors.valid_lens)
     length = tensors.tokens.shape[1]
     rows = torch.tensor([0, 5, length + 3, 3 * length + 2])  # valid positions of make_batch
     results = []
-    for packed in (True, False):
-        monkeypatch.setattr(torch_model.BERTEncoder, "packed", packed)
+    for fast in (True, False):
+        model.fast = fast
         model.zero_grad()
         losses = torch_step.batch_loss(model, tensors)
         losses[2].backward()
@@ -239,7 +221,7 @@ def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     short = int(torch.nonzero(tensors.valid_lens < length)[0])  # an example with padding
     pad = short * length + int(tensors.valid_lens[short])  # its first padded position
-    monkeypatch.setattr(torch_model.BERTEncoder, "packed", True)
+    model.fast = True
     with torch.no_grad():
         padded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
                        output_rows=torch.tensor([pad, 0]))[0]

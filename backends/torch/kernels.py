@@ -27,7 +27,11 @@ def mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     oneDNN's fused ReLU turns NaN into 0 where ``torch.relu`` keeps it: when an input is not
     finite the ReLU runs as a separate ``relu_`` instead (the check is a sum of the inputs,
-    cheaper than the matmul)."""
+    cheaper than the matmul). Other dtypes than float32 (float64 for ``gradcheck``) take
+    ``F.linear``: the same math."""
+    if x.dtype != torch.float32:
+        y = F.linear(x, weight, bias)
+        return y.relu_() if relu else y
     if relu and not _all_finite(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "").relu_()
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [],
@@ -140,6 +144,7 @@ class CrossEntropy(torch.autograd.Function):
         lse = logits.new_empty(logits.shape[0])
         for i in range(0, logits.shape[0], CE_CHUNK):
             torch.logsumexp(logits[i:i + CE_CHUNK], 1, out=lse[i:i + CE_CHUNK])
+        _infinite_to_nan(lse)
         ctx.save_for_backward(logits, labels, lse)
         return lse - logits.gather(1, labels.view(-1, 1)).view(-1)
 
@@ -152,6 +157,13 @@ class CrossEntropy(torch.autograd.Function):
             torch.sub(logits[i:j], lse[i:j, None], out=out[i:j]).exp_().mul_(grad[i:j, None])
         out.scatter_add_(1, labels.view(-1, 1), -grad.view(-1, 1))
         return out, None
+
+
+def _infinite_to_nan(lse: torch.Tensor) -> None:
+    """The log-sum-exp of finite logits is finite; an infinite one means an infinite logit,
+    which makes ``F.cross_entropy``'s whole row NaN (``inf - inf`` in its log-softmax): the
+    same here."""
+    lse.masked_fill_(torch.isinf(lse), float("nan"))
 
 
 def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,8 +182,8 @@ class DecoderCrossEntropy(torch.autograd.Function):
     log-sum-exp and the cross-entropy. The backward turns each saved chunk into
     ``softmax - onehot`` in place and feeds it to the decoder's three gradients, the rows'
     loss gradients scaling the small operands. No ``(rows, vocabulary)`` tensor is allocated,
-    and each chunk's passes run while it is in cache. One backward only (the saved logits
-    become gradients in place).
+    and each chunk's passes run while it is in cache. The saved logits become gradients in
+    place: a second backward through the same graph computes them again.
     """
 
     @staticmethod
@@ -182,24 +194,30 @@ class DecoderCrossEntropy(torch.autograd.Function):
             j = i + DECODER_CHUNK
             logits = mkldnn_linear(hidden[i:j], weight, bias)
             lse = torch.logsumexp(logits, 1)
+            _infinite_to_nan(lse)
             torch.sub(lse, logits.gather(1, labels[i:j, None]).view(-1), out=losses[i:j])
             chunks.append(logits)
             lses.append(lse)
-        ctx.save_for_backward(hidden, weight, labels, *chunks, *lses)
-        ctx.has_bias = bias is not None
-        ctx.used = False
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        # intermediates, not inputs or outputs: the first backward uses them in place and drops
+        # them (a second one computes them again)
+        ctx.chunks, ctx.lses = chunks, lses
         return losses
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.used:  # the saved logits became gradients in place
-            raise RuntimeError("the MLM loss's graph was freed: backward through it once")
-        ctx.used = True
-        hidden, weight, labels, *saved = ctx.saved_tensors
-        chunks, lses = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        hidden, weight, bias, labels = ctx.saved_tensors
+        chunks, lses = ctx.chunks, ctx.lses
+        ctx.chunks = ctx.lses = None
+        if chunks is None:  # a second backward through the graph
+            chunks = [mkldnn_linear(hidden[i:i + DECODER_CHUNK], weight, bias)
+                      for i in range(0, hidden.shape[0], DECODER_CHUNK)]
+            lses = [torch.logsumexp(c, 1) for c in chunks]
+            for lse in lses:
+                _infinite_to_nan(lse)
         grad_hidden = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight)
-        grad_b = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
+        grad_b = None if bias is None else torch.zeros_like(bias)
         minus_one = hidden.new_full((DECODER_CHUNK, 1), -1.0)
         for k, (p, lse) in enumerate(zip(chunks, lses)):
             i, j = k * DECODER_CHUNK, (k + 1) * DECODER_CHUNK
