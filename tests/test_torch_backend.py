@@ -38,7 +38,7 @@ BOOK_KWARGS = dict(num_hiddens=128, norm_shape=[128], ffn_num_input=128, ffn_num
 
 
 @pytest.fixture
-def backend():
+def torch_backend():  # not the shared `backend` fixture, which runs every backend in turn
     return get_backend("torch")
 
 
@@ -233,11 +233,11 @@ def test_packed_training_path_equals_the_plain_one(num_layers):
 
 # -- the backend --------------------------------------------------------------------------------
 
-def test_train_step_returns_detached_scalars(backend):
+def test_train_step_returns_detached_scalars(torch_backend):
     config = tiny_config(dropout=0.1)
-    model = backend.build_model(config, backend.parse_devices("cpu"))
-    optimizer = backend.create_optimizer(model, OptimizerSettings(clip_norm=1.0))
-    mlm, nsp = backend.train_step(model, optimizer, make_batch(), 0.003)
+    model = torch_backend.build_model(config, torch_backend.parse_devices("cpu"))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings(clip_norm=1.0))
+    mlm, nsp = torch_backend.train_step(model, optimizer, make_batch(), 0.003)
     for value in (mlm, nsp):
         assert isinstance(value, torch.Tensor) and value.dim() == 0
         assert not value.requires_grad
@@ -246,9 +246,9 @@ def test_train_step_returns_detached_scalars(backend):
     assert optimizer.clip_norm == 1.0
 
 
-def test_weight_decay_groups(backend):
-    model = backend.build_model(tiny_config(), backend.parse_devices("cpu"))
-    optimizer = backend.create_optimizer(model, OptimizerSettings(optimizer="adamw",
+def test_weight_decay_groups(torch_backend):
+    model = torch_backend.build_model(tiny_config(), torch_backend.parse_devices("cpu"))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings(optimizer="adamw",
                                                                  weight_decay=0.05))
     assert isinstance(optimizer, torch.optim.AdamW)
     decay, no_decay = optimizer.param_groups
@@ -257,37 +257,37 @@ def test_weight_decay_groups(backend):
     assert "encoder.blks.0.attention.W_q.bias" in no_decay["param_names"]
     assert "encoder.pos_embedding" in decay["param_names"]
     assert "mlm.decoder.weight" in decay["param_names"]
-    assert isinstance(backend.create_optimizer(model, OptimizerSettings()), torch.optim.Adam)
+    assert isinstance(torch_backend.create_optimizer(model, OptimizerSettings()), torch.optim.Adam)
 
 
-def test_forward_restores_the_mode_and_needs_no_grad(backend):
-    model = backend.build_model(tiny_config(dropout=0.5), backend.parse_devices("cpu"))
+def test_forward_restores_the_mode_and_needs_no_grad(torch_backend):
+    model = torch_backend.build_model(tiny_config(dropout=0.5), torch_backend.parse_devices("cpu"))
     assert model.training
-    first = backend.forward(model, make_batch())
-    second = backend.forward(model, make_batch())
+    first = torch_backend.forward(model, make_batch())
+    second = torch_backend.forward(model, make_batch())
     assert model.training
     for a, b in zip(first, second):  # dropout off: deterministic
         np.testing.assert_array_equal(a, b)
     empty = make_batch()._replace(pred_positions=np.zeros((8, 0), np.int32),
                                   mlm_weights=np.zeros((8, 0), np.float32),
                                   mlm_labels=np.zeros((8, 0), np.int32))
-    assert backend.forward(model, empty)[1].shape == (8, 0, tiny_config().vocab_size)
+    assert torch_backend.forward(model, empty)[1].shape == (8, 0, tiny_config().vocab_size)
 
 
-def test_seed_fixes_dropout(backend):
-    net = backend.build_model(tiny_config().replace(dropout=0.5), [torch.device("cpu")])
-    opt = backend.create_optimizer(net, OptimizerSettings())
-    state = {k: v.copy() for k, v in backend.state_dict(net).items()}
+def test_seed_fixes_dropout(torch_backend):
+    net = torch_backend.build_model(tiny_config().replace(dropout=0.5), [torch.device("cpu")])
+    opt = torch_backend.create_optimizer(net, OptimizerSettings())
+    state = {k: v.copy() for k, v in torch_backend.state_dict(net).items()}
     losses = []
     for seed in (7, 7, 8):
-        backend.load_state_dict(net, state)
-        backend.seed(seed)
-        losses.append(float(backend.train_step(net, opt, make_batch(), 1e-9)[0]))
+        torch_backend.load_state_dict(net, state)
+        torch_backend.seed(seed)
+        losses.append(float(torch_backend.train_step(net, opt, make_batch(), 1e-9)[0]))
     assert losses[0] == losses[1] != losses[2]
 
 
-def test_info(backend):
-    info = backend.info()
+def test_info(torch_backend):
+    info = torch_backend.info()
     assert info["torch"] == torch.__version__
     assert info["num_threads"] == torch.get_num_threads()
     assert isinstance(info["cuda_available"], bool)
@@ -320,14 +320,14 @@ def test_gpus_asked_for_where_there_are_none():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_data_parallel_model(backend):
+def test_data_parallel_model(torch_backend):
     devices = parse_devices("cuda:0,1")
-    model = backend.build_model(tiny_config(), devices)
+    model = torch_backend.build_model(tiny_config(), devices)
     assert isinstance(model, nn.DataParallel)
-    backend.load_state_dict(model, init_params(tiny_config(), 1))
-    assert list(backend.state_dict(model)) == list(parameter_shapes(tiny_config()))
-    mlm, nsp = backend.train_step(model, backend.create_optimizer(model, OptimizerSettings()),
-                                  make_batch(), 0.01)
+    torch_backend.load_state_dict(model, init_params(tiny_config(), 1))
+    assert list(torch_backend.state_dict(model)) == list(parameter_shapes(tiny_config()))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings())
+    mlm, nsp = torch_backend.train_step(model, optimizer, make_batch(), 0.01)
     assert math.isfinite(float(mlm)) and math.isfinite(float(nsp))
 
 
