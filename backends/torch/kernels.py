@@ -171,7 +171,7 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 #: rows per chunk of the MLM decoder fused with its cross-entropy (a chunk of logits: 9 MB at
-#: 4,271 words; 256 to 512 rows are the fastest here)
+#: 4,271 words; chunk sizes measured: benchmarks/README.md)
 DECODER_CHUNK = 512
 
 

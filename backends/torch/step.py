@@ -84,8 +84,8 @@ def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 # -- the optimizer -------------------------------------------------------------------------------
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
-    # Fused Adam(W) is one kernel for all parameters: 3x faster than foreach on this CPU, and
-    # the fastest on CUDA; it needs floating-point parameters on one supported device type.
+    # Fused Adam(W) is one kernel for all parameters, faster than foreach on the CPU and CUDA
+    # (benchmarks/README.md); it needs floating-point parameters on one supported device type.
     types = {p.device.type for p in params}
     return len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point()
                                                                  for p in params)
