@@ -265,8 +265,8 @@ class Masks:
     def plain_dropout(self, x, p=0.5, training=True, inplace=False):
         mask = self.masks[self.calls]
         self.calls += 1
-        assert mask.shape == x.shape
-        return x * mask
+        assert mask.numel() == x.numel()  # attention: (batch * heads, queries, keys)
+        return x * mask.reshape(x.shape)
 
     def _query_positions(self, layout) -> list[list[int]]:
         if layout is self.packing:

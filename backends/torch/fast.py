@@ -168,7 +168,7 @@ class Unpack(torch.autograd.Function):
 
 
 class DecoderLogits:
-    """The MLM decoder's logits, not computed yet (``MaskLM.decode(..., lazy=True)``): what
+    """The MLM decoder's logits, not computed yet (:func:`decode`): what
     :func:`bertlite.loss.bert_loss` does with them (``shape``, ``reshape`` to ``(-1, vocab)``,
     :func:`cross_entropy`) runs the decoder and the cross-entropy together
     (:class:`.kernels.DecoderCrossEntropy`); anything else computes them (:meth:`materialize`)."""

@@ -50,12 +50,20 @@ def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              attn_mask: torch.Tensor | None,
                              dropout: nn.Module | None = None) -> torch.Tensor:
     """``dropout(softmax(q k^T / sqrt(d) + mask)) v`` of ``(batch, heads, len, d)`` tensors,
-    written out as the book's ``DotProductAttention`` (``dropout``: a module, or None)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if attn_mask is not None:
-        scores = scores + attn_mask
+    written out as the book's ``DotProductAttention`` (``dropout``: a module, or None). One
+    ``baddbmm`` adds the mask and scales the scores (under autocast too, in its dtype)."""
+    batch_size, num_heads, length, head_size = q.shape
+    q3, k3, v3 = (t.reshape(batch_size * num_heads, -1, head_size) for t in (q, k, v))
+    if attn_mask is None:
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * (1.0 / math.sqrt(head_size))
+    else:
+        mask = attn_mask.expand(batch_size, num_heads, 1, -1).reshape(
+            batch_size * num_heads, 1, -1)
+        scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(head_size))
     weights = torch.softmax(scores, dim=-1)
-    return (weights if dropout is None else dropout(weights)) @ v
+    if dropout is not None:
+        weights = dropout(weights)
+    return torch.bmm(weights, v3).view(batch_size, num_heads, length, head_size)
 
 
 class MultiHeadAttention(nn.Module):
