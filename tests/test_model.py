@@ -121,7 +121,7 @@ def test_train_steps_lower_the_loss(backend, devices):
 
 def test_optimizer_state_round_trip(backend, devices):
     settings = OptimizerSettings(lr=0.01, optimizer="adamw", weight_decay=0.01)
-    batch, other = make_batch(0), make_batch(1)
+    batch, other = make_batch(seed=0), make_batch(seed=1)
     model = build(backend, devices=devices)
     optimizer = backend.create_optimizer(model, settings)
     fresh = backend.optimizer_state(optimizer)
