@@ -56,7 +56,7 @@ def test_same_steps_same_curve(both):
     torch_be, mx_be = both
     config = CONFIGS["tiny"]
     settings = OptimizerSettings(lr=1e-3)
-    batches = [make_batch(config.vocab_size, batch=8, length=24, seed=s, preds=4)
+    batches = [make_batch(config.vocab_size, batch=8, length=24, seed=s, preds=4, fill=0.75)
                for s in range(5)]
     curves = []
     for backend in both:
