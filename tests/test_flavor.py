@@ -121,3 +121,102 @@ def test_each_option_changes_the_model(backend):
     state["encoder.token_embedding.weight"] = state["encoder.token_embedding.weight"] * 2
     backend.load_state_dict(tied, state)
     assert not np.allclose(backend.forward(tied, batch)[1], mlm, atol=1e-4)
+
+
+# -- the torch backend's packed training path --------------------------------------------------
+
+def _torch_fast():
+    from conftest import skip_unless_backend
+
+    skip_unless_backend("torch")
+    from bertlite.backends.torch import fast, kernels
+
+    if not kernels.FUSED_LINEAR:
+        pytest.skip("this torch build has no oneDNN fused linear: no fast path")
+    return fast, kernels
+
+
+@pytest.mark.parametrize("options", COMBOS, ids=combo_id)
+def test_torch_packed_training_path_equals_plain(options):
+    """Training mode on the CPU packs the valid tokens and runs the fused kernels (GELU variant
+    included): the same losses and gradients as the plain model, for every combination."""
+    fast, _ = _torch_fast()
+    import torch
+
+    from bertlite.backends.torch import step as torch_step
+    from bertlite.backends.torch.model import BERTModel
+
+    config = tiny_config(vocab_size=200, **options)
+    batch = make_batch(200, batch=16, length=12, seed=3, preds=3)
+    tensors = torch_step.to_tensors(batch, torch.device("cpu"))
+    results = []
+    for on in (True, False):
+        model = BERTModel.from_config(config, seed=0, fast=on).train()
+        assert fast.packs(model, tensors.tokens, tensors.valid_lens) == on
+        losses = torch_step.batch_loss(model, tensors)
+        losses[2].backward()
+        results.append(([float(x.detach()) for x in losses],
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fast_losses, fast_grads), (plain_losses, plain_grads) = results
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert set(fast_grads) == set(parameter_shapes(config))
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torch_gelu_kernels_equal_their_plain_twins():
+    _, kernels = _torch_fast()
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 16, generator=gen, requires_grad=True)
+    w1, b1 = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    w2, b2 = torch.randn(16, 24, generator=gen), torch.randn(16, generator=gen)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    grad_out = torch.randn(37, 16, generator=gen)
+    for fused, plain in (
+            (lambda: kernels.linear(x, w1, b1, activation="gelu") @ w2.t(),
+             lambda: kernels.linear_reference(x, w1, b1, activation="gelu") @ w2.t()),
+            (lambda: kernels.FFN.apply(x, w1, b1, w2, b2, "gelu"),
+             lambda: kernels.ffn_reference(x, w1, b1, w2, b2, "gelu"))):
+        outs = []
+        for fn in (fused, plain):
+            y = fn()
+            grads = torch.autograd.grad(y, [x, *params], grad_out, allow_unused=True)
+            outs.append((y.detach(), grads))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(outs[0][1], outs[1][1]):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # GELU is the exact erf form: gelu(1) = Phi(1)
+    one = kernels.linear(torch.ones(1, 1), torch.ones(1, 1), None, activation="gelu")
+    assert float(one) == pytest.approx(0.8413447460685429, abs=1e-6)
+    with pytest.raises(ValueError, match="activation must be"):
+        kernels.linear(x, w1, b1, activation="tanh")
+
+
+# -- across the frameworks --------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", COMBOS, ids=combo_id)
+def test_both_backends_give_the_same_outputs_and_gradients(options):
+    """The same weights and batch in PyTorch and MXNet: outputs within 1e-5, gradients within
+    1e-4, for every combination of the options (each backend's default, fast path)."""
+    import bertlite
+    from conftest import skip_unless_backend
+
+    skip_unless_backend("torch")
+    skip_unless_backend("mxnet")
+    torch_be, mx_be = bertlite.get_backend("torch"), bertlite.get_backend("mxnet")
+    config = tiny_config(vocab_size=300, **options)
+    batch = make_batch(config.vocab_size, batch=7, length=20, seed=2, preds=4)
+    t_net, m_net = build(torch_be, config), build(mx_be, config)
+    for t_out, m_out in zip(torch_be.forward(t_net, batch), mx_be.forward(m_net, batch)):
+        np.testing.assert_allclose(m_out, t_out, rtol=1e-5, atol=2e-5)
+    t_mlm, t_nsp, t_grads = torch_be.loss_and_grads(t_net, batch)
+    m_mlm, m_nsp, m_grads = mx_be.loss_and_grads(m_net, batch)
+    assert (m_mlm, m_nsp) == pytest.approx((t_mlm, t_nsp), rel=1e-5)
+    assert set(t_grads) == set(m_grads) == set(parameter_shapes(config))
+    for name in t_grads:
+        scale = max(1e-3, float(np.abs(t_grads[name]).max()))
+        np.testing.assert_allclose(m_grads[name], t_grads[name], rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=name)
