@@ -299,9 +299,6 @@ def _init_from(init: str | os.PathLike, config: Any, tokenizer: Any, seed: int
     if vocab.tokenizer is None:
         raise DataError(f"{init} has a word-level tokenizer; continued pretraining needs a "
                         "WordPiece tokenizer (the corpus is tokenized with it)")
-    if not meta["tokenizer"]["lowercase"]:
-        raise DataError(f"{init} has a cased tokenizer, but bertlite lowercases every corpus; "
-                        "continue pretraining from an uncased model")
     return init_config, weights, vocab.tokenizer
 
 

@@ -210,6 +210,7 @@ def _edit_config(folder, **changes):
     ("tokenizer size", "tokenizer .* has 127 tokens but the model's embedding has 150 rows"),
     ("no weights", "has no model.safetensors"),
     ("no config", "has no config.json"),
+    ("cased", "has a cased tokenizer"),
 ])
 def test_bad_folders_are_refused(backend, tmp_path, breakage, message):
     folder = tmp_path / "bert"
@@ -230,6 +231,10 @@ def test_bad_folders_are_refused(backend, tmp_path, breakage, message):
         (folder / "model.safetensors").unlink()
     elif breakage == "no config":
         (folder / "config.json").unlink()
+    elif breakage == "cased":
+        meta = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**meta,
+                                                                  "do_lower_case": False}))
     with pytest.raises(CheckpointError, match=message):
         bertlite.from_hf(folder, backend=backend)
     if breakage == "pickle only":
@@ -349,3 +354,12 @@ def test_missing_tokenizers_names_the_hf_extra(backend, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install .*\[hf\]"):
         model.to_hf(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_d2l_export_refuses_the_bert_flavour(backend):
+    """d2l's BERTModel has the book's architecture only: to_d2l refuses another flavour."""
+    import importlib
+
+    interop = importlib.import_module(f"bertlite.backends.{backend.name}.interop")
+    with pytest.raises(ValueError, match="only the book's architecture.*to_hf"):
+        interop.to_d2l(bertlite_model(backend, word_vocab()))
