@@ -211,6 +211,8 @@ def _edit_config(folder, **changes):
     ("no weights", "has no model.safetensors"),
     ("no config", "has no config.json"),
     ("cased", "has a cased tokenizer"),
+    ("encoder weight missing", r"lacks the encoder weights \['bert.encoder.layer.1.output"),
+    ("no tokenizer", "has no tokenizer"),
 ])
 def test_bad_folders_are_refused(backend, tmp_path, breakage, message):
     folder = tmp_path / "bert"
@@ -231,6 +233,15 @@ def test_bad_folders_are_refused(backend, tmp_path, breakage, message):
         (folder / "model.safetensors").unlink()
     elif breakage == "no config":
         (folder / "config.json").unlink()
+    elif breakage == "encoder weight missing":
+        from safetensors.numpy import load_file, save_file
+
+        arrays = load_file(str(folder / "model.safetensors"))
+        del arrays["bert.encoder.layer.1.output.dense.weight"]
+        save_file(arrays, str(folder / "model.safetensors"))
+    elif breakage == "no tokenizer":
+        for name in ("tokenizer.json", "vocab.txt"):
+            (folder / name).unlink()
     elif breakage == "cased":
         meta = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**meta,
