@@ -231,6 +231,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_cli(err: Exception, args: argparse.Namespace) -> str:
+    """The error in a CLI user's words: ``--backend`` where the API's words say ``backend=``,
+    and, where a checkpoint's framework is missing, the installed one that can run it."""
+    from bertlite.registry import ENV_VAR, FrameworkMissingError, NoBackendError, installed_backends
+
+    installed = installed_backends()
+    choices = "{" + ",".join(installed) + "}"
+    if isinstance(err, NoBackendError):
+        if not installed:
+            from bertlite.install import install_command
+
+            return (f"no backend installed: {install_command('torch')} (or mxnet), then pass "
+                    f"--backend or set {ENV_VAR}")
+        return f"no backend chosen: pass --backend {choices} (installed here) or set {ENV_VAR}"
+    if (isinstance(err, FrameworkMissingError) and args.command in ("evaluate", "encode")
+            and not getattr(args, "backend", None) and installed):
+        return (f"{err}; or run the checkpoint on an installed framework (either reads what "
+                f"either wrote): --backend {installed[0] if len(installed) == 1 else choices}")
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch-mxnet"]:  # its own parser: everything after -- is the command
@@ -245,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
                 "plan": _plan, "info": _info}[args.command](args)
     except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
-        print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
+        print(f"bertlite {args.command}: error: {_for_cli(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bertlite: interrupted", file=sys.stderr)
