@@ -231,6 +231,29 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> None:
+    """A line on stderr at once, before the slow part (framework import, data preparation),
+    and the data step's own line (read from the cache, or being prepared); not with
+    ``pretrain --no-progress`` or ``evaluate --json`` (nor where no backend is chosen: the
+    error says so at once)."""
+    import logging
+    import os
+
+    backend = getattr(args, "backend", None) or os.environ.get("BERTLITE_BACKEND")
+    if args.command == "pretrain" and not args.no_progress and backend:
+        what = f"starting {backend}, reading the {args.corpus} corpus ({args.split} split)"
+    elif args.command == "evaluate" and not args.json:
+        what = f"loading {args.checkpoint}, reading its {args.split} split"
+    else:
+        return
+    print(f"bertlite {args.command}: {what} ...", file=sys.stderr, flush=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"bertlite {args.command}: %(message)s"))
+    data_log = logging.getLogger("bertlite.data.loader")
+    data_log.addHandler(handler)
+    data_log.setLevel(logging.INFO)
+
+
 def _for_cli(err: Exception, args: argparse.Namespace) -> str:
     """The error in a CLI user's words: ``--backend`` where the API's words say ``backend=``,
     and, where a checkpoint's framework is missing, the installed one that can run it."""
@@ -263,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertlite.errors import BertliteError
 
     try:
+        _status(args)
         return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
                 "plan": _plan, "info": _info}[args.command](args)
     except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:

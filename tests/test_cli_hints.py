@@ -23,7 +23,9 @@ VOCAB = Vocab.from_tokens(["<unk>", "<pad>", "<mask>", "<cls>", "<sep>", "a", "b
 
 
 def bertlite_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``bertlite ARGS`` in a process of its own, no backend chosen, its own data cache."""
     env = {k: v for k, v in os.environ.items() if k != "BERTLITE_BACKEND"}
+    env["BERTLITE_CACHE"] = str(cwd / "cache")
     return subprocess.run([sys.executable, "-m", "bertlite", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -56,3 +58,21 @@ def test_checkpoint_of_a_missing_framework_suggests_an_installed_one(tmp_path, c
     # and the suggestion works: the same checkpoint runs on the installed framework
     ok = bertlite_cli(*args, "--backend", installed[0], cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_status_line_comes_before_the_slow_part(tmp_path, backend_name):
+    """The first line on stderr says what is starting; the data step says whether it prepares
+    or reads the cache; both come before the progress bar, and --no-progress drops them."""
+    args = ["pretrain", "--backend", backend_name, "--corpus", "sample", "--steps", "1",
+            "--batch-size", "8", "--max-len", "32", "--no-plot"]
+    cold = bertlite_cli(*args, cwd=tmp_path)
+    assert cold.returncode == 0, cold.stderr
+    lines = cold.stderr.splitlines()
+    assert lines[0] == (f"bertlite pretrain: starting {backend_name}, reading the sample corpus "
+                        "(train split) ...")
+    assert lines[1].startswith("bertlite pretrain: wiki.train.tokens: preparing the data")
+    assert "%|" in cold.stderr.split("preparing the data", 1)[1]  # the bar comes after
+    warm = bertlite_cli(*args, cwd=tmp_path)
+    assert "wiki.train.tokens: prepared data read from the cache" in warm.stderr
+    quiet = bertlite_cli(*args, "--no-progress", cwd=tmp_path)
+    assert quiet.returncode == 0 and "bertlite pretrain:" not in quiet.stderr
