@@ -162,10 +162,11 @@ def docs_env(tmp_path_factory) -> dict:
     if not installed:
         pytest.skip(f"no backend of {BACKEND_NAMES} is installed")
     folder = tmp_path_factory.mktemp("readme")
-    cache = tmp_path_factory.getbasetemp() / "cache"
-    os.environ.setdefault("BERTLITE_CACHE", str(cache))
-    result = bertlite.train(installed[0], corpus="sample", num_steps=2, batch_size=64,
-                            plot=None, progress=False, verbose=False)
+    cache = tmp_path_factory.getbasetemp() / "cache"  # the session's (conftest), not the user's
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BERTLITE_CACHE", str(cache))
+        result = bertlite.train(installed[0], corpus="sample", num_steps=2, batch_size=64,
+                                plot=None, progress=False, verbose=False)
     result.save(folder / "my-bert")
     (folder / "examples").symlink_to(REPO / "examples")
     return {"dir": folder, "cache": cache, "ns": {"bertlite": bertlite, "result": result},
