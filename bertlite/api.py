@@ -308,14 +308,17 @@ def _interrupted(signum: int | None, step: int, num_steps: int, last: Path | Non
                  main: bool) -> None:
     import signal
 
-    name = signal.Signals(signum).name if signum else "a signal"
+    if signum is None:  # another process of the run got it; schedulers send SIGTERM
+        signum, name = int(signal.SIGTERM), "a signal to another process"
+    else:
+        name = signal.Signals(signum).name
     where = (f"checkpoint {last}; resume with the same command and --resume (resume=True)"
              if last is not None else "nothing saved (pass --checkpoint-dir / checkpoint_dir to "
              "make a run resumable)")
     message = f"stopped by {name} after step {step} of {num_steps}: {where}"
     if main:
         print(f"bertlite: {message}", file=sys.stderr, flush=True)
-    raise TrainingInterrupted(message, signum=signum or 0, step=step, checkpoint=last)
+    raise TrainingInterrupted(message, signum=signum, step=step, checkpoint=last)
 
 
 def _write_outputs(result: TrainResult, save: str | os.PathLike | None,

@@ -110,15 +110,15 @@ def check_plot(plot: Any) -> None:
     if plot is None:
         return
     path = Path(plot)
+    if path.is_dir():
+        raise OptionError(f"plot {str(plot)!r} is a folder; give a file name such as "
+                          f"{path / 'loss.png'}")
     suffix = path.suffix[1:].lower()
     formats = plot_formats()
     if suffix not in formats:
         raise OptionError(f"plot {str(plot)!r}: matplotlib cannot write {suffix or 'a file'} "
                           f"{'files' if suffix else 'without an extension'}; end the name in "
                           f"one of .{', .'.join(formats)} (e.g. loss.png)")
-    if path.is_dir():
-        raise OptionError(f"plot {str(plot)!r} is a folder; give a file name such as "
-                          f"{path / 'loss.png'}")
     _writable_target("plot", path, "the plot")
 
 
