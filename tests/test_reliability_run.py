@@ -454,3 +454,81 @@ def test_ddp_ranks_stop_at_the_same_step(backend_name, tmp_path):
         assert got["history"]["step"] == list(range(1, 15))
         assert got["history"]["mlm_loss"] == want["history"]["mlm_loss"]
         assert got["history"]["nsp_loss"] == want["history"]["nsp_loss"]
+
+
+#: an MXNet dist_sync worker: bertlite.train; the worker of rank 1 sends itself SIGTERM once
+#: a checkpoint of step ``signal_after`` or later exists
+KVSTORE_WORKER = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+
+import bertlite
+from bertlite import checkpoint as ckpt
+from bertlite.backends.mxnet import distributed
+
+out, options = Path(sys.argv[1]), json.loads(sys.argv[2])
+signal_after = options.pop("signal_after", None)
+
+
+def send():
+    folder = Path(options["checkpoint_dir"])
+    while max([s for s, _ in ckpt.list_checkpoints(folder)], default=0) < signal_after:
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+record = {}
+try:
+    if signal_after is not None and distributed.rank() == 1:
+        threading.Thread(target=send, daemon=True).start()
+    result = bertlite.train("mxnet", **options)
+    record["history"] = result.history.to_dict()
+except bertlite.TrainingInterrupted as stop:
+    record.update(stopped_at=stop.step, exit_code=stop.exit_code,
+                  checkpoint=str(stop.checkpoint))
+(out / f"rank{distributed.rank()}.json").write_text(json.dumps(record))
+"""
+
+
+def _kvstore_job(tmp_path: Path, options: dict) -> list[dict]:
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(KVSTORE_WORKER)
+    env = {**_env(), "PYTHONWARNINGS": "ignore"}
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "bertlite.launch", "--timeout", "300",
+                             "--workers", "2", "--", sys.executable, str(script), str(out),
+                             json.dumps(options)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=360)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the MXNet job did not end in 360 s")
+    assert proc.returncode == 0, err
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_kvstore_workers_stop_at_the_same_step(backend_name, tmp_path):
+    """SIGTERM to one of two MXNet dist_sync workers: both stop after the same step, worker 0
+    writes the checkpoint, and the resumed job ends with the uninterrupted job's losses."""
+    if backend_name != "mxnet":
+        pytest.skip("the dist_sync kvstore is the MXNet backend's")
+    options = {**BASE, "config": {**SMALL, "dropout": 0.1}, "batch_size": 16, "num_steps": 14,
+               "plot": None, "checkpoint_every": 2, "keep_checkpoints": 2, "resume": True}
+    reference = _kvstore_job(tmp_path, {**options, "checkpoint_dir": str(tmp_path / "clean")})
+    folder = tmp_path / "stopped"
+    ranks = _kvstore_job(tmp_path, {**options, "checkpoint_dir": str(folder),
+                                    "signal_after": 4})
+    step = ranks[0].get("stopped_at")
+    assert step is not None and 4 <= step < 14 and ranks[1]["stopped_at"] == step, ranks
+    assert [r["exit_code"] for r in ranks] == [143, 143]
+    assert ckpt.read_checkpoint(folder, with_trainer=True)["trainer_state"]["step"] == step
+    resumed = _kvstore_job(tmp_path, {**options, "checkpoint_dir": str(folder)})
+    for got, want in zip(resumed, reference):
+        assert got["history"]["step"] == list(range(1, 15))
+        assert got["history"]["mlm_loss"] == want["history"]["mlm_loss"]
+        assert got["history"]["nsp_loss"] == want["history"]["nsp_loss"]
