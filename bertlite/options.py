@@ -13,7 +13,7 @@ from typing import Any
 
 from bertlite.backend import PRECISIONS
 from bertlite.data.loader import MASKING_MODES
-from bertlite.errors import BertliteError
+from bertlite.errors import DataError
 from bertlite.optim import OPTIMIZERS, SCHEDULES
 from bertlite.trainer import ON_NAN
 
@@ -25,8 +25,9 @@ OVERRIDABLE = ("lr", "optimizer", "betas", "eps", "weight_decay", "clip_norm", "
 MAX_SEED = 2**63 - 1
 
 
-class OptionError(BertliteError, ValueError, TypeError):
-    """An argument of the wrong type or out of range; the message names it and the fix."""
+class OptionError(DataError, TypeError):
+    """An argument of the wrong type or out of range; the message names it and the fix (a
+    DataError, as these were before, and a TypeError)."""
 
 
 def _fail(name: str, value: Any, wanted: str) -> OptionError:
