@@ -4,7 +4,10 @@ the kill, and Ctrl-C should not lose the steps since the last checkpoint.
 While :class:`StopRequests` is active, the first signal only sets a flag: the trainer finishes
 the step it is in, every process agrees to stop after that step, a checkpoint is written and
 :class:`TrainingInterrupted` is raised (the CLI exits 128 + the signal number: 143 for
-SIGTERM, 130 for SIGINT). A second signal restores the default action and stops at once.
+SIGTERM, 130 for SIGINT). A second signal restores the default action and stops at once,
+unless it is the same signal within ``BERTLITE_SIGNAL_WINDOW`` seconds (default 1) of the
+first: launchers (torchrun, Slurm) forward the signal they get to workers that got it too, and
+such a copy is the same request.
 """
 
 from __future__ import annotations
@@ -12,12 +15,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 #: the signals that ask a run to stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: seconds within which a repeat of the first signal is taken as a copy of it
+DEFAULT_WINDOW = 1.0
+
+
+def _window() -> float:
+    try:
+        return max(0.0, float(os.environ.get("BERTLITE_SIGNAL_WINDOW", DEFAULT_WINDOW)))
+    except ValueError:
+        return DEFAULT_WINDOW
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -45,9 +58,11 @@ class StopRequests:
     the object never reports a request and the signals keep their handlers. ``announce``
     prints one line when the first signal arrives (the main process of a distributed run)."""
 
-    def __init__(self, *, announce: bool = True):
+    def __init__(self, *, announce: bool = True, window: float | None = None):
         self.announce = announce
+        self.window = _window() if window is None else window
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -58,14 +73,17 @@ class StopRequests:
         return self.requested
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # the second signal: stop now, as if we were not here
+        if self.signum is not None:
+            if signum == self.signum and time.monotonic() - self._first_at < self.window:
+                return  # a launcher's copy of the first signal
+            # the second signal: stop now, as if we were not here
             self.restore()
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         if self.announce:  # os.write: print() may be in the middle of another print
             name = signal.Signals(signum).name
             os.write(2, f"\nbertlite: {name} received, stopping after the current step "

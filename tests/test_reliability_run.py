@@ -364,12 +364,13 @@ def test_signal_stops_cleanly_then_resume_equals_uninterrupted(signum, status, b
 @pytest.mark.parametrize("signum,status", [(signal.SIGTERM, -signal.SIGTERM),
                                            (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_second_signal_stops_at_once(signum, status, backend_name, tmp_path):
-    """The second signal does not wait for the step: no stop checkpoint, no "stopped" line."""
+    """The second signal does not wait for the step: no stop checkpoint, no "stopped" line.
+    (A repeat within BERTLITE_SIGNAL_WINDOW seconds counts as a copy of the first; 0 here.)"""
     folder = tmp_path / "ck"
     proc = subprocess.Popen(_pretrain(backend_name, folder, 400, "--batch-size", "256",
                                       "--max-len", "64"),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            env={**_env(), "BERTLITE_SIGNAL_WINDOW": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_training(proc, folder, 0)
     proc.send_signal(signum)
     line = ""
@@ -382,6 +383,24 @@ def test_second_signal_stops_at_once(signum, status, backend_name, tmp_path):
     assert "stopped by" not in err
     steps = [s for s, _ in ckpt.list_checkpoints(folder)]
     assert all(s % 5 == 0 for s in steps)  # only the periodic checkpoints
+
+
+@pytest.mark.slow
+def test_a_copy_of_the_signal_is_the_same_request(backend_name, tmp_path):
+    """The same signal again within a second, as a launcher forwards the SIGTERM or Ctrl-C
+    its workers also got: still one clean stop with a checkpoint."""
+    folder = tmp_path / "ck"
+    proc = subprocess.Popen(_pretrain(backend_name, folder, 400, "--batch-size", "256",
+                                      "--max-len", "64"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_training(proc, folder, 0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    step = ckpt.read_checkpoint(folder, with_trainer=True)["trainer_state"]["step"]
+    assert f"stopped by SIGTERM after step {step} of 400" in err
 
 
 # -- processes that train together agree on the step to stop at ----------------------------
