@@ -551,3 +551,36 @@ def test_kvstore_workers_stop_at_the_same_step(backend_name, tmp_path):
         assert got["history"]["step"] == list(range(1, 15))
         assert got["history"]["mlm_loss"] == want["history"]["mlm_loss"]
         assert got["history"]["nsp_loss"] == want["history"]["nsp_loss"]
+
+
+@pytest.mark.slow
+def test_torchrun_job_signalled_whole_stops_cleanly(backend_name, tmp_path):
+    """SIGTERM to the whole torchrun job (as a scheduler sends it): torchrun forwards a copy to
+    its workers, which got one already; they stop once, cleanly, after the same step."""
+    if backend_name != "torch":
+        pytest.skip("torchrun is the torch backend's launcher")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) \
+        or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    folder = tmp_path / "ck"
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "bertlite", "pretrain",
+         "--backend", "torch", "--corpus", "sample", "--steps", "400", "--batch-size", "16",
+         "--max-len", "32", "--no-plot", "--no-progress", "--checkpoint-dir", str(folder),
+         "--checkpoint-every", "5"],
+        env={**_env(), "GLOO_SOCKET_IFNAME": "lo"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_training(proc, folder, 0)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = ckpt.read_checkpoint(folder, with_trainer=True)["trainer_state"]["step"]
+    stops = [x for x in err.splitlines() if x.startswith("bertlite: stopped by")]
+    assert stops == [f"bertlite: stopped by SIGTERM after step {step} of 400: checkpoint "
+                     f"{folder / f'step-{step:06d}'}; resume with the same command and --resume "
+                     "(resume=True)"], err[-3000:]
+    assert _history(folder)["step"] == list(range(1, step + 1))
