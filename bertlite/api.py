@@ -278,11 +278,11 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                            devices_text=be.describe_devices(devs), progress=progress,
                            max_time=max_time, callbacks=callbacks, accumulate=accumulate,
                            precision=precision, on_nan=on_nan, stop=stop)
-        if main and ckpt_dir is not None:
+        if ckpt_dir is not None:  # the main process writes it; every process names it
             last = ckpt_dir / f"step-{state.step:06d}"
-            if state.step not in [step for step, _ in ckpt.list_checkpoints(ckpt_dir)]:
-                last = _training_checkpoint(ckpt_dir, result, state, opt, settings, training,
-                                            keep_checkpoints)  # stopped early
+            if main and state.step not in [step for step, _ in ckpt.list_checkpoints(ckpt_dir)]:
+                _training_checkpoint(ckpt_dir, result, state, opt, settings, training,
+                                     keep_checkpoints)  # stopped early
         result.history = state.history
         if state.stopped_by == "signal" and state.step < num_steps:
             _interrupted(stop.signum, state.step, num_steps, last, main)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=_duration, help="stop after this long (10m, 2h)")
     p.add_argument("--checkpoint-dir", help="save checkpoints here")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="newest checkpoints kept (default 3; 0 keeps all)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.add_argument("--override-resume", action="append", metavar="NAME[,NAME]",
                    help="on --resume, accept this run's value of a setting that differs from "

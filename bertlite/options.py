@@ -172,12 +172,12 @@ def check_overrides(override_resume: Any) -> frozenset[str]:
 
 def check_train_arguments(args: Mapping[str, Any]) -> None:
     """Check every argument of :func:`bertlite.train` (by name) before any data is read."""
-    for name in ("num_steps", "batch_size", "max_len", "accumulate", "keep_checkpoints",
-                 "wordpiece_vocab_size"):
+    for name in ("num_steps", "batch_size", "max_len", "accumulate", "wordpiece_vocab_size"):
         positive_int(name, args[name])
     for name in ("checkpoint_every", "eval_every", "eval_batches"):
         positive_int(name, args[name], optional=True)
     nonnegative_int("warmup_steps", args["warmup_steps"])
+    nonnegative_int("keep_checkpoints (0 keeps all)", args["keep_checkpoints"])
     if args["seed"] is not None:
         nonnegative_int("seed", args["seed"], upper=MAX_SEED)
     number("lr", args["lr"], positive=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,8 +43,8 @@ BAD_ARGUMENTS = [
      "warmup_steps must be an integer >= 0"),
     ("max-time-str", {"max_time": "10m"}, ["--max-time=-5m"],
      "max_time must be a positive number"),
-    ("keep-checkpoints-str", {"keep_checkpoints": "3"}, ["--keep-checkpoints", "0"],
-     "keep_checkpoints must be a positive integer"),
+    ("keep-checkpoints-str", {"keep_checkpoints": "3"}, ["--keep-checkpoints", "-1"],
+     r"keep_checkpoints \(0 keeps all\) must be an integer >= 0"),
     ("corpus-none", {"corpus": None}, None, "corpus must be a path"),
     ("seed-negative", {"seed": -1}, ["--seed", "-1"], "seed must be an integer >= 0"),
     ("lr-nan", {"lr": float("nan")}, ["--lr", "nan"], "lr must be a positive number"),
@@ -120,7 +121,7 @@ def test_bad_argument_through_the_cli(case, backend_name, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert status == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert message.replace("=True", "") in err.replace("=True", ""), err
+    assert re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
     assert _files(tmp_path) == before
 
@@ -467,7 +468,8 @@ def test_ddp_ranks_stop_at_the_same_step(backend_name, tmp_path):
     assert 4 <= step < 14 and ranks[1]["stopped_at"] == step
     assert [r["exit_code"] for r in ranks] == [143, 143]
     state = ckpt.read_checkpoint(folder, with_trainer=True)["trainer_state"]
-    assert state["step"] == step and ranks[0]["checkpoint"] == str(folder / f"step-{step:06d}")
+    assert state["step"] == step
+    assert [r["checkpoint"] for r in ranks] == [str(folder / f"step-{step:06d}")] * 2
     resumed = _spawn(tmp_path, {**options, "checkpoint_dir": str(folder)})
     for got, want in zip(resumed, reference):
         assert got["history"]["step"] == list(range(1, 15))
