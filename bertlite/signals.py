@@ -103,4 +103,6 @@ class StopRequests:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if self.signum is not None and self._previous:  # a copy may still be on its way
+            time.sleep(max(0.0, self.window - (time.monotonic() - self._first_at)))
         self.restore()
