@@ -9,6 +9,7 @@ from bertlite.api import OutputError, TrainResult, info, train
 from bertlite.checkpoint import load, save
 from bertlite.config import BERTConfig
 from bertlite.data import Vocab, get_tokens_and_segments, load_data_wiki
+from bertlite.data.prepare import prepare
 from bertlite.evaluate import evaluate
 from bertlite.memory import estimate_memory
 from bertlite.model import Pretrained, get_bert_encoding
@@ -19,6 +20,6 @@ from bertlite.signals import TrainingInterrupted
 __all__ = [
     "BERTConfig", "OptionError", "OutputError", "Pretrained", "TrainResult", "TrainingInterrupted",
     "Vocab", "__version__", "available_backends", "estimate_memory", "evaluate", "get_backend",
-    "get_bert_encoding", "get_tokens_and_segments", "info", "load", "load_data_wiki", "save",
-    "train",
+    "get_bert_encoding", "get_tokens_and_segments", "info", "load", "load_data_wiki", "prepare",
+    "save", "train",
 ]

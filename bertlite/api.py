@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bertlite import checkpoint as ckpt
+from bertlite import lock as _lock
 from bertlite.backend import Backend
 from bertlite.config import BERTConfig, resolve_config
 from bertlite.data.loader import BatchIterator, load_data_wiki
@@ -20,7 +21,7 @@ from bertlite.data.tokenizer import (
     WordPieceTokenizer,
     check_tokenizer_kind,
 )
-from bertlite.errors import BertliteError, CheckpointError
+from bertlite.errors import BertliteError, CheckpointError, DataError
 from bertlite.memory import check_fits, estimate_memory
 from bertlite.model import Pretrained
 from bertlite.optim import OptimizerSettings
@@ -82,7 +83,7 @@ def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState
         trainer_state={"step": state.step, "epoch": state.epoch,
                        "batch_index": state.batch_index, "optimizer": settings.to_dict(),
                        "history": state.history.to_dict(), "overrides": state.overrides})
-    ckpt.prune_checkpoints(directory, keep)
+    ckpt.prune_checkpoints(directory, keep, training.get("run"))
     return directory / f"step-{state.step:06d}"
 
 
@@ -145,13 +146,15 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
     be = result.backend
     be.load_state_dict(result.model, found["weights"])
     be.load_optimizer_state(optimizer, found["trainer_arrays"])
-    recorded = list(meta.get("overrides", []))
+    recorded = meta.get("overrides", [])
+    recorded = list(recorded) if isinstance(recorded, list) else []
     recorded += [{"step": step, "name": key, "checkpoint": old, "now": new}
                  for key, old, new in other]
     return TrainState(step=step, epoch=meta["epoch"], batch_index=meta["batch_index"],
                       history=History.from_dict(meta["history"]), overrides=recorded)
 
 
+@_lock.releases_locks
 def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           data_dir: str | os.PathLike | None = None, split: str = "train",
           config: str | BERTConfig | dict = "tiny", batch_size: int = 512, max_len: int = 64,
@@ -166,7 +169,9 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           tokenizer: str | WordPieceTokenizer = "word",
           wordpiece_vocab_size: int = DEFAULT_WORDPIECE_VOCAB_SIZE,
           whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
-          on_nan: str = "stop", save: str | os.PathLike | None = None,
+          on_nan: str = "stop", dropout: float | None = None,
+          data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
+          format: str | None = None, save: str | os.PathLike | None = None,
           override_resume: Any = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
@@ -180,7 +185,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     ``tokenizer="wordpiece"`` trains a WordPiece vocabulary of at most ``wordpiece_vocab_size``
     pieces on the split instead of the book's word vocabulary (``pip install
     "bertlite[wordpiece]"``; it is saved in checkpoints as ``tokenizer.json``);
-    ``whole_word_mask`` masks all pieces of a word together.
+    ``whole_word_mask`` masks all pieces of a word together. ``dropout`` (in [0, 1)) replaces
+    the config's dropout probability (the book's 0.2 in ``"tiny"``).
 
     Scaling: ``batch_size`` is the global batch of one optimizer step, whatever runs it.
     ``accumulate=K`` computes it as K micro-batches one after another (the memory of a K times
@@ -219,13 +225,26 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         _check_writable(ckpt_dir)
+        if main:  # one run at a time in a checkpoint directory (released when train ends)
+            _lock.acquire(ckpt_dir)
 
     check_tokenizer_kind(tokenizer)
-    batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
-                                    split=split, seed=seed, masking=masking, tokenizer=tokenizer,
-                                    wordpiece_vocab_size=wordpiece_vocab_size,
-                                    whole_word_mask=whole_word_mask)
+    if data is not None:
+        batches, vocab, corpus = _prepared_batches(data, format, batch_size, max_len, seed,
+                                                   masking, tokenizer, wordpiece_vocab_size,
+                                                   whole_word_mask)
+        whole_word_mask = bool(batches.data.settings["whole_word_mask"])
+    elif eval_data is not None:
+        raise DataError("eval_data needs data= (a prepared folder or a corpus to prepare)")
+    else:
+        batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
+                                        split=split, seed=seed, masking=masking,
+                                        tokenizer=tokenizer,
+                                        wordpiece_vocab_size=wordpiece_vocab_size,
+                                        whole_word_mask=whole_word_mask)
     model_config = resolve_config(config, len(vocab), max_len=max_len)
+    if dropout is not None:
+        model_config = model_config.replace(dropout=float(dropout))
     free = be.free_memory(devs)
     if free is not None:  # fail before the model is built, not at the first step
         check_fits(estimate_memory(model_config, -(-batch_size // accumulate), max_len,
@@ -241,20 +260,27 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                 "tokenizer": vocab.tokenizer.kind if vocab.tokenizer is not None else "word",
                 "whole_word_mask": bool(whole_word_mask), "accumulate": accumulate,
                 "precision": precision,
-                "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches)}
+                "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches),
+                "run": ckpt.new_run_id()}
     result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
                          num_steps=num_steps, seed=seed)
     state = None
     if resume and ckpt_dir is not None:
         state = _resume(ckpt_dir, result, opt, training, settings, overrides)
+        if state is not None:  # the run goes on: its checkpoints keep its id (for pruning)
+            training["run"] = ckpt.latest_run_id(ckpt_dir) or training["run"]
     state = state or TrainState()
 
     callbacks = []
     if eval_every is not None and main:
         from bertlite.evaluate import evaluate_batches, heldout_batches
 
-        heldout = heldout_batches(result, corpus=corpus, split=eval_split, data_dir=data_dir,
-                                  max_len=max_len, whole_word_mask=whole_word_mask)
+        if data is not None:
+            heldout = _prepared_heldout(eval_data, format, max_len, vocab, whole_word_mask)
+        else:
+            heldout = heldout_batches(result, corpus=corpus, split=eval_split,
+                                      data_dir=data_dir, max_len=max_len,
+                                      whole_word_mask=whole_word_mask)
 
         def evaluate_now(st: TrainState) -> None:
             if st.step % eval_every == 0 or st.step == num_steps:
@@ -346,9 +372,43 @@ def _write_outputs(result: TrainResult, save: str | os.PathLike | None,
         raise OutputError(f"training finished, but {'; '.join(failed)}; {where}", result)
 
 
+def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: int,
+                      max_len: int, seed: int, masking: str, tokenizer: Any,
+                      wordpiece_vocab_size: int, whole_word_mask: bool) -> tuple[Any, Any, str]:
+    """Batches, vocabulary and name of ``data=``: a prepared folder, or a corpus prepared
+    first."""
+    from bertlite.data.prepared import PreparedBatches, open_data
+
+    if not isinstance(tokenizer, str):
+        raise DataError("with data=, tokenizer must be 'word' or 'wordpiece' (a trained "
+                        "tokenizer's vocabulary goes to bertlite.prepare(vocab=...))")
+    prepared = open_data(data, format=format, max_len=max_len, seed=seed, tokenizer=tokenizer,
+                         wordpiece_vocab_size=wordpiece_vocab_size,
+                         whole_word_mask=whole_word_mask)
+    batches = PreparedBatches(prepared, batch_size, seed=seed, masking=masking)
+    return batches, prepared.vocab, str(prepared.folder)
+
+
+def _prepared_heldout(eval_data: str | os.PathLike | None, format: str | None, max_len: int,
+                      vocab: Any, whole_word_mask: bool) -> Any:
+    """The held-out batches of ``eval_data=`` (fixed masks and order, the training vocab)."""
+    from bertlite.data.prepared import PreparedBatches, open_data
+    from bertlite.evaluate import EVAL_SEED
+
+    if eval_data is None:
+        raise DataError("eval_every with data= needs eval_data= (a held-out prepared folder "
+                        "or corpus)")
+    prepared = open_data(eval_data, format=format, max_len=max_len, seed=EVAL_SEED,
+                         vocab=vocab, whole_word_mask=whole_word_mask)
+    return PreparedBatches(prepared, min(128, len(prepared)), seed=EVAL_SEED, shuffle=False)
+
+
 def _corpus_digest(batches: BatchIterator) -> str:
     """A short fingerprint of the prepared data, so a resume cannot silently switch corpora."""
     import hashlib
+
+    if hasattr(batches, "digest"):  # a prepared folder: its manifest's key
+        return str(batches.digest)
 
     digest = hashlib.sha1()
     ex = batches.examples
@@ -361,6 +421,7 @@ def info(config: str | None = None) -> dict[str, Any]:
     """Versions, backends (installed or not) and their devices; with ``config``, its size and
     the chance-level losses that answer the book's first exercise."""
     from bertlite._version import __version__
+    from bertlite.install import install_command
     from bertlite.registry import available_backends, installed_backends
 
     report: dict[str, Any] = {"bertlite": __version__, "python": sys.version.split()[0],
@@ -370,7 +431,7 @@ def info(config: str | None = None) -> dict[str, Any]:
     for name in available_backends():
         if name not in installed:
             report["backends"][name] = {"installed": False,
-                                        "install": f'pip install "bertlite[{name}]"'}
+                                        "install": install_command(name)}
             continue
         try:
             report["backends"][name] = {"installed": True, **get_backend(name).info()}

@@ -1,4 +1,4 @@
-"""The ``bertlite`` command: pretrain, encode, evaluate, plan, info.
+"""The ``bertlite`` command: pretrain, prepare, encode, evaluate, plan, info.
 
 Usage errors print one line (no traceback) and exit with status 2.
 """
@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from bertlite.config import PRESETS
+
+_FORMATS = ("wikitext", "lines", "text", "jsonl")
 
 
 def _duration(text: str) -> float:
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="wikitext-2",
                    help="sample (shipped with bertlite), wikitext-2, or a folder")
     p.add_argument("--data-dir", help="folder with wiki.<split>.tokens")
+    p.add_argument("--data", help="a folder made by `bertlite prepare`, or a corpus of any size "
+                                  "(file, folder or glob) to prepare first")
+    p.add_argument("--eval-data", help="held-out prepared folder or corpus (with --data)")
+    p.add_argument("--format", choices=list(_FORMATS),
+                   help="format of a --data corpus (default: from the extension)")
     p.add_argument("--split", default="train")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
@@ -62,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: bf16 (CPU or GPU) or fp16 (CUDA); default float32")
     p.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
                    help="on a NaN/infinite loss: stop (default) or skip that update")
+    p.add_argument("--dropout", type=float, metavar="P",
+                   help="dropout probability in [0, 1) (default: the config's, 0.2 for tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="bertlite-loss.png", help="PNG of the loss curves")
     p.add_argument("--no-plot", action="store_true")
@@ -79,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="evaluate on --eval-split every N steps")
     p.add_argument("--eval-split", default="valid")
     p.add_argument("--no-progress", action="store_true")
+
+    _add_prepare(sub)
 
     v = sub.add_parser("evaluate", help="held-out masked-token accuracy, perplexity, NSP "
                                         "accuracy of a checkpoint")
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pretrain(args: argparse.Namespace) -> int:
     import bertlite
 
-    result = bertlite.train(
+    result = bertlite.train(  # checks every argument, --save and --plot too, before training
         args.backend, corpus=args.corpus, data_dir=args.data_dir, split=args.split,
         config=args.config, batch_size=args.batch_size, max_len=args.max_len,
         num_steps=args.steps, lr=args.lr, optimizer=args.optimizer,
@@ -138,7 +149,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         resume=args.resume, eval_every=args.eval_every, eval_split=args.eval_split,
         tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
         whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
-        precision=args.precision, on_nan=args.on_nan, save=args.save,
+        precision=args.precision, on_nan=args.on_nan, dropout=args.dropout, data=args.data,
+        eval_data=args.eval_data, format=args.format, save=args.save,
         override_resume=[name for names in args.override_resume or [] for name in
                          names.split(",") if name.strip()] or None)
     if not result.backend.is_main_process():  # torchrun: one process reports and saves
@@ -148,6 +160,82 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not args.no_plot:
         print(f"loss plot: {args.plot}")
     return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("prepare", help="prepare a corpus of any size into a folder of "
+                                       "memory-mapped shards (streaming, all cores)")
+    r.add_argument("corpus", nargs="*", help="files, folders or glob patterns ('*.jsonl.gz')")
+    r.add_argument("--out", help="output folder (default: under the data cache)")
+    r.add_argument("--format", choices=list(_FORMATS),
+                   help="input format (default: from the extension: .tokens, .jsonl)")
+    r.add_argument("--jsonl-field", default="text", help="the text field of jsonl (text)")
+    r.add_argument("--skip-bad-lines", action="store_true",
+                   help="count and skip jsonl lines that are not JSON or lack the field")
+    r.add_argument("--max-len", type=int, default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--min-freq", type=int, default=5)
+    r.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"])
+    r.add_argument("--wordpiece-vocab-size", type=int, default=10_000)
+    r.add_argument("--wordpiece-sample-mb", type=int, default=256,
+                   help="MB of text the WordPiece vocabulary is trained on (default 256)")
+    r.add_argument("--whole-word-mask", action="store_true")
+    r.add_argument("--vocab-from", help="use the vocabulary of this prepared folder (for a "
+                                        "held-out split)")
+    r.add_argument("--memory-mb", type=int, default=1024,
+                   help="memory budget; sets the text per shard (default 1024)")
+    r.add_argument("--shard-mb", type=float,
+                   help="text per shard in MB (default: --memory-mb / 48)")
+    r.add_argument("--workers", type=int, help="processes (default: the cores)")
+    r.add_argument("--part", help="prepare only part i of N ('i/N'); then --merge")
+    r.add_argument("--merge", action="store_true",
+                   help="write the manifest of a folder whose parts are done (needs --out)")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    import bertlite
+    from bertlite.data.manifest import read_manifest
+    from bertlite.data.prepare import load_folder_vocab, merge
+
+    started = time.perf_counter()
+    if args.merge:
+        if not args.out:
+            raise ValueError("--merge needs --out FOLDER")
+        folder = merge(args.out)
+    else:
+        if not args.corpus:
+            raise ValueError("give the corpus: files, folders or glob patterns")
+        vocab = load_folder_vocab(_path(args.vocab_from)) if args.vocab_from else None
+        folder = bertlite.prepare(
+            args.corpus, args.out, format=args.format, max_len=args.max_len, seed=args.seed,
+            min_freq=args.min_freq, tokenizer=args.tokenizer,
+            wordpiece_vocab_size=args.wordpiece_vocab_size,
+            wordpiece_sample_mb=args.wordpiece_sample_mb,
+            whole_word_mask=args.whole_word_mask, jsonl_field=args.jsonl_field,
+            skip_bad_lines=args.skip_bad_lines, memory_mb=args.memory_mb,
+            workers=args.workers, part=args.part, vocab=vocab,
+            shard_bytes=None if args.shard_mb is None else int(args.shard_mb * 2**20))
+        if args.part:
+            print(f"part {args.part} prepared in {folder}; run `bertlite prepare --merge "
+                  f"--out {folder}` once every part is done")
+            return 0
+    manifest = read_manifest(folder, verify=False)
+    stats = manifest["stats"]
+    mb = sum(i["size"] for i in manifest["inputs"]) / 1e6
+    print(f"{folder}: {manifest['examples']} examples in {len(manifest['shards'])} shard(s), "
+          f"vocabulary {manifest['vocab']['size']}, from {mb:.1f} MB "
+          f"({time.perf_counter() - started:.1f} s)")
+    if stats.get("bad_lines"):
+        print(f"skipped {stats['bad_lines']} bad line(s), e.g. {stats['bad_examples'][0]}")
+    return 0
+
+
+def _path(text: str):
+    from pathlib import Path
+
+    return Path(text)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -253,8 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertlite.signals import TrainingInterrupted
 
     try:
-        return {"pretrain": _pretrain, "encode": _encode, "evaluate": _evaluate,
-                "plan": _plan, "info": _info}[args.command](args)
+        return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
+                "evaluate": _evaluate, "plan": _plan, "info": _info}[args.command](args)
     except OutputError as err:  # trained, but an output failed: not a usage error
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one. Files and
+folders get the modes the umask gives (as ``open``/``mkdir`` would), not the private 0600/0700
+of ``mkstemp``/``mkdtemp``, so a teammate can read a shared run or cache."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -40,6 +45,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc where it says, else set and restored at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """``mkdtemp`` in ``parent``, then given the mode a plain ``mkdir`` would (umask)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

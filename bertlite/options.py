@@ -124,29 +124,16 @@ def check_plot(plot: Any) -> None:
 
 
 def check_save(save: Any, checkpoint_dir: Any = None) -> None:
-    """``save`` can hold a checkpoint folder: not a file, not a folder of other files, not the
-    checkpoint directory (whose ``step-N`` folders it would replace) nor inside it."""
+    """``save`` can hold a checkpoint folder (see :func:`bertlite.checkpoint.check_save_path`:
+    not a file or a folder of other files, not the checkpoint directory, inside it or holding
+    it) and its folder is writable."""
     path_like("save", save)
     if save is None:
         return
-    path = Path(save)
-    if checkpoint_dir is not None:
-        target, ckdir = path.resolve(), Path(checkpoint_dir).resolve()
-        if target == ckdir or ckdir in target.parents:
-            raise OptionError(f"save {str(save)!r} is the checkpoint directory or inside it "
-                              f"({checkpoint_dir}), where it would replace or be pruned with the "
-                              "step-N checkpoints; save somewhere else")
-        if target in ckdir.parents:
-            raise OptionError(f"save {str(save)!r} holds the checkpoint directory "
-                              f"{checkpoint_dir}; saving there would replace it; save somewhere "
-                              "else")
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"save {str(save)!r} is a file, not a checkpoint folder; choose "
-                          "another path")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise OptionError(f"save {str(save)!r} is a folder of other files, not a bertlite "
-                          "checkpoint; choose a new or empty folder")
-    _writable_target("save", path / "config.json", "the model")
+    from bertlite.checkpoint import check_save_path
+
+    check_save_path(save, checkpoint_dir)
+    _writable_target("save", Path(save) / "config.json", "the model")
 
 
 def check_overrides(override_resume: Any) -> frozenset[str]:
@@ -184,6 +171,10 @@ def check_train_arguments(args: Mapping[str, Any]) -> None:
     number("weight_decay", args["weight_decay"])
     number("clip_norm", args["clip_norm"], positive=True, optional=True)
     number("max_time", args["max_time"], positive=True, optional=True)
+    if args["dropout"] is not None and not (_is_number(args["dropout"])
+                                            and 0 <= args["dropout"] < 1):
+        raise _fail("dropout", args["dropout"], "a probability in [0, 1) (0 turns dropout "
+                    "off) or None")
     choice("optimizer", args["optimizer"], OPTIMIZERS)
     choice("schedule", args["schedule"], SCHEDULES)
     choice("masking", args["masking"], MASKING_MODES)
@@ -192,8 +183,16 @@ def check_train_arguments(args: Mapping[str, Any]) -> None:
     for name in ("progress", "verbose", "resume", "whole_word_mask"):
         flag(name, args[name])
     path_like("corpus", args["corpus"], optional=False)
-    for name in ("data_dir", "checkpoint_dir"):
+    for name in ("data_dir", "checkpoint_dir", "data", "eval_data"):
         path_like(name, args[name])
+    if args["format"] is not None and not isinstance(args["format"], str):
+        raise _fail("format", args["format"], "a format name (str) or None")
+    if args["eval_data"] is not None and args["data"] is None:
+        raise OptionError("eval_data needs data= (a prepared folder or a corpus to prepare)")
+    if args["eval_every"] is not None and args["data"] is not None \
+            and args["eval_data"] is None:
+        raise OptionError("eval_every with data= needs eval_data= (a held-out prepared "
+                          "folder or corpus)")
     for name in ("split", "eval_split"):
         if not isinstance(args[name], str) or not args[name]:
             raise _fail(name, args[name], "a split name such as 'train' or 'valid'")

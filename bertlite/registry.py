@@ -10,6 +10,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from bertlite.errors import BackendError
+from bertlite.install import install_command
 
 if TYPE_CHECKING:
     from bertlite.backend import Backend
@@ -52,7 +53,7 @@ def require_framework(name: str) -> None:
     if importlib.util.find_spec(framework) is None:
         raise FrameworkMissingError(
             f"the {name!r} backend needs {framework}, which is not installed: "
-            f'pip install "bertlite[{name}]"')
+            f"{install_command(name)}")
 
 
 def resolve_backend_name(name: str | None) -> str:

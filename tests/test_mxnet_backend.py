@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import build, make_batch, tiny_config
 
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
@@ -26,14 +27,10 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 
 from bertlite.backends import mxnet as bmx  # noqa: E402
-from bertlite.backends.mxnet import distributed  # noqa: E402
+from bertlite.backends.mxnet import distributed, fast  # noqa: E402
 from bertlite.backends.mxnet import step as mx_step  # noqa: E402
-from bertlite.backends.mxnet.loss import (  # noqa: E402
-    MXNetLossOps,
-    PretrainingLoss,
-    _get_batch_loss_bert,
-)
-from bertlite.backends.mxnet.model import BERTModel, gather_rows  # noqa: E402
+from bertlite.backends.mxnet.loss import MXNetLossOps, _get_batch_loss_bert  # noqa: E402
+from bertlite.backends.mxnet.model import BERTModel  # noqa: E402
 from bertlite.backends.mxnet.step import TorchAdam, clip_grad_norm, split_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,29 +41,9 @@ VOCAB, LENGTH, PREDS, HIDDEN = 500, 16, 4, 32
 TWO_CPUS = [mx.cpu(0), mx.cpu(1)]
 
 
-def tiny_config(dropout: float = 0.0) -> BERTConfig:
-    return BERTConfig(vocab_size=VOCAB, num_hiddens=HIDDEN, ffn_num_hiddens=64, num_heads=2,
-                      num_layers=2, dropout=dropout, max_len=32)
-
-
-def make_batch(n: int = 9, seed: int = 0) -> Batch:
-    """Uneven valid lengths, padding after them, and some empty prediction slots."""
-    rng = np.random.default_rng(seed)
-    valid = rng.integers(PREDS + 3, LENGTH + 1, n)
-    valid[0] = LENGTH
-    tokens = rng.integers(5, VOCAB, (n, LENGTH)).astype(np.int32)
-    segments = np.zeros((n, LENGTH), np.int32)
-    for i, v in enumerate(valid):
-        tokens[i, v:] = 1
-        segments[i, v // 2:v] = 1
-    positions = np.stack([np.sort(rng.choice(np.arange(1, v - 1), PREDS, replace=False))
-                          for v in valid]).astype(np.int32)
-    weights = (rng.random((n, PREDS)) < 0.7).astype(np.float32)
-    weights[:, 0] = 1.0
-    positions[weights == 0] = 0
-    labels = (rng.integers(5, VOCAB, (n, PREDS)) * weights).astype(np.int32)
-    return Batch(tokens, segments, valid.astype(np.float32), positions, weights, labels,
-                 rng.integers(0, 2, n).astype(np.int32))
+def batch_of(n: int = 9, seed: int = 0) -> Batch:
+    """:func:`helpers.make_batch` in this file's sizes (uneven lengths, empty slots)."""
+    return make_batch(VOCAB, n, LENGTH, seed, preds=PREDS)
 
 
 @pytest.fixture
@@ -80,15 +57,10 @@ def no_stubs(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def backend():
+def mxb():
+    """The MXNet backend (named apart from conftest's ``backend``, which follows
+    BERTLITE_TEST_BACKENDS: this file is MXNet's whatever the matrix)."""
     return bmx.MXNetBackend()
-
-
-def build(backend, devices, config=None, seed=0):
-    config = config or tiny_config()
-    net = backend.build_model(config, devices)
-    backend.load_state_dict(net, init_params(config, seed))
-    return net
 
 
 def to_mx(batch: Batch, ctx=None) -> list:
@@ -97,13 +69,13 @@ def to_mx(batch: Batch, ctx=None) -> list:
 
 # -- (1) shards over several devices give the one-device loss and gradients --------------------
 
-def test_two_uneven_shards_give_the_one_device_loss_and_gradients(backend):
-    batch = make_batch(n=9)  # 5 + 4 examples: the shards differ in size
-    one = build(backend, [mx.cpu()])
-    two = build(backend, TWO_CPUS)
+def test_two_uneven_shards_give_the_one_device_loss_and_gradients(mxb):
+    batch = batch_of(n=9)  # 5 + 4 examples: the shards differ in size
+    one = build(mxb, devices=[mx.cpu()])
+    two = build(mxb, devices=TWO_CPUS)
     assert [s.shape[0] for s in split_batch(batch, TWO_CPUS)[0]] == [5, 4]
-    mlm1, nsp1, grads1 = backend.loss_and_grads(one, batch)
-    mlm2, nsp2, grads2 = backend.loss_and_grads(two, batch)
+    mlm1, nsp1, grads1 = mxb.loss_and_grads(one, batch)
+    mlm2, nsp2, grads2 = mxb.loss_and_grads(two, batch)
     assert mlm2 == pytest.approx(mlm1, rel=1e-5)
     assert nsp2 == pytest.approx(nsp1, rel=1e-5)
     assert set(grads1) == set(grads2) == set(parameter_shapes(tiny_config()))
@@ -113,17 +85,17 @@ def test_two_uneven_shards_give_the_one_device_loss_and_gradients(backend):
 
 
 @pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
-def test_shard_losses_add_up_to_the_batch_loss(backend, hybridize):
+def test_shard_losses_add_up_to_the_batch_loss(mxb, hybridize):
     """The book's helper: the per-shard losses are shares of the batch loss (sum, not mean)."""
-    batch = make_batch(n=9)
-    net = build(backend, TWO_CPUS)
+    batch = batch_of(n=9)
+    net = build(mxb, devices=TWO_CPUS)
     if not hybridize:
         net.hybridize(False)
     with autograd.record(train_mode=False):
         mlm_ls, nsp_ls, ls = _get_batch_loss_bert(
             net, gluon.loss.SoftmaxCELoss(), VOCAB, *split_batch(batch, TWO_CPUS))
     assert len(ls) == 2 and [l.ctx for l in ls] == TWO_CPUS
-    _, mlm_logits, nsp_logits = backend.forward(net, batch)
+    _, mlm_logits, nsp_logits = mxb.forward(net, batch)
     expected = bert_loss_numpy(mlm_logits, batch.mlm_labels, batch.mlm_weights, nsp_logits,
                                batch.nsp_labels)
     assert sum(float(l) for l in mlm_ls) == pytest.approx(expected[0], rel=1e-5)
@@ -135,19 +107,19 @@ def test_shard_losses_add_up_to_the_batch_loss(backend, hybridize):
     OptimizerSettings(lr=1e-3),
     OptimizerSettings(lr=1e-3, optimizer="adamw", weight_decay=0.1, clip_norm=0.5),
 ], ids=["adam", "adamw-clip"])
-def test_training_on_two_devices_follows_one_device(backend, settings):
+def test_training_on_two_devices_follows_one_device(mxb, settings):
     """Three steps (dropout off): the kvstore sums the shards' gradients, the replicas stay
     equal, and the weights follow the one-device run. (The key bias has a zero gradient in
     exact arithmetic -- a constant added to every key of a row cancels in the softmax -- so
     Adam turns its rounding noise into steps of up to lr: it is only bounded.)"""
-    batches = [make_batch(n=9, seed=s) for s in range(3)]
-    one, two = build(backend, [mx.cpu()]), build(backend, TWO_CPUS)
-    opt1, opt2 = backend.create_optimizer(one, settings), backend.create_optimizer(two, settings)
+    batches = [batch_of(n=9, seed=s) for s in range(3)]
+    one, two = build(mxb, devices=[mx.cpu()]), build(mxb, devices=TWO_CPUS)
+    opt1, opt2 = mxb.create_optimizer(one, settings), mxb.create_optimizer(two, settings)
     for b in batches:
-        l1 = [float(x) for x in backend.train_step(one, opt1, b, settings.lr)]
-        l2 = [float(x) for x in backend.train_step(two, opt2, b, settings.lr)]
+        l1 = [float(x) for x in mxb.train_step(one, opt1, b, settings.lr)]
+        l2 = [float(x) for x in mxb.train_step(two, opt2, b, settings.lr)]
         np.testing.assert_allclose(l2, l1, rtol=1e-4)
-    w1, w2 = backend.state_dict(one), backend.state_dict(two)
+    w1, w2 = mxb.state_dict(one), mxb.state_dict(two)
     for name, param in two.canonical_parameters().items():
         replicas = [d.asnumpy() for d in param.list_data()]
         np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=name)
@@ -155,13 +127,13 @@ def test_training_on_two_devices_follows_one_device(backend, settings):
             assert np.abs(w2[name] - w1[name]).max() <= 2 * len(batches) * settings.lr
             continue
         np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=2e-5, err_msg=name)
-    assert int(backend.optimizer_state(opt2)["step"]) == 3
+    assert int(mxb.optimizer_state(opt2)["step"]) == 3
 
 
-def test_train_step_returns_unsynchronized_arrays(backend):
-    net = build(backend, TWO_CPUS)
-    opt = backend.create_optimizer(net, OptimizerSettings(lr=0.01))
-    mlm, nsp = backend.train_step(net, opt, make_batch(), 0.01)
+def test_train_step_returns_unsynchronized_arrays(mxb):
+    net = build(mxb, devices=TWO_CPUS)
+    opt = mxb.create_optimizer(net, OptimizerSettings(lr=0.01))
+    mlm, nsp = mxb.train_step(net, opt, batch_of(), 0.01)
     assert isinstance(mlm, mx.np.ndarray) and mlm.shape == () and mlm.ctx == mx.cpu(0)
     assert np.isfinite(float(mlm)) and np.isfinite(float(nsp))
 
@@ -171,7 +143,7 @@ def test_train_step_returns_unsynchronized_arrays(backend):
 def test_hybridized_outputs_equal_imperative_outputs():
     config = tiny_config(dropout=0.2)
     params = init_params(config, 1)
-    batch = make_batch(n=6)
+    batch = batch_of(n=6)
     args = to_mx(batch)
     nets = {}
     for mode in ("imperative", "hybridized"):
@@ -228,13 +200,13 @@ def test_attention_masks_keys_beyond_valid_len(hybridize):
     assert not np.allclose(unmasked, a)
 
 
-def test_hybridized_loss_graph_gives_the_imperative_gradients(backend):
-    batch = make_batch(n=7)
-    hybrid = build(backend, [mx.cpu()])
-    imperative = build(backend, [mx.cpu()])
+def test_hybridized_loss_graph_gives_the_imperative_gradients(mxb):
+    batch = batch_of(n=7)
+    hybrid = build(mxb, devices=[mx.cpu()])
+    imperative = build(mxb, devices=[mx.cpu()])
     imperative.hybridize(False)
-    mlm_h, nsp_h, grads_h = backend.loss_and_grads(hybrid, batch)
-    mlm_i, nsp_i, grads_i = backend.loss_and_grads(imperative, batch)
+    mlm_h, nsp_h, grads_h = mxb.loss_and_grads(hybrid, batch)
+    mlm_i, nsp_i, grads_i = mxb.loss_and_grads(imperative, batch)
     assert (mlm_h, nsp_h) == pytest.approx((mlm_i, nsp_i), rel=1e-6)
     for name, g in grads_i.items():
         np.testing.assert_allclose(grads_h[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
@@ -259,7 +231,7 @@ def test_sparse_last_layer_gives_the_full_loss_and_gradients(num_layers, hybridi
     included, with the examples' valid lengths."""
     config = BERTConfig(vocab_size=VOCAB, num_hiddens=HIDDEN, ffn_num_hiddens=64, num_heads=2,
                         num_layers=num_layers, dropout=0.0, max_len=32)
-    batch = make_batch(n=7, seed=3)
+    batch = batch_of(n=7, seed=3)
     positions = batch.pred_positions.copy()
     positions[1, 1] = positions[1, 0]  # a duplicate row: its gradients add up
     batch = batch._replace(pred_positions=positions)
@@ -278,7 +250,7 @@ def test_sparse_last_layer_gives_the_full_loss_and_gradients(num_layers, hybridi
                          num_examples=inputs[8])
 
     expected = _loss_and_grads(net, full, args, totals)
-    sparse = PretrainingLoss(net)
+    sparse = fast.PretrainingLoss(net)
     if hybridize:
         net.hybridize(static_alloc=True, static_shape=True)
         sparse.hybridize(static_alloc=True, static_shape=True)
@@ -291,55 +263,22 @@ def test_sparse_last_layer_gives_the_full_loss_and_gradients(num_layers, hybridi
     with autograd.predict_mode():
         mlm_full, nsp_full = net(tokens, segments, valid_lens, pred_positions)[1:]
     net.hybridize(False)
-    mlm_sparse, nsp_sparse = net.sparse_forward(mx.ndarray, tokens, segments, valid_lens,
-                                                pred_positions)
+    mlm_sparse, nsp_sparse = fast.sparse_forward(net, mx.ndarray, tokens, segments, valid_lens,
+                                                 pred_positions)
     np.testing.assert_allclose(mlm_sparse.asnumpy(), mlm_full.asnumpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(nsp_sparse.asnumpy(), nsp_full.asnumpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_gather_rows_takes_each_examples_positions():
-    X = mx.np.array(np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3))
-    rows = gather_rows(mx.ndarray, X, mx.np.array([[0, 3, 3], [2, 0, 1]], dtype="int32"))
-    expected = X.asnumpy()[[[0], [1]], [[0, 3, 3], [2, 0, 1]]]
-    np.testing.assert_array_equal(rows.asnumpy(), expected)
-
-
-def test_dropout_is_on_in_training_and_off_in_forward(backend):
-    net = build(backend, [mx.cpu()], tiny_config(dropout=0.5))
-    batch = make_batch()
-    first, second = backend.forward(net, batch), backend.forward(net, batch)
+def test_dropout_is_on_in_training_and_off_in_forward(mxb):
+    net = build(mxb, tiny_config(dropout=0.5), [mx.cpu()])
+    batch = batch_of()
+    first, second = mxb.forward(net, batch), mxb.forward(net, batch)
     np.testing.assert_array_equal(first[0], second[0])
     args = to_mx(batch)
     with autograd.train_mode():
         a = net(*args[:4])[0].asnumpy()
         b = net(*args[:4])[0].asnumpy()
     assert not np.allclose(a, b)
-
-
-def test_layer_norm_matches_the_fused_operator():
-    ln = bmx.model.LayerNorm(HIDDEN)
-    ln.initialize()
-    rng = np.random.default_rng(0)
-    ln.gamma.set_data(mx.np.array(rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)))
-    ln.beta.set_data(mx.np.array(rng.normal(size=HIDDEN).astype(np.float32)))
-    x = mx.np.array((rng.normal(size=(3, 5, HIDDEN)) * 3 + 2).astype(np.float32))
-    dy = mx.np.array(rng.normal(size=(3, 5, HIDDEN)).astype(np.float32))
-    results = []
-    for fused in (False, True):
-        x.attach_grad()
-        with autograd.record():
-            y = (mx.npx.layer_norm(x, ln.gamma.data(), ln.beta.data(), axis=-1, eps=1e-5)
-                 if fused else ln(x))
-        y.backward(dy)
-        results.append((y.asnumpy(), x.grad.asnumpy()))
-    np.testing.assert_allclose(results[0][0], results[1][0], atol=2e-6)
-    np.testing.assert_allclose(results[0][1], results[1][1], atol=2e-6)
-    xn = x.asnumpy()
-    normalized = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
-    np.testing.assert_allclose(ln.gamma.grad().asnumpy(),
-                               (dy.asnumpy() * normalized).sum((0, 1)), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ln.beta.grad().asnumpy(), dy.asnumpy().sum((0, 1)), rtol=1e-4,
-                               atol=1e-5)
 
 
 # -- (3) the optimizer is torch.optim.Adam / AdamW ------------------------------------------------
@@ -418,21 +357,21 @@ def test_clip_grad_norm_equals_torch(no_stubs):
                 np.testing.assert_allclose(g.asnumpy(), t.grad.numpy(), rtol=1e-6)
 
 
-def test_optimizer_excludes_biases_and_layer_norm_from_decay(backend):
-    net = build(backend, [mx.cpu()])
-    backend.create_optimizer(net, OptimizerSettings(optimizer="adamw", weight_decay=0.1))
+def test_optimizer_excludes_biases_and_layer_norm_from_decay(mxb):
+    net = build(mxb, devices=[mx.cpu()])
+    mxb.create_optimizer(net, OptimizerSettings(optimizer="adamw", weight_decay=0.1))
     for name, param in net.canonical_parameters().items():
         assert param.wd_mult == (0.0 if is_no_decay(name) else 1.0), name
 
 
-def test_optimizer_state_before_the_first_step(backend):
-    net = build(backend, TWO_CPUS)
-    opt = backend.create_optimizer(net, OptimizerSettings())
-    state = backend.optimizer_state(opt)
+def test_optimizer_state_before_the_first_step(mxb):
+    net = build(mxb, devices=TWO_CPUS)
+    opt = mxb.create_optimizer(net, OptimizerSettings())
+    state = mxb.optimizer_state(opt)
     assert int(state["step"]) == 0
     assert np.abs(state["mlm.decoder.weight.exp_avg"]).sum() == 0
     with pytest.raises(ValueError, match="step"):
-        backend.load_optimizer_state(opt, {k: v for k, v in state.items() if k != "step"})
+        mxb.load_optimizer_state(opt, {k: v for k, v in state.items() if k != "step"})
 
 
 # -- model layout, devices, the book's API --------------------------------------------------------
@@ -457,26 +396,26 @@ def test_book_constructor_and_imperative_call():
     assert encoded.shape == (1, 4, HIDDEN) and mlm is None and nsp.shape == (1, 2)
 
 
-def test_devices(backend):
+def test_devices(mxb):
     assert bmx.try_all_gpus() == [mx.cpu()]
     assert bmx.try_gpu() == mx.cpu()
-    assert backend.parse_devices(None) == bmx.try_all_gpus()
-    assert backend.parse_devices("cpu") == [mx.cpu()]
-    assert backend.parse_devices("cpu:0,cpu:1") == TWO_CPUS
-    assert backend.parse_devices("cpu:0,1") == TWO_CPUS
-    assert backend.parse_devices(TWO_CPUS) == TWO_CPUS
-    assert backend.describe_devices([mx.cpu()]) == "[cpu(0)]"
+    assert mxb.parse_devices(None) == bmx.try_all_gpus()
+    assert mxb.parse_devices("cpu") == [mx.cpu()]
+    assert mxb.parse_devices("cpu:0,cpu:1") == TWO_CPUS
+    assert mxb.parse_devices("cpu:0,1") == TWO_CPUS
+    assert mxb.parse_devices(TWO_CPUS) == TWO_CPUS
+    assert mxb.describe_devices([mx.cpu()]) == "[cpu(0)]"
     if mx.context.num_gpus() == 0:
         for spec in ("gpu", "gpu:0,1", "cuda:0", [mx.gpu(0)]):
             with pytest.raises(DeviceError, match="no GPU"):
-                backend.parse_devices(spec)
+                mxb.parse_devices(spec)
     for spec in ("tpu", "cpu:x", "cpu:0,cpu:0", "", 3):
         with pytest.raises(DeviceError):
-            backend.parse_devices(spec)
+            mxb.parse_devices(spec)
 
 
-def test_info(backend):
-    info = backend.info()
+def test_info(mxb):
+    info = mxb.info()
     assert info["version"] == mx.__version__
     assert "DIST_KVSTORE" in info["features"] and "CUDA" in info["features"]
     assert info["gpus"] == mx.context.num_gpus()
@@ -564,10 +503,10 @@ SETTINGS = {
 }
 
 
-def _train(backend, devices, batches, settings, **options):
-    net = build(backend, devices)
-    opt = backend.create_optimizer(net, settings)
-    losses = [[float(x) for x in backend.train_step(net, opt, b, settings.lr, **options)]
+def _train(mxb, devices, batches, settings, **options):
+    net = build(mxb, devices=devices)
+    opt = mxb.create_optimizer(net, settings)
+    losses = [[float(x) for x in mxb.train_step(net, opt, b, settings.lr, **options)]
               for b in batches]
     return net, opt, losses
 
@@ -581,43 +520,43 @@ def _assert_same_weights(w, reference, lr, steps, rtol=1e-4, atol=2e-5):
 
 
 @pytest.mark.parametrize("settings", list(SETTINGS.values()), ids=list(SETTINGS))
-@pytest.mark.parametrize("devices", [[mx.cpu()], TWO_CPUS], ids=["1dev", "2dev"])
 @pytest.mark.parametrize("accumulate", [2, 3])
-def test_accumulation_gives_the_update_of_the_whole_batch(backend, settings, devices,
-                                                          accumulate):
-    """K micro-batches (each over the devices), every one normalized by the whole batch, then
-    one update: the losses and weights of one pass over the whole batch (dropout 0)."""
-    batches = [make_batch(n=9, seed=s) for s in range(3)]
-    one, opt1, l1 = _train(backend, [mx.cpu()], batches, settings)
-    acc, opt2, l2 = _train(backend, devices, batches, settings, accumulate=accumulate)
+def test_accumulation_over_two_devices_gives_the_update_of_the_whole_batch(mxb, settings,
+                                                                           accumulate):
+    """K micro-batches, each over two devices, every one normalized by the whole batch, then
+    one update: the losses and weights of one pass over the whole batch on one device (dropout
+    0). (One device: tests/test_scale.py, for every mxb.)"""
+    devices = TWO_CPUS
+    batches = [batch_of(n=9, seed=s) for s in range(3)]
+    one, opt1, l1 = _train(mxb, [mx.cpu()], batches, settings)
+    acc, opt2, l2 = _train(mxb, devices, batches, settings, accumulate=accumulate)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
-    _assert_same_weights(backend.state_dict(acc), backend.state_dict(one), settings.lr, 3)
-    assert int(backend.optimizer_state(opt2)["step"]) == 3
-    if len(devices) > 1:  # the replicas stay equal
-        for name, param in acc.canonical_parameters().items():
-            replicas = [d.asnumpy() for d in param.list_data()]
-            np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=name)
+    _assert_same_weights(mxb.state_dict(acc), mxb.state_dict(one), settings.lr, 3)
+    assert int(mxb.optimizer_state(opt2)["step"]) == 3
+    for name, param in acc.canonical_parameters().items():  # the replicas stay equal
+        replicas = [d.asnumpy() for d in param.list_data()]
+        np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=name)
 
 
 @pytest.mark.parametrize("rows, accumulate", [(3, 2), (3, 4), (2, 3)])
-def test_micro_batches_shorter_than_the_device_list(backend, rows, accumulate):
+def test_micro_batches_shorter_than_the_device_list(mxb, rows, accumulate):
     """Parts with fewer rows than devices run on the first devices only (an idle device adds a
     zero gradient); empty parts are skipped."""
     settings = SETTINGS["adam"]
-    batches = [make_batch(n=rows, seed=s) for s in range(2)]
-    one, _, l1 = _train(backend, [mx.cpu()], batches, settings)
-    acc, _, l2 = _train(backend, TWO_CPUS, batches, settings, accumulate=accumulate)
+    batches = [batch_of(n=rows, seed=s) for s in range(2)]
+    one, _, l1 = _train(mxb, [mx.cpu()], batches, settings)
+    acc, _, l2 = _train(mxb, TWO_CPUS, batches, settings, accumulate=accumulate)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
-    _assert_same_weights(backend.state_dict(acc), backend.state_dict(one), settings.lr, 2)
+    _assert_same_weights(mxb.state_dict(acc), mxb.state_dict(one), settings.lr, 2)
 
 
-def test_accumulation_leaves_loss_and_grads_exact(backend):
+def test_accumulation_leaves_loss_and_grads_exact(mxb):
     """After training with accumulate (grad_req "add"), loss_and_grads still gives the
     gradient of one batch, not a sum with old ones."""
-    net, _, _ = _train(backend, [mx.cpu()], [make_batch(n=6)], SETTINGS["adam"], accumulate=2)
-    batch = make_batch(n=7, seed=4)
-    first = backend.loss_and_grads(net, batch)
-    second = backend.loss_and_grads(net, batch)
+    net, _, _ = _train(mxb, [mx.cpu()], [batch_of(n=6)], SETTINGS["adam"], accumulate=2)
+    batch = batch_of(n=7, seed=4)
+    first = mxb.loss_and_grads(net, batch)
+    second = mxb.loss_and_grads(net, batch)
     assert first[:2] == second[:2]
     for name, g in first[2].items():
         np.testing.assert_array_equal(second[2][name], g, err_msg=name)
@@ -629,37 +568,38 @@ def _poisoned(batch: Batch, row: int) -> Batch:
     return batch._replace(mlm_weights=weights)
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])
-def test_skip_nonfinite_leaves_model_and_optimizer_unchanged(backend, accumulate):
-    """A NaN loss (in any micro-batch) skips the update: weights, optimizer state and step
-    count stay, the gradients are cleared, the NaN is returned; training then goes on as if
-    the step had never been."""
+def test_skip_nonfinite_over_devices_and_micro_batches(mxb):
+    """A NaN loss (in one micro-batch, on one of two devices) skips the update: weights,
+    optimizer state and step count stay, every device's gradients are cleared, the NaN is
+    returned; training then goes on as if the step had never been. (One device:
+    tests/test_scale.py.)"""
+    accumulate = 3
     settings = SETTINGS["adamw-clip"]
-    good = [make_batch(n=9, seed=s) for s in range(2)]
-    net, opt, _ = _train(backend, TWO_CPUS, good[:1], settings, accumulate=accumulate)
-    before, state = backend.state_dict(net), backend.optimizer_state(opt)
-    mlm, nsp = backend.train_step(net, opt, _poisoned(good[1], row=8), settings.lr,
+    good = [batch_of(n=9, seed=s) for s in range(2)]
+    net, opt, _ = _train(mxb, TWO_CPUS, good[:1], settings, accumulate=accumulate)
+    before, state = mxb.state_dict(net), mxb.optimizer_state(opt)
+    mlm, nsp = mxb.train_step(net, opt, _poisoned(good[1], row=8), settings.lr,
                                   accumulate=accumulate, skip_nonfinite=True)
     assert not np.isfinite(float(mlm)) and np.isfinite(float(nsp))
-    after = backend.state_dict(net)
+    after = mxb.state_dict(net)
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
-    for name, value in backend.optimizer_state(opt).items():
+    for name, value in mxb.optimizer_state(opt).items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
     for param in net.collect_params().values():
         for g in param.list_grad():
             assert not g.asnumpy().any(), param.name
     # the next step is the one an uninterrupted run takes
-    loss = [float(x) for x in backend.train_step(net, opt, good[1], settings.lr,
+    loss = [float(x) for x in mxb.train_step(net, opt, good[1], settings.lr,
                                                  accumulate=accumulate, skip_nonfinite=True)]
-    ref, _, ref_losses = _train(backend, [mx.cpu()], good, settings)
+    ref, _, ref_losses = _train(mxb, [mx.cpu()], good, settings)
     np.testing.assert_allclose(loss, ref_losses[1], rtol=1e-5)
-    _assert_same_weights(backend.state_dict(net), backend.state_dict(ref), settings.lr, 2)
+    _assert_same_weights(mxb.state_dict(net), mxb.state_dict(ref), settings.lr, 2)
 
 
-def test_without_skip_a_nonfinite_loss_is_returned(backend):
-    net, opt, _ = _train(backend, [mx.cpu()], [], SETTINGS["adam"])
-    mlm, _ = backend.train_step(net, opt, _poisoned(make_batch(), row=0), 1e-3)
+def test_without_skip_a_nonfinite_loss_is_returned(mxb):
+    net, opt, _ = _train(mxb, [mx.cpu()], [], SETTINGS["adam"])
+    mlm, _ = mxb.train_step(net, opt, _poisoned(batch_of(), row=0), 1e-3)
     assert np.isnan(float(mlm))
 
 
@@ -667,13 +607,15 @@ def _graph_json(graph) -> str:
     return graph._cached_graph[1].tojson(remove_amp_cast=False)
 
 
-def test_bf16_runs_the_dense_layers_in_bfloat16(backend):
+def test_bf16_runs_the_dense_layers_in_bfloat16(mxb):
     """precision="bf16": every Dense product in bfloat16 (amp_cast nodes in the compiled loss
     graph), float32 weights, gradients and optimizer state; losses and weights near float32."""
+    if not mx_step._cpu_computes_bfloat16():
+        pytest.skip("oneDNN has no bfloat16 kernels for this CPU (it lacks AVX-512)")
     settings = SETTINGS["adam"]
-    batches = [make_batch(n=9, seed=s) for s in range(3)]
-    fp32, _, l32 = _train(backend, [mx.cpu()], batches, settings)
-    bf16, opt, l16 = _train(backend, TWO_CPUS, batches, settings, precision="bf16",
+    batches = [batch_of(n=9, seed=s) for s in range(3)]
+    fp32, _, l32 = _train(mxb, [mx.cpu()], batches, settings)
+    bf16, opt, l16 = _train(mxb, TWO_CPUS, batches, settings, precision="bf16",
                             accumulate=2)
     # the first step starts from the same weights; after it, Adam's first steps (about lr
     # times the gradient's sign) let the runs drift apart, NSP on 9 examples most
@@ -681,111 +623,93 @@ def test_bf16_runs_the_dense_layers_in_bfloat16(backend):
     assert l16[0] != l32[0]  # it did compute in lower precision
     np.testing.assert_allclose(np.array(l16)[:, 0], np.array(l32)[:, 0], rtol=1e-2)
     assert np.isfinite(l16).all()
-    graph = _graph_json(bf16._bertlite_loss_graph_bf16.graph)
+    graph = _graph_json(fast.loss_graph(bf16, "bfloat16").graph)
     assert graph.count('"op": "amp_cast"') >= 4 * 16 and "bfloat16" in graph
-    assert "amp_cast" not in _graph_json(mx_step.pretraining_loss(fp32))
+    assert "amp_cast" not in _graph_json(fast.loss_graph(fp32))
     for name, param in bf16.canonical_parameters().items():
         assert np.dtype(param.dtype) == np.float32, name
         assert all(g.dtype == np.float32 for g in param.list_grad()), name
-    w16, w32 = backend.state_dict(bf16), backend.state_dict(fp32)
+    w16, w32 = mxb.state_dict(bf16), mxb.state_dict(fp32)
     for name, value in w32.items():
         assert np.isfinite(w16[name]).all()
         if not name.endswith("attention.W_k.bias"):
             assert np.abs(w16[name] - value).max() <= 3 * 2 * settings.lr, name
-    assert backend.optimizer_state(opt)["mlm.decoder.weight.exp_avg"].dtype == np.float32
+    assert mxb.optimizer_state(opt)["mlm.decoder.weight.exp_avg"].dtype == np.float32
 
 
-def test_precision_errors_name_what_works(backend):
+def test_accumulation_through_amp_cast_keeps_every_gradient(mxb, monkeypatch):
+    """The low-precision graph's ``amp_cast`` nodes (casting to float32 here, so that any CPU
+    runs them) with accumulate=2 give the losses and weights of accumulate=1. (Issue 19:
+    ``amp_cast``'s backward ignored ``grad_req="add"`` and the Dense layers got no gradient.)"""
+    monkeypatch.setitem(mx_step.PRECISION_PLANS, "bf16",
+                        mx_step.PrecisionPlan("bf16", "float32", False, None))
+    settings = SETTINGS["adam"]
+    batches = [batch_of(n=9, seed=s) for s in range(3)]
+    one, _, l1 = _train(mxb, [mx.cpu()], batches, settings, precision="bf16")
+    acc, _, l2 = _train(mxb, [mx.cpu()], batches, settings, precision="bf16", accumulate=2)
+    assert _graph_json(fast.loss_graph(acc, "float32").graph).count('"op": "amp_cast"') >= 64
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    _assert_same_weights(mxb.state_dict(acc), mxb.state_dict(one), settings.lr, 3)
+
+
+def test_precision_errors_name_what_works(mxb):
     with pytest.raises(BackendError, match="fp16.*GPU.*bf16"):
-        backend.check_train_options([mx.cpu()], precision="fp16")
+        mxb.check_train_options([mx.cpu()], precision="fp16")
     with pytest.raises(BackendError, match="bf16.*CPU.*fp16"):
-        backend.check_train_options([mx.gpu(0)], precision="bf16")
+        mxb.check_train_options([mx.gpu(0)], precision="bf16")
     with pytest.raises(BackendError, match="precision must be one of"):
-        backend.check_train_options([mx.cpu()], precision="int8")
+        mxb.check_train_options([mx.cpu()], precision="int8")
     with pytest.raises(BackendError, match="accumulate must be a positive integer"):
-        backend.check_train_options([mx.cpu()], accumulate=0)
-    backend.check_train_options(TWO_CPUS, accumulate=4, precision="bf16", skip_nonfinite=True)
-    net = build(backend, [mx.cpu()])
-    opt = backend.create_optimizer(net, SETTINGS["adam"])
+        mxb.check_train_options([mx.cpu()], accumulate=0)
+    if mx_step._cpu_computes_bfloat16():
+        mxb.check_train_options(TWO_CPUS, accumulate=4, precision="bf16",
+                                    skip_nonfinite=True)
+    else:
+        with pytest.raises(BackendError, match="bf16.*AVX-512.*float32"):
+            mxb.check_train_options(TWO_CPUS, precision="bf16")
+    net = build(mxb, devices=[mx.cpu()])
+    opt = mxb.create_optimizer(net, SETTINGS["adam"])
     with pytest.raises(ValueError, match="fp16.*GPU"):
-        backend.train_step(net, opt, make_batch(), 1e-3, precision="fp16")
+        mxb.train_step(net, opt, batch_of(), 1e-3, precision="fp16")
 
 
 @pytest.mark.parametrize("clip_norm", [None, 0.5])
-def test_loss_scaling_gives_the_unscaled_update_and_skips_overflows(backend, monkeypatch,
+def test_loss_scaling_gives_the_unscaled_update_and_skips_overflows(mxb, monkeypatch,
                                                                     clip_norm):
     """fp16's dynamic loss scaling, exercised in float32 on the CPU: scaled by a power of two,
     the update is the unscaled one; an overflow skips the update and halves the scale."""
     monkeypatch.setitem(mx_step.PRECISION_PLANS, "fp16",
                         mx_step.PrecisionPlan("fp16", None, True, None))
     settings = OptimizerSettings(lr=1e-3, clip_norm=clip_norm)
-    batches = [make_batch(n=9, seed=s) for s in range(3)]
-    ref, _, l1 = _train(backend, [mx.cpu()], batches, settings)
-    net = build(backend, [mx.cpu()])
-    opt = backend.create_optimizer(net, settings)
+    batches = [batch_of(n=9, seed=s) for s in range(3)]
+    ref, _, l1 = _train(mxb, [mx.cpu()], batches, settings)
+    net = build(mxb, devices=[mx.cpu()])
+    opt = mxb.create_optimizer(net, settings)
     assert opt.loss_scale == 2.0**16
-    before = backend.state_dict(net)
+    before = mxb.state_dict(net)
     # non-finite gradients (here from a NaN in the data; in float16, from a scale too large)
-    mlm, _ = backend.train_step(net, opt, _poisoned(batches[0], row=3), settings.lr,
+    mlm, _ = mxb.train_step(net, opt, _poisoned(batches[0], row=3), settings.lr,
                                 precision="fp16")
     assert np.isnan(float(mlm))
-    assert opt.loss_scale == 2.0**15 and int(backend.optimizer_state(opt)["step"]) == 0
-    for name, value in backend.state_dict(net).items():
+    assert opt.loss_scale == 2.0**15 and int(mxb.optimizer_state(opt)["step"]) == 0
+    for name, value in mxb.state_dict(net).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
     opt.loss_scale = 2.0**10
-    losses = [[float(x) for x in backend.train_step(net, opt, b, settings.lr, precision="fp16")]
+    losses = [[float(x) for x in mxb.train_step(net, opt, b, settings.lr, precision="fp16")]
               for b in batches]
     np.testing.assert_allclose(losses, l1, rtol=1e-6)
-    _assert_same_weights(backend.state_dict(net), backend.state_dict(ref), settings.lr, 3,
+    _assert_same_weights(mxb.state_dict(net), mxb.state_dict(ref), settings.lr, 3,
                          rtol=1e-5, atol=1e-6)
     assert opt.loss_scale == 2.0**10 and opt.good_steps == 3
 
 
-def test_train_with_accumulate_and_on_nan_skip(backend, monkeypatch):
-    """Through bertlite.train: accumulate=3 follows accumulate=1, and on_nan="skip" records a
-    poisoned step as skipped and carries on."""
-    import bertlite
-    from bertlite.data.loader import BatchIterator
-
-    options = dict(corpus="sample", config=dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
-                                                num_layers=2, dropout=0.0, max_len=32),
-                   batch_size=12, max_len=32, num_steps=4, seed=2, lr=1e-3, plot=None,
-                   progress=False, verbose=False)
-    one = bertlite.train(backend, **options)
-    three = bertlite.train(backend, **options, accumulate=3)
-    np.testing.assert_allclose(three.history.mlm_loss, one.history.mlm_loss, rtol=1e-5)
-    np.testing.assert_allclose(three.history.nsp_loss, one.history.nsp_loss, rtol=1e-5)
-
-    stream = BatchIterator.stream
-
-    def poisoned(self, epoch=0, start=0):
-        for n, (e, i, batch) in enumerate(stream(self, epoch, start), 1):
-            yield e, i, (_poisoned(batch, row=5) if n == 2 else batch)
-
-    monkeypatch.setattr(BatchIterator, "stream", poisoned)
-    skipped = bertlite.train(backend, **options, accumulate=2, on_nan="skip")
-    assert skipped.history.skipped == [2]
-    assert skipped.history.step == [1, 3, 4]
-    assert skipped.history.mlm_loss[0] == pytest.approx(one.history.mlm_loss[0], rel=1e-5)
-
-
-def test_one_process_is_the_main_one(backend, monkeypatch):
+def test_one_process_is_the_main_one(mxb, monkeypatch):
     monkeypatch.delenv("DMLC_ROLE", raising=False)
-    assert backend.is_main_process() and backend.any_process(True) is True
-    assert backend.any_process(False) is False
-    assert backend.num_replicas(TWO_CPUS) == 2
-    assert backend.free_memory([mx.cpu()]) is None
-    assert backend.info()["distributed"] == "no (one process)"
-
-
-def test_worker_rows_are_disjoint_and_cover_the_batch():
-    for rows, accumulate, workers in [(16, 1, 2), (17, 2, 2), (9, 3, 3), (3, 2, 2), (5, 1, 1)]:
-        parts = [distributed.worker_rows(rows, accumulate, r, workers) for r in range(workers)]
-        assert all(len(p) == accumulate for p in parts)
-        covered = [i for p in parts for s in p for i in range(s.start, s.stop)]
-        assert covered == list(range(rows))
-        sizes = [s.stop - s.start for p in parts for s in p]
-        assert max(sizes) - min(sizes) <= 1
+    assert mxb.is_main_process() and mxb.any_process(True) is True
+    assert mxb.any_process(False) is False
+    assert mxb.num_replicas(TWO_CPUS) == 2
+    assert mxb.free_memory([mx.cpu()]) is None
+    assert mxb.info()["distributed"] == "no (one process)"
 
 
 def test_distributed_environment(monkeypatch):

@@ -63,12 +63,18 @@ BAD_ARGUMENTS = [
     ("plot-is-folder", {"plot": "{tmp}/a-folder"}, ["--plot", "{tmp}/a-folder"], "is a folder"),
     ("resume-without-dir", {"resume": True}, ["--resume"], "resume=True needs checkpoint_dir"),
     ("save-in-checkpoint-dir", {"checkpoint_dir": "{tmp}/ck", "save": "{tmp}/ck/final"},
-     ["--checkpoint-dir", "{tmp}/ck", "--save", "{tmp}/ck/final"], "inside it"),
+     ["--checkpoint-dir", "{tmp}/ck", "--save", "{tmp}/ck/final"],
+     "is inside the checkpoint directory"),
     ("save-is-checkpoint-dir", {"checkpoint_dir": "{tmp}/ck", "save": "{tmp}/ck"},
      ["--checkpoint-dir", "{tmp}/ck", "--save", "{tmp}/ck"], "is the checkpoint directory"),
     ("save-is-a-file", {"save": "{tmp}/a-file"}, ["--save", "{tmp}/a-file"], "is a file"),
     ("save-user-folder", {"save": "{tmp}/a-folder"}, ["--save", "{tmp}/a-folder"],
      "not a bertlite checkpoint"),
+    ("save-holds-checkpoint-dir", {"checkpoint_dir": "{tmp}/out/ck", "save": "{tmp}/out"},
+     ["--checkpoint-dir", "{tmp}/out/ck", "--save", "{tmp}/out"], "holds the checkpoint"),
+    ("dropout-one", {"dropout": 1.0}, ["--dropout", "1"], r"dropout must be a probability"),
+    ("eval-data-without-data", {"eval_data": "{tmp}/a-folder"}, None,
+     "eval_data needs data="),
     ("override-data-setting", {"checkpoint_dir": "{tmp}/ck", "resume": True,
                                "override_resume": ["batch_size"]},
      ["--checkpoint-dir", "{tmp}/ck", "--resume", "--override-resume", "batch_size"],
@@ -104,9 +110,10 @@ def test_bad_argument_through_the_api(case, backend_name, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     kwargs = {"plot": str(tmp_path / "loss.png"), **{k: _fill(v, tmp_path)
                                                       for k, v in kwargs.items()}}
-    with pytest.raises(bertlite.OptionError, match=message) as info:
+    with pytest.raises(bertlite.errors.BertliteError, match=message) as info:
         bertlite.train(backend_name, **{**BASE, **kwargs})
-    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, (bertlite.OptionError, bertlite.errors.CheckpointError))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
     assert _files(tmp_path) == before  # nothing written, nothing touched
 

@@ -37,10 +37,18 @@ class MXNetBackend(Backend):
     Several processes: a process started as an MXNet worker (``DMLC_ROLE=worker``,
     ``DMLC_NUM_WORKER`` > 1, e.g. by ``python -m bertlite.launch --workers N -- bertlite
     pretrain --backend mxnet ...``) trains through a ``dist_sync`` kvstore, each worker on its
-    own rows of every global batch (:mod:`.distributed`); worker 0 is the main process."""
+    own rows of every global batch (:mod:`.distributed`); worker 0 is the main process.
+
+    ``fast`` (default True) is the one switch between the fast path -- the model on the kernels
+    of :mod:`.kernels`, hybridized, its training loss in the compiled graph of :mod:`.fast` with
+    a sparse last layer -- and the plain one: the book's operations, imperative (float32
+    only). Both compute the same losses and gradients to float32 round-off."""
 
     name = "mxnet"
     framework = "mxnet"
+
+    def __init__(self, fast: bool = True) -> None:
+        self.fast = bool(fast)
 
     # -- devices and randomness ---------------------------------------------------------------
     def parse_devices(self, spec: str | Sequence[Any] | None) -> list[Any]:
@@ -52,9 +60,10 @@ class MXNetBackend(Backend):
     # -- the model ----------------------------------------------------------------------------
     def build_model(self, config: BERTConfig, devices: Sequence[Any]) -> BERTModel:
         devices = list(devices)
-        net = BERTModel.from_config(config)
+        net = BERTModel.from_config(config, fast=self.fast)
         net.initialize(init.Xavier(), ctx=devices)
-        net.hybridize(static_alloc=True, static_shape=True)
+        if self.fast:
+            net.hybridize(static_alloc=True, static_shape=True)
         net.devices = devices
         return net
 
@@ -82,10 +91,13 @@ class MXNetBackend(Backend):
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """accumulate: any positive integer; precision: float32 anywhere, bf16 on the CPU,
-        fp16 on GPUs; skip_nonfinite: yes."""
+        fp16 on GPUs (both on the fast path only); skip_nonfinite: yes."""
         try:
             _step.check_accumulate(accumulate)
             _step.check_precision(precision, list(devices))
+            if precision != "float32" and not self.fast:
+                raise ValueError(f"precision={precision!r} rewrites the fast path's compiled "
+                                 "graph; use MXNetBackend(fast=True) or precision='float32'")
         except ValueError as err:
             raise BackendError(f"the mxnet backend cannot train so: {err}") from None
 

@@ -6,7 +6,7 @@ running (``python -m bertlite.launch`` starts them all on this machine) -- train
 ``dist_sync`` kvstore:
 
 * every worker reads the same data in the same order (same seed) and is handed the same global
-  batch; :func:`worker_rows` gives each its own disjoint rows (``kv.rank`` of
+  batch; :func:`bertlite.sharding.process_parts` gives each its own disjoint rows (``kv.rank`` of
   ``kv.num_workers``), whose losses use the *global* batch's normalizers, so the gradients
   that the kvstore sums over the workers (and over each worker's devices) are the gradient of
   the global batch, and the update equals one process training on the whole batch;
@@ -28,13 +28,10 @@ import os
 import sys
 from typing import Any
 
-import numpy as onp
-
 from bertlite.errors import DeviceError
 
 __all__ = ["DIST_TYPES", "LOSS_KEY", "FLAG_KEY", "allreduce_sum", "any_process",
-           "env_kvstore_type", "get_kvstore", "is_distributed", "num_workers", "rank",
-           "worker_rows"]
+           "env_kvstore_type", "get_kvstore", "is_distributed", "num_workers", "rank"]
 
 #: the kvstore types whose update equals the single-process update
 DIST_TYPES = ("dist_sync", "dist_device_sync")
@@ -163,16 +160,6 @@ def rank() -> int:
 def num_workers() -> int:
     kv = get_kvstore()
     return 1 if kv is None else int(kv.num_workers)
-
-
-def worker_rows(num_rows: int, accumulate: int, rank: int, num_workers: int) -> list[slice]:
-    """The rows of this worker's ``accumulate`` micro-batches of a global batch of
-    ``num_rows``: the batch is cut into ``num_workers * accumulate`` contiguous, disjoint
-    parts whose sizes differ by at most one, and worker ``rank`` takes parts
-    ``rank * accumulate`` to ``(rank + 1) * accumulate - 1`` (empty when the batch is short)."""
-    parts = onp.array_split(onp.arange(num_rows), num_workers * accumulate)
-    mine = parts[rank * accumulate:(rank + 1) * accumulate]
-    return [slice(int(p[0]), int(p[-1]) + 1) if len(p) else slice(0, 0) for p in mine]
 
 
 def prepare_trainer(trainer: Any) -> None:

@@ -9,11 +9,9 @@ loss is normalized by the WHOLE batch (its total MLM weight and its number of ex
 
 the learning rate does not depend on how many devices share a batch.
 
-For a hybridized :class:`~.model.BERTModel` the loss is computed inside a second compiled
-graph (:class:`PretrainingLoss`, sharing the model's parameters): the model's sparse last layer
-(:meth:`~.model.BERTModel.sparse_forward`, the last block only at ``<cls>`` and the predicted
-positions) and ``bert_loss`` traced on symbols, so that reshaping the ``(batch * preds,
-vocab)`` logits is free instead of two copies of the largest tensor of the step.
+A fast, hybridized :class:`~.model.BERTModel` computes each shard's loss in a second compiled
+graph (:func:`.fast.loss_graph`); any other net runs its forward pass and ``bert_loss`` here,
+imperatively (:func:`shard_loss`).
 """
 
 from __future__ import annotations
@@ -22,14 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import mxnet as mx
-from mxnet.gluon import nn
 
 from bertlite.loss import bert_loss
 
-from .model import BERTModel
-
-__all__ = ["MXNetLossOps", "PretrainingLoss", "_get_batch_loss_bert", "batch_totals",
-           "pretraining_loss"]
+__all__ = ["MXNetLossOps", "_get_batch_loss_bert", "batch_totals", "shard_loss"]
 
 
 class MXNetLossOps:
@@ -60,39 +54,6 @@ class _StaticLastAxis:
         return self.symbol.reshape(shape)
 
 
-class PretrainingLoss(nn.HybridBlock):
-    """``(mlm_loss, nsp_loss, loss)`` of a shard from the model's inputs, the labels and the
-    whole batch's ``mlm_weight_total`` and ``num_examples`` (0-d float32 arrays): the model's
-    forward pass (its sparse last layer, :meth:`~.model.BERTModel.sparse_forward`) and
-    ``bert_loss`` in one graph. Hybridize it; its parameters are the model's."""
-
-    def __init__(self, net: nn.HybridBlock, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.net = net
-        self.vocab_size = net.config.vocab_size
-
-    def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions, mlm_weights,
-                       mlm_labels, nsp_labels, mlm_weight_total, num_examples):
-        mlm_Y_hat, nsp_Y_hat = self.net.sparse_forward(F, tokens, segments, valid_lens,
-                                                       pred_positions)
-        if F is mx.symbol:
-            mlm_Y_hat = _StaticLastAxis(mlm_Y_hat, self.vocab_size)
-        return bert_loss(MXNetLossOps(F), mlm_Y_hat, mlm_labels, mlm_weights, nsp_Y_hat,
-                         nsp_labels, mlm_weight_total=mlm_weight_total,
-                         num_examples=num_examples)
-
-
-def pretraining_loss(net) -> PretrainingLoss:
-    """The net's compiled loss graph (built and hybridized on first use, then kept)."""
-    graph = getattr(net, "_bertlite_loss_graph", None)
-    if graph is None:
-        graph = PretrainingLoss(net)
-        graph.hybridize(static_alloc=True, static_shape=True)
-        # kept outside Gluon's child registry: the graph is not part of the model's parameters
-        object.__setattr__(net, "_bertlite_loss_graph", graph)
-    return graph
-
-
 def batch_totals(mlm_weights_X_shards: Sequence[Any]) -> tuple[list[Any], int]:
     """The whole batch's MLM weight sum, as a 0-d array on each shard's device (copies, no
     host synchronization), and the whole batch's number of examples."""
@@ -111,8 +72,9 @@ def shard_loss(net, graph: Any, shard: Sequence[Any], total: Any, num_examples: 
                vocab_size: int) -> tuple[Any, Any, Any]:
     """``(mlm_l, nsp_l, l)`` of one device shard (its seven batch arrays in the book's order),
     normalized by the whole batch's ``total`` MLM weight (a 0-d array on the shard's device)
-    and ``num_examples``: through ``graph`` (a compiled loss, :func:`pretraining_loss`) when
-    given, else the net's forward pass and ``bert_loss`` imperatively."""
+    and ``num_examples``: through ``graph`` (a compiled loss, :func:`.fast.loss_graph`) when
+    given, else the net's forward pass and ``bert_loss``
+    imperatively."""
     tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels = shard
     if graph is not None:
         count = mx.np.array(num_examples, dtype="float32", ctx=tokens.ctx)
@@ -133,13 +95,15 @@ def _get_batch_loss_bert(net, loss, vocab_size, tokens_X_shards, segments_X_shar
     weight sum and size), so ``sum(ls)`` -- not the mean -- is the batch loss, and backward on
     every shard followed by ``trainer.step(1)`` gives the one-device gradient. ``loss`` (the
     book passes ``gluon.loss.SoftmaxCELoss()``) is accepted for the book's signature; the
-    cross-entropy is :class:`MXNetLossOps`' (the same per-example values). A hybridized
+    cross-entropy is :class:`MXNetLossOps`' (the same per-example values). A fast, hybridized
     bertlite ``BERTModel`` computes each shard's loss in one compiled graph
-    (:func:`pretraining_loss`), any other net imperatively.
+    (:func:`.fast.loss_graph`), any other net imperatively.
     """
+    from .fast import loss_graph  # (fast builds on this module)
+
     del loss  # the formula is bertlite.loss.bert_loss
     totals, num_examples = batch_totals(mlm_weights_X_shards)
-    graph = pretraining_loss(net) if isinstance(net, BERTModel) and net._active else None
+    graph = loss_graph(net)
     mlm_ls, nsp_ls, ls = [], [], []
     for *shard, total in zip(tokens_X_shards, segments_X_shards, valid_lens_x_shards,
                              pred_positions_X_shards, mlm_weights_X_shards, mlm_Y_shards,

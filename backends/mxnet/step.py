@@ -24,22 +24,18 @@ micro-batch over the process's devices. Every piece's loss uses the whole batch'
 (:func:`shard_losses`), so the pieces' losses and gradients add up to the batch's, and one
 ``trainer.step(1)`` follows.
 
-Mixed precision (:data:`PRECISION_PLANS`) runs the matrix products of the ``Dense`` layers
-(attention projections, feed-forward, heads, the vocabulary-sized MLM decoder) in bfloat16 on the
-CPU (oneDNN) or float16 on GPUs, as MXNet AMP's lists do (``FullyConnected`` is the only op of
-this model in them), with float32 weights, gradients, optimizer state, LayerNorm, softmax and
-loss. ``mxnet.contrib.amp.init()`` cannot do it here: it wraps the legacy ``mx.sym`` /
-``mx.nd`` operators, while this model is written with the numpy interface (``npx``), so it
-leaves the graph unchanged; :func:`low_precision_dense` inserts the same ``amp_cast`` nodes
-while the loss graph is traced. float16 adds dynamic loss scaling (torch's ``GradScaler``
+Mixed precision (:data:`PRECISION_PLANS`) runs the matrix products of the ``Dense`` layers in
+bfloat16 on the CPU (oneDNN) or float16 on GPUs, with float32 weights, gradients, optimizer
+state, LayerNorm, softmax and loss (a rewrite of the compiled loss graph,
+:func:`.fast.low_precision_dense`); float16 adds dynamic loss scaling (torch's ``GradScaler``
 defaults).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,18 +44,18 @@ import numpy as onp
 from mxnet import autograd, gluon
 from mxnet import np as mnp
 
+from bertlite import sharding
 from bertlite.data.loader import Batch
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
-from .loss import PretrainingLoss, _get_batch_loss_bert, pretraining_loss, shard_loss
-from .model import BERTModel
+from .fast import loss_graph
+from .loss import _get_batch_loss_bert, shard_loss
 
 __all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
            "check_precision", "clip_grad_norm", "create_optimizer", "load_optimizer_state",
-           "loss_and_grads", "low_precision_dense", "optimizer_state", "shard_losses",
-           "split_batch", "train_step"]
+           "loss_and_grads", "optimizer_state", "shard_losses", "split_batch", "train_step"]
 
 #: torch.nn.utils.clip_grad_norm_'s epsilon
 CLIP_EPSILON = 1e-6
@@ -183,12 +179,6 @@ class PrecisionPlan:
     reason: str = ""
 
 
-def _bfloat16() -> Any:
-    from mxnet.contrib.amp.amp import bfloat16
-
-    return bfloat16
-
-
 #: ``precision`` values: float32; bf16 on the CPU (oneDNN; MXNet 1.9 has no bfloat16 GPU
 #: kernels); fp16 on GPUs (no float16 matrix products on the CPU)
 PRECISION_PLANS = {
@@ -216,69 +206,30 @@ def check_precision(precision: str, devices: Sequence[mx.Context]) -> PrecisionP
     if plan.dtype == "bfloat16" and not mx.runtime.Features().is_enabled("MKLDNN"):
         raise ValueError("precision='bf16' needs an MXNet build with oneDNN (MKLDNN), which "
                          f"this one ({mx.__version__}) lacks; use precision='float32'")
+    if plan.dtype == "bfloat16" and not _cpu_computes_bfloat16():
+        raise ValueError("precision='bf16' needs a CPU on which oneDNN computes in bfloat16 "
+                         "(AVX-512 or newer); this one cannot; use precision='float32'")
     return plan
+
+
+@functools.cache
+def _cpu_computes_bfloat16() -> bool:
+    """Whether oneDNN runs a bfloat16 matrix product on this CPU (it has no bfloat16 kernels
+    below AVX-512: the product fails when it runs)."""
+    from mxnet.contrib.amp.amp import bfloat16
+
+    x = mx.nd.amp_cast(mx.nd.ones((2, 4), ctx=mx.cpu()), dtype=bfloat16)
+    try:
+        mx.nd.FullyConnected(x, x, no_bias=True, num_hidden=2).wait_to_read()
+    except mx.base.MXNetError:
+        return False
+    return True
 
 
 def check_accumulate(accumulate: Any) -> int:
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     return accumulate
-
-
-_SYMBOL_NPX = mx.symbol.numpy_extension
-
-
-def _cast_symbol(x: Any, dtype: Any) -> Any:
-    return mx.sym.amp_cast(x.as_nd_ndarray(), dtype=dtype).as_np_ndarray()
-
-
-@contextlib.contextmanager
-def low_precision_dense(dtype: Any) -> Iterator[None]:
-    """While a graph is traced, every ``gluon.nn.Dense`` product (Gluon names it ``fwd``) runs
-    in ``dtype``: ``amp_cast`` of its input, weight and bias, and of its output back to float32
-    (so the gradients that reach the float32 weights are float32). Other matrix products
-    (this model's LayerNorm reductions) stay float32."""
-    original = _SYMBOL_NPX.fully_connected
-
-    def fully_connected(x, weight, bias=None, *args, **kwargs):
-        if kwargs.get("name") != "fwd":
-            return original(x, weight, bias, *args, **kwargs)
-        out = original(_cast_symbol(x, dtype), _cast_symbol(weight, dtype),
-                       None if bias is None else _cast_symbol(bias, dtype), *args, **kwargs)
-        return _cast_symbol(out, "float32")
-
-    _SYMBOL_NPX.fully_connected = fully_connected
-    try:
-        yield
-    finally:
-        _SYMBOL_NPX.fully_connected = original
-
-
-class _LowPrecisionLoss:
-    """:class:`.loss.PretrainingLoss` compiled with :func:`low_precision_dense` (the graph is
-    traced on the first call), sharing the model's float32 parameters."""
-
-    def __init__(self, net: BERTModel, dtype: Any) -> None:
-        self.graph = PretrainingLoss(net)
-        self.graph.hybridize(static_alloc=True, static_shape=True)
-        self.dtype = _bfloat16() if dtype == "bfloat16" else onp.dtype(dtype)
-
-    def __call__(self, *args: Any) -> Any:
-        if self.graph._cached_graph:
-            return self.graph(*args)
-        with low_precision_dense(self.dtype):
-            return self.graph(*args)
-
-
-def _loss_graph(net: BERTModel, plan: PrecisionPlan) -> Any:
-    if plan.dtype is None:
-        return pretraining_loss(net)
-    attr = f"_bertlite_loss_graph_{plan.name}"
-    graph = net.__dict__.get(attr)
-    if graph is None:
-        graph = _LowPrecisionLoss(net, plan.dtype)
-        object.__setattr__(net, attr, graph)  # not a child block: no parameters of its own
-    return graph
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -289,11 +240,10 @@ def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
     """``(mlm_ls, nsp_ls, ls)``, one 0-d loss per device shard (``shards`` as
     :func:`split_batch` gives them), each normalized by the given totals of the WHOLE batch
     (the global batch, across micro-batches and processes): the shares add up to its loss."""
-    fused = isinstance(net, BERTModel) and net._active
-    if plan.dtype is not None and not fused:
-        raise ValueError(f"precision={plan.name!r} needs the hybridized model (as "
-                         "MXNetBackend.build_model makes it)")
-    graph = _loss_graph(net, plan) if fused else None
+    graph = loss_graph(net, plan.dtype)
+    if plan.dtype is not None and graph is None:
+        raise ValueError(f"precision={plan.name!r} needs the fast, hybridized model (as "
+                         "MXNetBackend(fast=True).build_model makes it)")
     mlm_ls, nsp_ls, ls = [], [], []
     for shard in zip(*shards):
         total = mnp.array(mlm_weight_total, dtype="float32", ctx=shard[0].ctx)
@@ -318,11 +268,6 @@ def _zero_grads(params: Sequence[gluon.Parameter],
             if devices is None or grad.ctx in devices:
                 grad[()] = 0
                 data._fresh_grad = True
-
-
-def _global_totals(batch: Batch) -> tuple[float, int]:
-    """The whole batch's MLM weight sum and number of examples (host numpy, no device work)."""
-    return float(onp.asarray(batch.mlm_weights, dtype=onp.float64).sum()), len(batch.tokens)
 
 
 def _finite(*values: Any) -> bool:
@@ -375,8 +320,8 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     devices = opt.devices
     plan = check_precision(precision, devices)
     rank, workers = distributed.rank(), distributed.num_workers()
-    mlm_weight_total, num_rows = _global_totals(batch)
-    parts = [s for s in distributed.worker_rows(num_rows, accumulate, rank, workers)
+    mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
+    parts = [s for s in sharding.process_parts(num_rows, accumulate, rank, workers)
              if s.stop > s.start]
     params = _trained_params(net)
     if len(parts) > 1 and any(p.grad_req != "add" for p in params):

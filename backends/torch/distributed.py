@@ -3,10 +3,10 @@
 ``MASTER_PORT``).
 
 The core never sees any of it. Every process reads the same data in the same order (same seed)
-and hands the backend the same global batch; :func:`shard_rows` gives each process its own
-disjoint rows, its loss uses the global batch's normalizers and is scaled by the world size
-against DDP's gradient averaging, so the update equals the single-process update of the global
-batch. Launch::
+and hands the backend the same global batch; :func:`bertlite.sharding.process_parts` gives each
+process its own disjoint rows, its loss uses the global batch's normalizers and is scaled by the
+world size against DDP's gradient averaging, so the update equals the single-process update of
+the global batch. Launch::
 
     torchrun --standalone --nproc_per_node=4 -m bertlite pretrain --backend torch ...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
@@ -22,7 +22,6 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -177,15 +176,6 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
     return DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None,
         find_unused_parameters=False)
-
-
-def shard_rows(num_rows: int, accumulate: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """The row indices of this process's ``accumulate`` micro-batches of a global batch of
-    ``num_rows``: the batch is cut into ``world_size * accumulate`` contiguous, disjoint parts
-    of sizes differing by at most one, and process ``rank`` takes parts ``rank * accumulate``
-    to ``(rank + 1) * accumulate - 1``. A part may be empty when the batch has fewer rows."""
-    parts = np.array_split(np.arange(num_rows), world_size * accumulate)
-    return parts[rank * accumulate:(rank + 1) * accumulate]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bertlite import sharding
 from bertlite.backend import PRECISIONS
 from bertlite.data.loader import Batch
 from bertlite.errors import BackendError
@@ -196,8 +197,8 @@ def grad_scaler(optimizer: torch.optim.Optimizer, precision: str) -> Any:
 
 # -- one step ------------------------------------------------------------------------------------
 
-def _rows(batch: Batch, index: np.ndarray) -> Batch:
-    return Batch(*(np.asarray(a)[index] for a in batch))
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(*(np.asarray(a)[rows] for a in batch))
 
 
 def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int = 1
@@ -208,12 +209,11 @@ def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int 
     DDP every process must run the same number of forward and backward passes, so an empty
     part becomes the batch's first row with factor 0: no loss, no gradient, same collectives.
     """
-    n = len(batch.tokens)
-    parts = distributed.shard_rows(n, accumulate, rank, world_size)
+    parts = sharding.process_parts(len(batch.tokens), accumulate, rank, world_size)
     if world_size == 1:
-        return [(_rows(batch, idx), 1.0) for idx in parts if len(idx)]
-    return [(_rows(batch, idx), 1.0) if len(idx) else (_rows(batch, np.arange(1)), 0.0)
-            for idx in parts]
+        return [(_rows(batch, rows), 1.0) for rows in parts if rows.stop > rows.start]
+    return [(_rows(batch, rows), 1.0) if rows.stop > rows.start
+            else (_rows(batch, slice(0, 1)), 0.0) for rows in parts]
 
 
 def _skip_update(optimizer: torch.optim.Optimizer) -> None:
@@ -249,8 +249,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     info = distributed.world() if ddp else None
     rank, world_size = (info.rank, info.world_size) if info else (0, 1)
     # the global batch's normalizers (0/1 weights: the float32 sum is exact)
-    mlm_weight_total = float(np.asarray(batch.mlm_weights, np.float64).sum())
-    num_examples = len(batch.tokens)
+    mlm_weight_total, num_examples = sharding.normalizers(batch.mlm_weights)
     chunks = micro_batches(batch, accumulate, rank, world_size)
     scaler = grad_scaler(optimizer, precision)
     optimizer.zero_grad(set_to_none=True)

@@ -9,11 +9,13 @@ from bertlite.data.corpus import (
 )
 from bertlite.data.examples import PretrainingExamples, build_examples, mask_tokens
 from bertlite.data.loader import Batch, BatchIterator, load_data_wiki, prepare_data
+from bertlite.data.prepared import PreparedBatches, PreparedData
 from bertlite.data.tokenizer import WordPieceTokenizer
 from bertlite.data.vocab import Vocab
 
 __all__ = [
-    "SPECIAL_TOKENS", "Batch", "BatchIterator", "PretrainingExamples", "Vocab", "build_examples",
+    "SPECIAL_TOKENS", "Batch", "BatchIterator", "PreparedBatches", "PreparedData",
+    "PretrainingExamples", "Vocab", "build_examples",
     "find_split_file", "get_tokens_and_segments", "load_data_wiki", "mask_tokens",
     "WordPieceTokenizer", "prepare_data", "read_wiki", "resolve_corpus_file",
 ]

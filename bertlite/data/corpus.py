@@ -43,12 +43,28 @@ def get_tokens_and_segments(tokens_a: Sequence[str], tokens_b: Sequence[str] | N
     return tokens, segments
 
 
+def not_a_file(path: Path, what: str = "corpus file") -> DataError:
+    """The error for a path that should be a file and is not: absent, a dangling symbolic
+    link, or a folder, saying which."""
+    if path.is_symlink() and not path.exists():
+        return DataError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does "
+                         "not exist; fix the link or give the file itself")
+    if path.is_dir():
+        return DataError(f"{what} {path} is a folder, not a file")
+    if path.exists():
+        return DataError(f"{what} {path} is not a regular file")
+    return DataError(f"{what} {path} does not exist")
+
+
 def _read_checked(path: str | os.PathLike) -> bytes:
     """The bytes of a corpus file, checked to be UTF-8 text, with errors that say what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"corpus file {path} does not exist")
-    raw = path.read_bytes()
+        raise not_a_file(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read corpus file {path}: {err.strerror or err}") from None
     if b"\x00" in raw:
         raise DataError(f"corpus file {path} looks binary (it contains NUL bytes); "
                         "give a WikiText-format text file")
@@ -198,9 +214,17 @@ def find_split_file(data_dir: str | os.PathLike, split: str = "train") -> Path:
     """``data_dir/wiki.<split>.tokens``, or an error that says what the folder holds."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        if data_dir.is_symlink() and not data_dir.exists():
+            raise DataError(f"data folder {data_dir} is a symbolic link to "
+                            f"{os.readlink(data_dir)}, which does not exist")
+        if data_dir.exists():
+            raise DataError(f"data folder {data_dir} is a file, not a folder")
         raise DataError(f"data folder {data_dir} does not exist")
     path = data_dir / f"wiki.{split}.tokens"
-    if not path.is_file():
+    if path.is_symlink() or path.exists():
+        if not path.is_file():
+            raise not_a_file(path, "split file")
+    else:
         have = sorted(p.name for p in data_dir.glob("wiki.*.tokens"))
         raise DataError(f"{path} is missing (the folder has {have or 'no wiki.*.tokens files'}); "
                         f"choose another split or put wiki.{split}.tokens there")

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bertlite.data import cache as _cache
-from bertlite.data.corpus import read_corpus, read_wiki, resolve_corpus_file
+from bertlite.data.corpus import not_a_file, read_corpus, read_wiki, resolve_corpus_file
 from bertlite.data.examples import (
     PretrainingExamples,
     build_examples,
@@ -61,21 +61,24 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"corpus file {path} does not exist")
+        raise not_a_file(path)
     check_tokenizer_kind(tokenizer)
     if vocab is not None:  # the vocabulary decides: its own tokenizer, or words
         tokenizer = vocab.tokenizer if vocab.tokenizer is not None else "word"
     elif isinstance(tokenizer, WordPieceTokenizer):
         vocab = tokenizer.to_vocab()
-    cache_file = None
+    cache_file = cache_settings = None
     if cache:
-        key = _cache.cache_key(
-            _cache.file_digest(path), max_len=max_len, seed=seed, min_freq=min_freq,
+        spec = dict(
+            max_len=max_len, seed=seed, min_freq=min_freq,
             vocab=None if vocab is None else _cache.cache_key("vocab", tokens=vocab.idx_to_token),
             tokenizer=_tokenizer_settings(tokenizer, wordpiece_vocab_size),
             whole_word_mask=bool(whole_word_mask))
+        source = _cache.file_digest(path)
+        key = _cache.cache_key(source, **spec)
+        cache_settings = _cache.cache_settings(source, **spec)
         cache_file = Path(cache_dir or _cache.default_cache_dir()) / f"{path.stem}-{key}.npz"
-        hit = _cache.load_cached(cache_file)
+        hit = _cache.load_cached(cache_file, cache_settings)
         if hit is not None:
             return hit
     corpus = read_corpus(path)
@@ -91,7 +94,7 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
                               whole_word_mask=whole_word_mask)
     if cache_file is not None:
         try:
-            _cache.save_cached(cache_file, examples, vocab)
+            _cache.save_cached(cache_file, examples, vocab, cache_settings)
         except OSError:
             pass  # an unwritable cache costs time next run, nothing else
     return examples, vocab

@@ -39,8 +39,10 @@ def _hf() -> Any:
     try:
         import tokenizers
     except ImportError:
+        from bertlite.install import install_command
+
         raise ImportError('tokenizer="wordpiece" needs the Hugging Face tokenizers library: '
-                          'pip install "bertlite[wordpiece]"') from None
+                          f'{install_command("wordpiece")}') from None
     return tokenizers
 
 

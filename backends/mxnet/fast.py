@@ -1,0 +1,184 @@
+"""The fast path: the training loss of a fast, hybridized :class:`~.model.BERTModel` in one
+compiled graph, with a sparse last layer, and its mixed-precision variants.
+
+:func:`loss_graph` is the one place that decides which path a loss takes: a model built with
+``fast=True`` (its blocks on :data:`.kernels.FAST`) and hybridized -- as
+``MXNetBackend(fast=True)`` builds it -- gets a :class:`PretrainingLoss` graph; anything else
+(a plain model, an imperative one, the book's own net) the model's forward pass and the core
+loss imperatively (:func:`.loss.shard_loss`).
+
+:func:`sparse_forward` computes the last encoder block only where the loss reads it: keys and
+values at every token, but queries, attention output, add & norm and the feed-forward network
+at ``<cls>`` and the ``pred_positions`` only -- a fixed ``(batch, 1 + preds)`` set of rows, so
+the graph keeps static shapes. Same loss and gradients as the full computation (to float32
+round-off) at about two thirds of the encoder's work. Tracing the core's ``bert_loss`` in the
+same graph makes reshaping the ``(batch * preds, vocab)`` logits free instead of two copies of
+the largest tensor of the step.
+
+Mixed precision (:func:`low_precision_dense`) runs the ``Dense`` layers' matrix products in
+bfloat16 (CPU, oneDNN) or float16 (GPU), as MXNet AMP's lists do (``FullyConnected`` is the
+only op of this model in them), with float32 weights, gradients, LayerNorm, softmax and loss.
+``mxnet.contrib.amp.init()`` cannot do it here: it wraps the legacy ``mx.sym`` / ``mx.nd``
+operators, while this model is written with the numpy interface (``npx``), so it leaves the
+graph unchanged; :func:`low_precision_dense` inserts the same ``amp_cast`` nodes while the loss
+graph is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import mxnet as mx
+import numpy as onp
+from mxnet.gluon import nn
+
+from bertlite.loss import bert_loss
+
+from .loss import MXNetLossOps, _StaticLastAxis
+from .model import BERTModel, row
+
+__all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
+           "sparse_forward"]
+
+
+def _parameter(F: Any, param: Any, like: Any) -> Any:
+    """A block's own parameter inside another block's computation: its symbol while a graph
+    is traced, else its data on ``like``'s device."""
+    return param.var() if F is mx.symbol else param.data(like.ctx)
+
+
+def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,
+                   pred_positions: Any) -> tuple[Any, Any]:
+    """``(mlm_Y_hat, nsp_Y_hat)`` -- what the pretraining loss reads -- with the last encoder
+    block computed only at ``<cls>`` and the ``pred_positions`` (a sparse last layer: every
+    token is still a key). The values of the model's full forward pass (to float32 round-off).
+
+    ``F`` is ``mx.symbol`` while an enclosing graph is traced (:class:`PretrainingLoss`), or
+    ``mx.ndarray`` on a model that is not hybridized; all four arrays are required
+    (``valid_lens`` ``(batch,)``)."""
+    # rows (B, 1 + P): <cls> (position 0), then the predicted positions
+    cls_position = F.np.zeros_like(F.npx.slice(pred_positions, begin=(None, 0), end=(None, 1)))
+    rows = F.np.concatenate([cls_position, pred_positions], axis=1)
+    encoder, ops = net.encoder, net.encoder._ops
+    X = encoder.embed(F, tokens, segments, _parameter(F, encoder.pos_embedding, tokens))
+    blocks = list(encoder.blks)
+    for blk in blocks[:-1]:
+        X = blk(X, valid_lens)
+    queries = ops.gather_rows(F, X, rows)
+    if blocks:  # the last block with only ``rows`` as queries and position-wise rows
+        last = blocks[-1]
+        Y = last.addnorm1(queries, last.attention(queries, X, X, valid_lens))
+        queries = last.addnorm2(Y, last.ffn(Y))
+    mlm_Y_hat = net.mlm.decode(
+        F, F.npx.slice(queries, begin=(None, 1, None), end=(None, None, None)))
+    nsp_Y_hat = net.nsp(net.hidden(row(F, queries, 0)))
+    return mlm_Y_hat, nsp_Y_hat
+
+
+class PretrainingLoss(nn.HybridBlock):
+    """``(mlm_loss, nsp_loss, loss)`` of a shard from the model's inputs, the labels and the
+    whole batch's ``mlm_weight_total`` and ``num_examples`` (0-d float32 arrays): the model's
+    :func:`sparse_forward` and ``bert_loss`` in one graph. Hybridize it; its parameters are the
+    model's."""
+
+    def __init__(self, net: nn.HybridBlock, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net = net
+        self.vocab_size = net.config.vocab_size
+
+    def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions, mlm_weights,
+                       mlm_labels, nsp_labels, mlm_weight_total, num_examples):
+        mlm_Y_hat, nsp_Y_hat = sparse_forward(self.net, F, tokens, segments, valid_lens,
+                                              pred_positions)
+        if F is mx.symbol:
+            mlm_Y_hat = _StaticLastAxis(mlm_Y_hat, self.vocab_size)
+        return bert_loss(MXNetLossOps(F), mlm_Y_hat, mlm_labels, mlm_weights, nsp_Y_hat,
+                         nsp_labels, mlm_weight_total=mlm_weight_total,
+                         num_examples=num_examples)
+
+
+# -- mixed precision ----------------------------------------------------------------------------
+
+_SYMBOL_NPX = mx.symbol.numpy_extension
+
+
+def _cast(x: Any, dtype: Any) -> Any:
+    return mx.sym.amp_cast(x.as_nd_ndarray(), dtype=dtype).as_np_ndarray()
+
+
+def _cast_parameter(x: Any, dtype: Any) -> Any:
+    """``amp_cast`` of a parameter, through an ``identity`` first: ``amp_cast``'s backward
+    ignores ``grad_req="add"`` (it writes, or drops, the gradient instead of adding it), so
+    gradient accumulation over micro-batches lost every Dense layer's gradient. The identity
+    adds its gradient properly and gives ``amp_cast`` a fresh buffer to write."""
+    return _cast(mx.sym.identity(x.as_nd_ndarray()).as_np_ndarray(), dtype)
+
+
+@contextlib.contextmanager
+def low_precision_dense(dtype: Any) -> Iterator[None]:
+    """While a graph is traced, every ``gluon.nn.Dense`` product (Gluon names it ``fwd``) runs
+    in ``dtype``: ``amp_cast`` of its input, weight and bias, and of its output back to float32
+    (so the gradients that reach the float32 weights are float32). Other matrix products
+    (the LayerNorm kernel's reductions) stay float32."""
+    original = _SYMBOL_NPX.fully_connected
+
+    def fully_connected(x, weight, bias=None, *args, **kwargs):
+        if kwargs.get("name") != "fwd":
+            return original(x, weight, bias, *args, **kwargs)
+        out = original(_cast(x, dtype), _cast_parameter(weight, dtype),
+                       None if bias is None else _cast_parameter(bias, dtype), *args, **kwargs)
+        return _cast(out, "float32")
+
+    _SYMBOL_NPX.fully_connected = fully_connected
+    try:
+        yield
+    finally:
+        _SYMBOL_NPX.fully_connected = original
+
+
+class _LowPrecisionLoss:
+    """:class:`PretrainingLoss` compiled with :func:`low_precision_dense` (the graph is traced on
+    the first call), sharing the model's float32 parameters."""
+
+    def __init__(self, net: BERTModel, dtype: str) -> None:
+        self.graph = PretrainingLoss(net)
+        self.graph.hybridize(static_alloc=True, static_shape=True)
+        if dtype == "bfloat16":
+            from mxnet.contrib.amp.amp import bfloat16 as dtype
+        self.dtype = onp.dtype(dtype)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.graph._cached_graph:
+            return self.graph(*args)
+        with low_precision_dense(self.dtype):
+            return self.graph(*args)
+
+
+def pretraining_loss(net: BERTModel) -> PretrainingLoss:
+    """The net's compiled float32 loss graph (built and hybridized on first use, then kept)."""
+    graph = getattr(net, "_bertlite_loss_graph", None)
+    if graph is None:
+        graph = PretrainingLoss(net)
+        graph.hybridize(static_alloc=True, static_shape=True)
+        # kept outside Gluon's child registry: the graph is not part of the model's parameters
+        object.__setattr__(net, "_bertlite_loss_graph", graph)
+    return graph
+
+
+def loss_graph(net: Any, dtype: str | None = None) -> Any:
+    """The compiled loss of ``net`` when it takes the fast path (a fast, hybridized
+    :class:`~.model.BERTModel`), with its Dense products in ``dtype`` (``"bfloat16"``,
+    ``"float16"``; None: float32); None for any other net (its loss is computed imperatively).
+    """
+    if not (isinstance(net, BERTModel) and net.fast and net._active):
+        return None
+    if dtype is None:
+        return pretraining_loss(net)
+    attr = f"_bertlite_loss_graph_{dtype}"
+    graph = net.__dict__.get(attr)
+    if graph is None:
+        graph = _LowPrecisionLoss(net, dtype)
+        object.__setattr__(net, attr, graph)  # not a child block: no parameters of its own
+    return graph

@@ -1,0 +1,206 @@
+"""What a checkpoint's JSON files and vocabulary must hold, checked field by field, so that a
+damaged or hand-edited checkpoint fails at load with a message naming the field, not later with
+a KeyError or AttributeError deep in training."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertlite.errors import CheckpointError
+
+#: tokens the model's code looks up by name; a vocabulary without one cannot train or evaluate
+REQUIRED_TOKENS = ("<unk>", "<pad>", "<mask>", "<cls>", "<sep>")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be a JSON object, got {_kind(value)}; the "
+                              "checkpoint is damaged")
+    return value
+
+
+def _field(data: dict[str, Any], key: str, where: str, check: Any, expected: str,
+           required: bool = True) -> Any:
+    if key not in data:
+        if required:
+            raise CheckpointError(f"{where} has no {key!r}; the checkpoint is damaged")
+        return None
+    value = data[key]
+    if not check(value):
+        raise CheckpointError(f"{where}: {key!r} must be {expected}, got {value!r}; the "
+                              "checkpoint is damaged")
+    return value
+
+
+def _non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
+    """``config.json``: an object with an integer format, the backend, a valid model config and
+    an object of training settings."""
+    from bertlite.config import BERTConfig
+
+    where = str(path)
+    meta = _object(meta, where)
+    _field(meta, "format", where, _positive_int, "a positive integer")
+    _field(meta, "backend", where, lambda v: isinstance(v, str), "a string", required=False)
+    _field(meta, "bertlite_version", where, lambda v: isinstance(v, str), "a string",
+           required=False)
+    model = _object(_field(meta, "model", where, lambda v: True, ""), f"{where}: 'model'")
+    try:
+        BERTConfig.from_dict(model)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} has an invalid model config: {err}") from None
+    training = _object(meta.get("training", {}), f"{where}: 'training'")
+    tw = f"{where}: 'training'"
+    for key in ("batch_size", "max_len", "num_steps", "accumulate"):
+        _field(training, key, tw, _positive_int, "a positive integer", required=False)
+    _field(training, "seed", tw, _non_negative_int, "a non-negative integer", required=False)
+    for key in ("corpus", "split", "masking", "tokenizer", "precision", "corpus_digest", "run"):
+        _field(training, key, tw, lambda v: isinstance(v, str), "a string", required=False)
+    _field(training, "whole_word_mask", tw, lambda v: isinstance(v, bool), "true or false",
+           required=False)
+    _field(training, "optimizer", tw, lambda v: isinstance(v, dict), "an object",
+           required=False)
+    return meta
+
+
+def _history_fields() -> set[str]:
+    from bertlite.trainer import History
+
+    return {f.name for f in dataclasses.fields(History)}
+
+
+def check_trainer_json(state: Any, path: Path, num_steps: int | None = None
+                       ) -> dict[str, Any]:
+    """``trainer.json``: the step (within ``num_steps``, the run's length), the data cursor, the
+    optimizer settings and a history whose lists agree in length."""
+    where = str(path)
+    state = _object(state, where)
+    step = _field(state, "step", where, _non_negative_int, "a non-negative integer")
+    _field(state, "epoch", where, _non_negative_int, "a non-negative integer")
+    _field(state, "batch_index", where, _non_negative_int, "a non-negative integer")
+    _object(_field(state, "optimizer", where, lambda v: True, "", required=False) or {},
+            f"{where}: 'optimizer'")
+    if num_steps is not None and step > num_steps:
+        raise CheckpointError(f"{where}: step {step} is beyond the run's num_steps "
+                              f"{num_steps} (config.json); the checkpoint is damaged")
+    hw = f"{where}: 'history'"
+    history = _object(_field(state, "history", where, lambda v: True, ""), hw)
+    unknown = set(history) - _history_fields()
+    if unknown:
+        raise CheckpointError(f"{hw} has unknown fields {sorted(unknown)}; the checkpoint is "
+                              "damaged or from a newer bertlite")
+    steps = _field(history, "step", hw, lambda v: isinstance(v, list)
+                   and all(_positive_int(s) and s <= step for s in v),
+                   f"a list of steps from 1 to {step}")
+    for key in ("mlm_loss", "nsp_loss", "lr"):
+        values = _field(history, key, hw, lambda v: isinstance(v, list)
+                        and all(_is_number(x) for x in v), "a list of finite numbers")
+        if len(values) != len(steps):
+            raise CheckpointError(f"{hw}: {key!r} has {len(values)} entries, 'step' has "
+                                  f"{len(steps)}; the checkpoint is damaged")
+    _field(history, "pairs", hw, _non_negative_int, "a non-negative integer", required=False)
+    _field(history, "step_time", hw, lambda v: _is_number(v) and v >= 0,
+           "a non-negative number", required=False)
+    _field(history, "eval", hw, lambda v: isinstance(v, list)
+           and all(isinstance(e, dict) for e in v), "a list of objects", required=False)
+    _field(history, "skipped", hw, lambda v: isinstance(v, list)
+           and all(_positive_int(s) and s <= step for s in v),
+           f"a list of steps from 1 to {step}", required=False)
+    return state
+
+
+def check_vocab_tokens(tokens: list[str], path: Path) -> None:
+    """The vocabulary holds every token the model looks up by name."""
+    missing = [t for t in REQUIRED_TOKENS if t not in set(tokens)]
+    if missing:
+        raise CheckpointError(f"{path} lacks the reserved token(s) {' '.join(missing)}; a "
+                              f"bertlite vocabulary holds {' '.join(REQUIRED_TOKENS)}")
+
+
+def sha256(data: bytes | np.ndarray) -> str:
+    """The hex SHA-256 of bytes, or of an array's bytes in C order (without copying them)."""
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data)).cast("B")
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_difference(saved: Any, now: Any, where: str = "") -> str | None:
+    """The first field (dotted path) where two JSON values differ, with both values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*saved, *(k for k in now if k not in saved)]:
+            found = config_difference(saved.get(key), now.get(key), f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if saved != now:
+        return f"{where.rstrip('.')}: config.json says {now!r}, the weights were written " \
+               f"for {saved!r}"
+    return None
+
+
+def verify_digests(path: Path, name: str, arrays: dict[str, np.ndarray],
+                   metadata: dict[str, str], fmt: int) -> dict[str, str]:
+    """Check each array against the SHA-256 in its file's header (format 2 on); the digests
+    the header records for other files."""
+    if fmt < 2:
+        return {}
+    try:
+        tensors = json.loads(metadata["bertlite.tensors"])
+        files = json.loads(metadata["bertlite.files"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path / name} has no bertlite digests in its header, but "
+                              f"config.json says format {fmt}; the checkpoint is damaged"
+                              ) from None
+    if set(tensors) != set(arrays):
+        odd = sorted(set(tensors) ^ set(arrays))
+        raise CheckpointError(f"{path / name}: tensors {', '.join(odd[:5])} differ from those "
+                              "its header recorded; the checkpoint is damaged")
+    bad = [k for k, v in arrays.items() if sha256(v) != tensors[k]]
+    if bad:
+        raise CheckpointError(f"{path / name}: tensor {', '.join(bad[:5])} does not match its "
+                              "SHA-256 (flipped or edited bytes); the checkpoint is damaged")
+    return files
+
+
+def check_file_digests(path: Path, files: dict[str, str], names: tuple[str, ...]) -> None:
+    """Each of ``names`` in ``path`` matches the digest the weights' header recorded for it; a
+    file the header does not list must not be there."""
+    for name in names:
+        file = path / name
+        if name not in files:
+            if file.exists():
+                raise CheckpointError(f"{file} was not written with the weights (their header "
+                                      "has no digest of it); remove it or use the original")
+            continue
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+        if sha256(file.read_bytes()) != files[name]:
+            raise CheckpointError(f"{file} does not match the SHA-256 recorded with the "
+                                  "weights: it was edited or damaged after saving")
