@@ -173,8 +173,8 @@ def check_train_arguments(args: Mapping[str, Any]) -> None:
     number("max_time", args["max_time"], positive=True, optional=True)
     if args["dropout"] is not None and not (_is_number(args["dropout"])
                                             and 0 <= args["dropout"] < 1):
-        raise _fail("dropout", args["dropout"], "a probability in [0, 1) (0 turns dropout "
-                    "off) or None")
+        raise OptionError("dropout must be a probability in [0, 1) (0 turns dropout off), "
+                          f"got {args['dropout']!r}")
     choice("optimizer", args["optimizer"], OPTIMIZERS)
     choice("schedule", args["schedule"], SCHEDULES)
     choice("masking", args["masking"], MASKING_MODES)
