@@ -110,6 +110,14 @@ def check_plot(plot: Any) -> None:
     path_like("plot", plot)
     if plot is None:
         return
+    try:
+        _check_plot(plot)
+    except OSError as err:  # a name too long, a loop of links, ...
+        raise OptionError(f"plot {str(plot)!r} cannot be written: {err.strerror or err}; "
+                          "choose another path") from None
+
+
+def _check_plot(plot: str | os.PathLike) -> None:
     path = Path(plot)
     if path.is_dir():
         raise OptionError(f"plot {str(plot)!r} is a folder; give a file name such as "
@@ -132,8 +140,12 @@ def check_save(save: Any, checkpoint_dir: Any = None) -> None:
         return
     from bertlite.checkpoint import check_save_path
 
-    check_save_path(save, checkpoint_dir)
-    _writable_target("save", Path(save) / "config.json", "the model")
+    try:
+        check_save_path(save, checkpoint_dir)
+        _writable_target("save", Path(save) / "config.json", "the model")
+    except OSError as err:  # a name too long, a loop of links, ...
+        raise OptionError(f"save {str(save)!r} cannot be written: {err.strerror or err}; "
+                          "choose another path") from None
 
 
 def check_overrides(override_resume: Any) -> frozenset[str]:
