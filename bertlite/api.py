@@ -28,7 +28,7 @@ from bertlite.optim import OptimizerSettings
 from bertlite.options import check_overrides, check_train_arguments
 from bertlite.params import init_params
 from bertlite.registry import get_backend
-from bertlite.signals import StopRequests, TrainingInterrupted
+from bertlite.signals import StopRequests, raise_interrupted
 from bertlite.trainer import History, TrainState, summary_lines, train_bert
 
 DEFAULT_PLOT = "bertlite-loss.png"
@@ -311,7 +311,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                      keep_checkpoints)  # stopped early
         result.history = state.history
         if state.stopped_by == "signal" and state.step < num_steps:
-            _interrupted(stop.signum, state.step, num_steps, last, main)
+            raise_interrupted(stop.signum, state.step, num_steps, last, announce=main)
         if verbose and main:
             print(result.summary(), flush=True)
         if main:
@@ -328,23 +328,6 @@ class OutputError(BertliteError):
     def __init__(self, message: str, result: TrainResult):
         super().__init__(message)
         self.result = result
-
-
-def _interrupted(signum: int | None, step: int, num_steps: int, last: Path | None,
-                 main: bool) -> None:
-    import signal
-
-    if signum is None:  # another process of the run got it; schedulers send SIGTERM
-        signum, name = int(signal.SIGTERM), "a signal to another process"
-    else:
-        name = signal.Signals(signum).name
-    where = (f"checkpoint {last}; resume with the same command and --resume (resume=True)"
-             if last is not None else "nothing saved (pass --checkpoint-dir / checkpoint_dir to "
-             "make a run resumable)")
-    message = f"stopped by {name} after step {step} of {num_steps}: {where}"
-    if main:
-        print(f"bertlite: {message}", file=sys.stderr, flush=True)
-    raise TrainingInterrupted(message, signum=signum, step=step, checkpoint=last)
 
 
 def _write_outputs(result: TrainResult, save: str | os.PathLike | None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -106,3 +107,21 @@ class StopRequests:
         if self.signum is not None and self._previous:  # a copy may still be on its way
             time.sleep(max(0.0, self.window - (time.monotonic() - self._first_at)))
         self.restore()
+
+
+def raise_interrupted(signum: int | None, step: int, num_steps: int, checkpoint: Path | None,
+                      *, announce: bool = True) -> None:
+    """Print the one line naming the checkpoint and how to resume (``announce``), and raise
+    :class:`TrainingInterrupted`. ``signum`` None: another process of the run was signalled
+    (schedulers send SIGTERM, so this one reports that)."""
+    if signum is None:
+        signum, name = int(signal.SIGTERM), "a signal to another process"
+    else:
+        name = signal.Signals(signum).name
+    where = (f"checkpoint {checkpoint}; resume with the same command and --resume "
+             "(resume=True)" if checkpoint is not None else
+             "nothing saved (pass --checkpoint-dir / checkpoint_dir to make a run resumable)")
+    message = f"stopped by {name} after step {step} of {num_steps}: {where}"
+    if announce:
+        print(f"bertlite: {message}", file=sys.stderr, flush=True)
+    raise TrainingInterrupted(message, signum=signum, step=step, checkpoint=checkpoint)

@@ -415,6 +415,27 @@ def test_a_copy_of_the_signal_is_the_same_request(backend_name, tmp_path):
     assert f"stopped by SIGTERM after step {step} of 400" in err
 
 
+@pytest.mark.slow
+def test_signal_without_checkpoint_dir_says_nothing_was_saved(backend_name, tmp_path):
+    """Without a checkpoint directory the run still stops after its step, exits 143 and says
+    that nothing was saved (no plot, no --save of a half-trained model)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bertlite", "pretrain", "--backend", backend_name, "--corpus",
+         "sample", "--steps", "400", "--batch-size", "16", "--max-len", "32", "--plot",
+         str(tmp_path / "loss.png"), "--save", str(tmp_path / "saved")],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "pretrain:" not in seen or "/400" not in seen:  # the progress bar: it trains
+        chunk = proc.stderr.buffer.read1(4096).decode(errors="replace")
+        assert chunk, f"no progress bar: {seen}"
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, seen + err
+    assert "nothing saved (pass --checkpoint-dir" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # -- processes that train together agree on the step to stop at ----------------------------
 
 def _free_port() -> int:
