@@ -328,6 +328,54 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> None:
+    """A line on stderr at once, before the slow part (framework import, data preparation),
+    and the data step's own line (read from the cache, or being prepared); not with
+    ``pretrain --no-progress`` or ``evaluate --json`` (nor where no backend is chosen: the
+    error says so at once)."""
+    import logging
+    import os
+
+    backend = getattr(args, "backend", None) or os.environ.get("BERTLITE_BACKEND")
+    if args.command == "pretrain" and not args.no_progress and backend:
+        source = (f"the data {args.data}" if getattr(args, "data", None)
+                  else f"the {args.corpus} corpus ({args.split} split)")
+        what = f"starting {backend}, reading {source}"
+    elif args.command == "prepare" and not args.merge:
+        what = f"reading {', '.join(args.corpus) or 'the corpus'}"
+    elif args.command == "evaluate" and not args.json:
+        what = f"loading {args.checkpoint}, reading its {args.split} split"
+    else:
+        return
+    print(f"bertlite {args.command}: {what} ...", file=sys.stderr, flush=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"bertlite {args.command}: %(message)s"))
+    data_log = logging.getLogger("bertlite.data.loader")
+    data_log.addHandler(handler)
+    data_log.setLevel(logging.INFO)
+
+
+def _for_cli(err: Exception, args: argparse.Namespace) -> str:
+    """The error in a CLI user's words: ``--backend`` where the API's words say ``backend=``,
+    and, where a checkpoint's framework is missing, the installed one that can run it."""
+    from bertlite.registry import ENV_VAR, FrameworkMissingError, NoBackendError, installed_backends
+
+    installed = installed_backends()
+    choices = "{" + ",".join(installed) + "}"
+    if isinstance(err, NoBackendError):
+        if not installed:
+            from bertlite.install import install_command
+
+            return (f"no backend installed: {install_command('torch')} (or mxnet), then pass "
+                    f"--backend or set {ENV_VAR}")
+        return f"no backend chosen: pass --backend {choices} (installed here) or set {ENV_VAR}"
+    if (isinstance(err, FrameworkMissingError) and args.command in ("evaluate", "encode")
+            and not getattr(args, "backend", None) and installed):
+        return (f"{err}; or run the checkpoint on an installed framework (either reads what "
+                f"either wrote): --backend {installed[0] if len(installed) == 1 else choices}")
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch-mxnet"]:  # its own parser: everything after -- is the command
@@ -341,13 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertlite.signals import TrainingInterrupted
 
     try:
+        _status(args)
         return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
                 "evaluate": _evaluate, "plan": _plan, "info": _info}[args.command](args)
     except OutputError as err:  # trained, but an output failed: not a usage error
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
         return 1
     except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
-        print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
+        print(f"bertlite {args.command}: error: {_for_cli(err, args)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:  # the line naming the checkpoint is already printed
         return stop.exit_code
