@@ -77,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=_duration, help="stop after this long (10m, 2h)")
     p.add_argument("--checkpoint-dir", help="save checkpoints here")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="newest checkpoints kept (default 3; 0 keeps all)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--override-resume", action="append", metavar="NAME[,NAME]",
+                   help="on --resume, accept this run's value of a setting that differs from "
+                        "the checkpoint's (lr, optimizer, weight_decay, schedule, ...); "
+                        "recorded in the checkpoint")
     p.add_argument("--save", help="save the final model as a checkpoint folder here")
     p.add_argument("--eval-every", type=int, help="evaluate on --eval-split every N steps")
     p.add_argument("--eval-split", default="valid")
@@ -131,11 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import bertlite
-    from bertlite.checkpoint import check_save_path
 
-    if args.save:  # refused before training: --save must not replace the run's checkpoints
-        check_save_path(args.save, args.checkpoint_dir)
-    result = bertlite.train(
+    result = bertlite.train(  # checks every argument, --save and --plot too, before training
         args.backend, corpus=args.corpus, data_dir=args.data_dir, split=args.split,
         config=args.config, batch_size=args.batch_size, max_len=args.max_len,
         num_steps=args.steps, lr=args.lr, optimizer=args.optimizer,
@@ -148,14 +150,15 @@ def _pretrain(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
         whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
         precision=args.precision, on_nan=args.on_nan, dropout=args.dropout, data=args.data,
-        eval_data=args.eval_data, format=args.format)
+        eval_data=args.eval_data, format=args.format, save=args.save,
+        override_resume=[name for names in args.override_resume or [] for name in
+                         names.split(",") if name.strip()] or None)
     if not result.backend.is_main_process():  # torchrun: one process reports and saves
         return 0
+    if args.save:
+        print(f"saved: {args.save}")
     if not args.no_plot:
         print(f"loss plot: {args.plot}")
-    if args.save:
-        result.save(args.save)
-        print(f"saved: {args.save}")
     return 0
 
 
@@ -268,8 +271,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from bertlite import options
     from bertlite.config import BERTConfig
     from bertlite.memory import GIB, estimate_memory
+
+    for name in ("vocab_size", "batch_size", "max_len", "devices"):
+        options.positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    options.number("--memory", args.memory, positive=True, optional=True)
 
     config = BERTConfig.from_preset(args.config, args.vocab_size,
                                     max_len=max(512, args.max_len))
@@ -376,15 +384,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch_main(argv[1:], prog="bertlite launch-mxnet")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bertlite.api import OutputError
     from bertlite.errors import BertliteError
+    from bertlite.signals import TrainingInterrupted
 
     try:
         _status(args)
         return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
                 "evaluate": _evaluate, "plan": _plan, "info": _info}[args.command](args)
+    except OutputError as err:  # trained, but an output failed: not a usage error
+        print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
         print(f"bertlite {args.command}: error: {_for_cli(err, args)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:  # the line naming the checkpoint is already printed
+        return stop.exit_code
     except KeyboardInterrupt:
         print("bertlite: interrupted", file=sys.stderr)
         return 130
