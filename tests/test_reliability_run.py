@@ -618,3 +618,38 @@ def test_torchrun_job_signalled_whole_stops_cleanly(backend_name, tmp_path):
                      f"{folder / f'step-{step:06d}'}; resume with the same command and --resume "
                      "(resume=True)"], err[-3000:]
     assert _history(folder)["step"] == list(range(1, step + 1))
+
+
+@pytest.mark.slow
+def test_launcher_signalled_stops_the_mxnet_job_cleanly(backend_name, tmp_path):
+    """SIGTERM to ``bertlite.launch`` alone (the job's main process, as a scheduler sends it):
+    the launcher passes it on and waits; both workers stop after the same step with a
+    checkpoint, the launcher exits 143, and ``--resume`` goes on from that step."""
+    if backend_name != "mxnet":
+        pytest.skip("bertlite.launch starts MXNet dist_sync jobs")
+    folder = tmp_path / "ck"
+    command = [sys.executable, "-m", "bertlite.launch", "--timeout", "300", "--workers", "2",
+               "--", sys.executable, "-m", "bertlite", "pretrain", "--backend", "mxnet",
+               "--corpus", "sample", "--batch-size", "16", "--max-len", "32", "--no-plot",
+               "--no-progress", "--checkpoint-dir", str(folder), "--checkpoint-every", "5"]
+    env = {**_env(), "PYTHONWARNINGS": "ignore"}
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.Popen([*command, "--steps", "400"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_training(proc, folder, 0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    step = ckpt.read_checkpoint(folder, with_trainer=True)["trainer_state"]["step"]
+    assert 5 <= step < 400
+    assert any(line.startswith(f"bertlite: stopped by SIGTERM after step {step} of 400")
+               for line in err.splitlines()), err[-3000:]
+    assert _history(folder)["step"] == list(range(1, step + 1))
+    resumed = subprocess.run([*command, "--steps", str(step + 2), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _history(folder)["step"] == list(range(1, step + 3))
