@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masking", default="static", choices=["static", "dynamic"])
     p.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"],
                    help="word: the book's vocabulary (default); wordpiece: train a WordPiece "
-                        'vocabulary on the split (pip install "bertlite[wordpiece]")')
+                        'vocabulary on the split (the "wordpiece" extra)')
     p.add_argument("--wordpiece-vocab-size", type=int, default=10_000,
                    help="most pieces of a WordPiece vocabulary (default 10000)")
     p.add_argument("--whole-word-mask", action="store_true",
