@@ -67,7 +67,7 @@ def test_device_slices_are_what_split_and_load_makes(rows, devices):
     over its first ``min(devices, rows)`` devices: the same rows as :func:`device_slices`."""
     import mxnet as mx
 
-    data = mx.nd.arange(rows)
+    data = mx.np.arange(rows) if mx.util.is_np_array() else mx.nd.arange(rows)
     used = [mx.cpu(i) for i in range(min(devices, rows))]
     shards = mx.gluon.utils.split_and_load(data, used, even_split=False)
     got = [shard.asnumpy().astype(int).tolist() for shard in shards]
