@@ -80,9 +80,9 @@ def shard_loss(net, graph: Any, shard: Sequence[Any], total: Any, num_examples: 
         count = mx.np.array(num_examples, dtype="float32", ctx=tokens.ctx)
         return graph(tokens, segments, valid_lens.reshape(-1), pred_positions, mlm_weights,
                      mlm_labels, nsp_labels, total, count, *masks)
-    _, mlm_Y_hat, nsp_Y_hat = (net(tokens, segments, valid_lens.reshape(-1), pred_positions,
-                                   masks=masks) if masks else
-                               net(tokens, segments, valid_lens.reshape(-1), pred_positions))
+    masks_arg = (list(masks),) if masks else ()  # the book's net takes four arrays
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1), pred_positions,
+                                  *masks_arg)
     return bert_loss(MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_labels,
                      mlm_weights, nsp_Y_hat, nsp_labels, mlm_weight_total=total,
                      num_examples=num_examples)

@@ -287,7 +287,8 @@ class BERTModel(nn.HybridBlock):
         return OrderedDict((name, by_name[name]) for name in order)
 
     def forward(self, tokens, segments, valid_lens=None, pred_positions=None, masks=None):
-        """``masks``: the dropout masks of this batch (:func:`flat_masks` of
+        """``masks`` (positional: ``Block.__call__`` takes no keywords): the dropout masks of
+        this batch (:func:`flat_masks` of
         :func:`bertlite.dropout.encoder_masks`, on the batch's device) applied in place of
         ``nn.Dropout``; a model that is not hybridized only (the graph has a fixed input list:
         the fast path's loss graph takes them instead)."""
