@@ -167,7 +167,8 @@ def executed_flops(batch, vocab_size: int) -> float:
     import numpy as np
     import torch
 
-    from bertlite.backends.torch.model import MaskLM, pack, select
+    from bertlite.backends.torch.model import MaskLM
+    from bertlite.backends.torch.packing import pack, select
 
     h, f, layers = TINY["num_hiddens"], TINY["ffn_num_hiddens"], TINY["num_layers"]
     b, _ = batch.tokens.shape

@@ -9,6 +9,7 @@ import importlib
 
 import numpy as np
 import pytest
+from helpers import make_batch
 
 import bertlite
 from bertlite.config import BERTConfig
@@ -26,27 +27,6 @@ RESERVED = ["<pad>", "<mask>", "<cls>", "<sep>"]
 WORDS = [f"w{i}" for i in range(VOCAB_SIZE - 1 - len(RESERVED))]
 TEXT_A, TEXT_B = "w3 w17 w42 nonsense w8", "w99 w100"
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def make_batch(n: int = 6, length: int = 20, preds: int = 3, seed: int = 0) -> Batch:
-    """Uneven valid_lens (padding after them), both segments, partly empty prediction slots."""
-    rng = np.random.default_rng(seed)
-    valid = rng.integers(preds + 3, length + 1, n)
-    valid[0] = length
-    tokens = rng.integers(5, VOCAB_SIZE, (n, length)).astype(np.int32)
-    tokens[:, 0] = 3  # <cls>
-    segments = np.zeros((n, length), dtype=np.int32)
-    for i, v in enumerate(valid):
-        tokens[i, v:] = 1  # <pad>
-        segments[i, v // 2:v] = 1
-    positions = np.stack([np.sort(rng.choice(np.arange(1, v - 1), preds, replace=False))
-                          for v in valid]).astype(np.int32)
-    weights = (rng.random((n, preds)) < 0.7).astype(np.float32)
-    weights[:, 0] = 1.0
-    positions[weights == 0] = 0
-    labels = (rng.integers(5, VOCAB_SIZE, (n, preds)) * weights).astype(np.int32)
-    return Batch(tokens, segments, valid.astype(np.float32), positions, weights, labels,
-                 rng.integers(0, 2, n).astype(np.int32))
 
 
 # -- the book's model in each tab: build, train 3 steps of the book's loss, run ------------------
@@ -109,7 +89,7 @@ class MXNetTab:
         net = d2l.BERTModel(VOCAB_SIZE, HIDDEN, FFN, HEADS, LAYERS, DROPOUT, MAX_LEN)
         net.initialize(init.Xavier())
         if run:  # shapes are inferred on the first forward pass
-            MXNetTab.outputs(net, make_batch(n=2, seed=9))
+            MXNetTab.outputs(net, make_batch(VOCAB_SIZE, 2, 20, seed=9))
         return net
 
     @staticmethod
@@ -162,7 +142,7 @@ def book(request):
     tab = TABS[framework]
     net = tab.build(d2l)
     pos_before = tab.pos_embedding(net)
-    tab.train(d2l, net, [make_batch(n=8, seed=s) for s in range(3)])
+    tab.train(d2l, net, [make_batch(VOCAB_SIZE, 8, 20, seed=s) for s in range(3)])
     vocab = d2l.Vocab(WORDS, reserved_tokens=RESERVED)
     return framework, d2l, vocab, net, pos_before
 
@@ -196,7 +176,7 @@ def test_imported_model_gives_the_d2l_outputs(book, imported):
     else:  # a Parameter MXNet trains
         assert not np.allclose(pos_after, pos_before)
     np.testing.assert_array_equal(imported.state_dict()["encoder.pos_embedding"], pos_after)
-    batch = make_batch(n=7, length=24, preds=4, seed=5)
+    batch = make_batch(VOCAB_SIZE, 7, 24, preds=4, seed=5)
     ours = imported.backend.forward(imported.model, batch)
     ref = tab.outputs(net, batch)
     for name, a, b in zip(("encoded_X", "mlm_Y_hat", "nsp_Y_hat"), ours, ref):
@@ -215,7 +195,7 @@ def test_without_a_vocab_encodes_token_ids(book, imported):
     framework, _, _, net, _ = book
     bare = interop(framework).from_d2l(net)
     assert bare.vocab is None and bare.config == CONFIG
-    batch = make_batch(n=3, seed=2)
+    batch = make_batch(VOCAB_SIZE, 3, 20, seed=2)
     np.testing.assert_allclose(
         bare.backend.encode(bare.model, batch.tokens, batch.segments, batch.valid_lens),
         TABS[framework].outputs(net, batch)[0], **TOL)
@@ -228,7 +208,8 @@ def test_imported_model_trains_saves_and_loads(book, tmp_path):
     before = model.state_dict()
     optimizer = backend.create_optimizer(model.model, OptimizerSettings(lr=1e-3))
     for seed in range(2):
-        mlm, nsp = backend.train_step(model.model, optimizer, make_batch(n=8, seed=seed), 1e-3)
+        batch = make_batch(VOCAB_SIZE, 8, 20, seed=seed)
+        mlm, nsp = backend.train_step(model.model, optimizer, batch, 1e-3)
         assert np.isfinite(float(mlm)) and np.isfinite(float(nsp))
     after = model.state_dict()
     assert not np.allclose(after["mlm.decoder.weight"], before["mlm.decoder.weight"])
@@ -256,7 +237,7 @@ def test_to_d2l_gives_back_the_same_model(book, imported):
     framework, d2l, _, net, _ = book
     back = interop(framework).to_d2l(imported, d2l)
     assert type(back) is type(net)
-    batch = make_batch(n=5, seed=7)
+    batch = make_batch(VOCAB_SIZE, 5, 20, seed=7)
     for a, b in zip(TABS[framework].outputs(back, batch), TABS[framework].outputs(net, batch)):
         np.testing.assert_allclose(a, b, **TOL)
 
@@ -270,7 +251,7 @@ def test_d2l_model_moves_to_the_other_tab(book, imported):
         pytest.skip(f"{other} is not installed")
     other_d2l = import_d2l(other)
     moved = interop(other).to_d2l(imported, other_d2l)
-    batch = make_batch(n=5, seed=8)
+    batch = make_batch(VOCAB_SIZE, 5, 20, seed=8)
     for a, b in zip(TABS[other].outputs(moved, batch), TABS[framework].outputs(net, batch)):
         np.testing.assert_allclose(a, b, **TOL)
     # and back in: the other tab's model imports to the same weights
@@ -355,5 +336,5 @@ def test_mxnet_model_must_have_run_once():
     net = MXNetTab.build(d2l, run=False)
     with pytest.raises(ValueError, match="first forward pass"):
         module.from_d2l(net)
-    MXNetTab.outputs(net, make_batch(n=2))
+    MXNetTab.outputs(net, make_batch(VOCAB_SIZE, 2, 20))
     assert module.from_d2l(net).config == CONFIG

@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import build, make_batch, tiny_config
 
-from bertlite.config import BERTConfig
-from bertlite.data.loader import Batch
 from bertlite.errors import DeviceError
 from bertlite.loss import bert_loss_numpy
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params, parameter_shapes
 
+#: the shapes of helpers.make_batch() and tiny_config()
 VOCAB, BATCH, LENGTH, PREDS = 500, 8, 16, 3
-
-
-def tiny_config(dropout: float = 0.0) -> BERTConfig:
-    return BERTConfig(vocab_size=VOCAB, num_hiddens=32, ffn_num_hiddens=64, num_heads=2,
-                      num_layers=2, dropout=dropout, max_len=64)
-
-
-def make_batch(seed: int = 0) -> Batch:
-    """A batch like the data pipeline's: padding after valid_len, unused prediction slots with
-    position 0, label 0 and weight 0."""
-    rng = np.random.default_rng(seed)
-    valid_lens = rng.integers(6, LENGTH + 1, BATCH)
-    valid_lens[0] = LENGTH
-    tokens = rng.integers(5, VOCAB, (BATCH, LENGTH)).astype(np.int32)
-    segments = np.zeros((BATCH, LENGTH), np.int32)
-    positions = np.zeros((BATCH, PREDS), np.int32)
-    weights = np.zeros((BATCH, PREDS), np.float32)
-    labels = np.zeros((BATCH, PREDS), np.int32)
-    for i, n in enumerate(valid_lens):
-        tokens[i, 0], tokens[i, n - 1], tokens[i, n:] = 2, 3, 1  # <cls> ... <sep> <pad>...
-        segments[i, n // 2:n] = 1
-        used = 1 + i % PREDS
-        positions[i, :used] = np.sort(rng.choice(np.arange(1, n - 1), used, replace=False))
-        weights[i, :used] = 1.0
-        labels[i, :used] = rng.integers(5, VOCAB, used)
-    nsp = (np.arange(BATCH) % 2).astype(np.int32)
-    return Batch(tokens, segments, valid_lens.astype(np.float32), positions, weights, labels,
-                 nsp)
 
 
 @pytest.fixture
@@ -48,15 +20,8 @@ def devices(backend):
     return backend.parse_devices("cpu")
 
 
-def build(backend, devices, config=None, seed=0):
-    config = config or tiny_config()
-    model = backend.build_model(config, devices)
-    backend.load_state_dict(model, init_params(config, seed))
-    return model
-
-
 def test_forward_shapes(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     encoded, mlm, nsp = backend.forward(model, make_batch())
     assert encoded.shape == (BATCH, LENGTH, 32)
     assert mlm.shape == (BATCH, PREDS, VOCAB)
@@ -67,7 +32,7 @@ def test_forward_shapes(backend, devices):
 
 
 def test_padding_beyond_valid_len_is_not_attended(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     batch = make_batch()
     changed = batch.tokens.copy()
     for i, n in enumerate(batch.valid_lens.astype(int)):
@@ -80,7 +45,7 @@ def test_padding_beyond_valid_len_is_not_attended(backend, devices):
 
 
 def test_padded_prediction_slots_do_not_change_the_loss(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     batch = make_batch()
     unused = batch.mlm_weights == 0
     assert unused.any()
@@ -96,7 +61,7 @@ def test_padded_prediction_slots_do_not_change_the_loss(backend, devices):
 
 
 def test_loss_matches_the_core_formula(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     batch = make_batch()
     _, mlm_logits, nsp_logits = backend.forward(model, batch)
     expected = bert_loss_numpy(mlm_logits, batch.mlm_labels, batch.mlm_weights, nsp_logits,
@@ -135,7 +100,7 @@ def test_load_state_dict_rejects_wrong_parameters(backend, devices):
 
 
 def test_positional_embedding_is_trained(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     _, _, grads = backend.loss_and_grads(model, make_batch())
     pos = grads["encoder.pos_embedding"]
     assert np.abs(pos[0, :LENGTH]).sum() > 0
@@ -143,7 +108,7 @@ def test_positional_embedding_is_trained(backend, devices):
 
 
 def test_train_steps_lower_the_loss(backend, devices):
-    model = build(backend, devices)
+    model = build(backend, devices=devices)
     optimizer = backend.create_optimizer(model, OptimizerSettings(lr=0.01))
     batch = make_batch()
     first = backend.loss_and_grads(model, batch)
@@ -156,8 +121,8 @@ def test_train_steps_lower_the_loss(backend, devices):
 
 def test_optimizer_state_round_trip(backend, devices):
     settings = OptimizerSettings(lr=0.01, optimizer="adamw", weight_decay=0.01)
-    batch, other = make_batch(0), make_batch(1)
-    model = build(backend, devices)
+    batch, other = make_batch(seed=0), make_batch(seed=1)
+    model = build(backend, devices=devices)
     optimizer = backend.create_optimizer(model, settings)
     fresh = backend.optimizer_state(optimizer)
     assert int(fresh["step"]) == 0
@@ -189,7 +154,7 @@ def test_dropout_is_reproducible_from_the_seed(backend, devices):
     batch = make_batch()
 
     def one_step(seed):
-        model = build(backend, devices, config)
+        model = build(backend, config, devices)
         optimizer = backend.create_optimizer(model, OptimizerSettings(lr=0.01))
         backend.seed(seed)
         return [float(x) for x in backend.train_step(model, optimizer, batch, 0.01)]

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import build, make_batch
 
 import bertlite
 from bertlite.config import BERTConfig
-from bertlite.data.loader import Batch
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params
 from conftest import skip_unless_backend
@@ -24,26 +24,6 @@ def both():
     return bertlite.get_backend("torch"), bertlite.get_backend("mxnet")
 
 
-def make_batch(vocab_size: int, n: int = 7, length: int = 24, preds: int = 4, seed: int = 0):
-    """A batch with uneven valid_lens and partly empty prediction slots."""
-    rng = np.random.default_rng(seed)
-    valid = rng.integers(6, length + 1, n)
-    valid[0] = length
-    tokens = rng.integers(5, vocab_size, (n, length)).astype(np.int32)
-    segments = np.zeros((n, length), dtype=np.int32)
-    for i, v in enumerate(valid):
-        tokens[i, v:] = 1
-        segments[i, v // 2:v] = 1
-    positions = np.stack([np.sort(rng.choice(np.arange(1, v - 1), preds, replace=False))
-                          for v in valid]).astype(np.int32)
-    weights = (rng.random((n, preds)) < 0.75).astype(np.float32)
-    weights[:, 0] = 1
-    positions[weights == 0] = 0
-    labels = (rng.integers(5, vocab_size, (n, preds)) * weights).astype(np.int32)
-    return Batch(tokens, segments, valid.astype(np.float32), positions, weights, labels,
-                 rng.integers(0, 2, n).astype(np.int32))
-
-
 CONFIGS = {
     "tiny": BERTConfig.from_preset("tiny", 300, dropout=0.0, max_len=64),
     "4-layer": BERTConfig(vocab_size=300, num_hiddens=64, ffn_num_hiddens=96, num_heads=4,
@@ -51,18 +31,12 @@ CONFIGS = {
 }
 
 
-def build(backend, config, devices=None, seed=0):
-    net = backend.build_model(config, backend.parse_devices(devices))
-    backend.load_state_dict(net, init_params(config, seed))
-    return net
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("mx_devices", [None, "cpu:0,cpu:1"], ids=["mx-1dev", "mx-2shards"])
 def test_same_weights_same_outputs_losses_and_gradients(both, name, mx_devices):
     torch_be, mx_be = both
     config = CONFIGS[name]
-    batch = make_batch(config.vocab_size)
+    batch = make_batch(config.vocab_size, batch=7, length=24, preds=4)
     t_net, m_net = build(torch_be, config), build(mx_be, config, mx_devices)
     for t_out, m_out in zip(torch_be.forward(t_net, batch), mx_be.forward(m_net, batch)):
         np.testing.assert_allclose(m_out, t_out, rtol=1e-5, atol=2e-5)
@@ -82,7 +56,8 @@ def test_same_steps_same_curve(both):
     torch_be, mx_be = both
     config = CONFIGS["tiny"]
     settings = OptimizerSettings(lr=1e-3)
-    batches = [make_batch(config.vocab_size, n=8, seed=s) for s in range(5)]
+    batches = [make_batch(config.vocab_size, batch=8, length=24, seed=s, preds=4, fill=0.75)
+               for s in range(5)]
     curves = []
     for backend in both:
         net = build(backend, config)

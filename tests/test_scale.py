@@ -306,14 +306,11 @@ _MEASURE = textwrap.dedent("""
     from bertlite.data.loader import Batch
     from bertlite.optim import OptimizerSettings
     from bertlite.params import init_params
-    from bertlite.registry import get_backend
 
     spec = json.loads(sys.argv[1])
-    be = get_backend("torch")
-    from bertlite.backends.torch import model as torch_model
-    if sys.argv[2] == "plain":  # the operations GPUs run: padded, no fused CPU kernels
-        torch_model.BERTEncoder.packed = False
-        torch_model._FUSED_LINEAR = False
+    from bertlite.backends.torch import TorchBackend
+    # "plain": the operations GPUs run (padded, no fused CPU kernels); else the fast path
+    be = TorchBackend(fast=sys.argv[2] != "plain")
     B, L, V, precision = (spec.pop(k) for k in ("batch_size", "max_len", "vocab_size",
                                                   "precision"))
 

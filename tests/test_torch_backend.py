@@ -1,4 +1,4 @@
-"""What only the PyTorch backend has: SDPA attention, the fast dropout, the book's PyTorch tab
+"""What only the PyTorch backend has: SDPA attention, the book's PyTorch tab
 running unchanged on ``bertlite.backends.torch``, torch devices."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from test_model import make_batch, tiny_config
+from helpers import make_batch, tiny_config
 
 from bertlite.config import BERTConfig
 from bertlite.errors import DeviceError
@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bertlite.backends import torch as d2l_api  # noqa: E402
+from bertlite.backends.torch import fast as torch_fast  # noqa: E402
 from bertlite.backends.torch import model as torch_model  # noqa: E402
 from bertlite.backends.torch import step as torch_step  # noqa: E402
 from bertlite.backends.torch.devices import parse_devices, try_all_gpus, try_gpu  # noqa: E402
@@ -37,7 +38,7 @@ BOOK_KWARGS = dict(num_hiddens=128, norm_shape=[128], ffn_num_input=128, ffn_num
 
 
 @pytest.fixture
-def backend():
+def torch_backend():  # not the shared `backend` fixture, which runs every backend in turn
     return get_backend("torch")
 
 
@@ -84,32 +85,13 @@ def test_training_attention_path_equals_sdpa_without_dropout():
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 2, 8, 4, requires_grad=True) for _ in range(3))
     mask = torch_model.attention_mask(torch.tensor([8, 3]), 8, torch.float32)
-    manual = torch_model.masked_softmax_attention(q, k, v, mask, 0.0, True)
+    manual = torch_model.masked_softmax_attention(q, k, v, mask, nn.Dropout(0.0))
     grads = torch.autograd.grad(manual.square().sum(), (q, k, v))
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     sdpa_grads = torch.autograd.grad(sdpa.square().sum(), (q, k, v))
     assert (manual - sdpa).abs().max() < 1e-6
     for a, b in zip(grads, sdpa_grads):
         assert (a - b).abs().max() < 1e-5
-
-
-def test_fast_dropout_statistics_and_seed():
-    X = torch.ones(1000, 1000)
-    torch.manual_seed(0)
-    out = torch_model.dropout(X, 0.2, training=True)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.8) < 0.003
-    assert torch.allclose(out[kept], torch.tensor(1 / 0.8), rtol=1e-4)
-    assert abs(out.mean().item() - 1.0) < 0.005  # the expectation is kept
-    torch.manual_seed(0)
-    assert torch.equal(torch_model.dropout(X, 0.2, training=True), out)
-    assert torch_model.dropout(X, 0.2, training=False) is X
-    assert torch_model.dropout(X, 0.0, training=True) is X
-    # The gradient is the same mask.
-    Y = torch.ones(5, 7, requires_grad=True)
-    dropped = torch_model.dropout(Y, 0.5, training=True)
-    dropped.sum().backward()
-    assert torch.equal(Y.grad, dropped.detach())
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -208,7 +190,7 @@ def test_sparse_mlm_training_loss_equals_the_full_forward():
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
+def test_packed_training_path_equals_the_plain_one(num_layers):
     """Training on the CPU packs the valid tokens, computes the last layer only at the
     predicted positions and <cls> and fuses the MLM decoder with its loss: the same losses,
     gradients and (at the rows asked for) encodings as the padded path."""
@@ -216,13 +198,13 @@ def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
                         ffn_num_hiddens=64, num_heads=2, num_layers=num_layers, dropout=0.0,
                         max_len=64)
     model = torch_model.BERTModel.from_config(config, seed=0).train()
-    tensors = torch_step.to_tensors(make_batch(3), torch.device("cpu"))
-    assert model.encoder.takes_packed_path(tensors.tokens, tensors.valid_lens)
+    tensors = torch_step.to_tensors(make_batch(seed=3), torch.device("cpu"))
+    assert torch_fast.packs(model, tensors.tokens, tensors.valid_lens)
     length = tensors.tokens.shape[1]
     rows = torch.tensor([0, 5, length + 3, 3 * length + 2])  # valid positions of make_batch
     results = []
-    for packed in (True, False):
-        monkeypatch.setattr(torch_model.BERTEncoder, "packed", packed)
+    for fast in (True, False):
+        model.fast = fast
         model.zero_grad()
         losses = torch_step.batch_loss(model, tensors)
         losses[2].backward()
@@ -239,7 +221,7 @@ def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     short = int(torch.nonzero(tensors.valid_lens < length)[0])  # an example with padding
     pad = short * length + int(tensors.valid_lens[short])  # its first padded position
-    monkeypatch.setattr(torch_model.BERTEncoder, "packed", True)
+    model.fast = True
     with torch.no_grad():
         padded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
                        output_rows=torch.tensor([pad, 0]))[0]
@@ -251,11 +233,11 @@ def test_packed_training_path_equals_the_plain_one(monkeypatch, num_layers):
 
 # -- the backend --------------------------------------------------------------------------------
 
-def test_train_step_returns_detached_scalars(backend):
+def test_train_step_returns_detached_scalars(torch_backend):
     config = tiny_config(dropout=0.1)
-    model = backend.build_model(config, backend.parse_devices("cpu"))
-    optimizer = backend.create_optimizer(model, OptimizerSettings(clip_norm=1.0))
-    mlm, nsp = backend.train_step(model, optimizer, make_batch(), 0.003)
+    model = torch_backend.build_model(config, torch_backend.parse_devices("cpu"))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings(clip_norm=1.0))
+    mlm, nsp = torch_backend.train_step(model, optimizer, make_batch(), 0.003)
     for value in (mlm, nsp):
         assert isinstance(value, torch.Tensor) and value.dim() == 0
         assert not value.requires_grad
@@ -264,9 +246,9 @@ def test_train_step_returns_detached_scalars(backend):
     assert optimizer.clip_norm == 1.0
 
 
-def test_weight_decay_groups(backend):
-    model = backend.build_model(tiny_config(), backend.parse_devices("cpu"))
-    optimizer = backend.create_optimizer(model, OptimizerSettings(optimizer="adamw",
+def test_weight_decay_groups(torch_backend):
+    model = torch_backend.build_model(tiny_config(), torch_backend.parse_devices("cpu"))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings(optimizer="adamw",
                                                                  weight_decay=0.05))
     assert isinstance(optimizer, torch.optim.AdamW)
     decay, no_decay = optimizer.param_groups
@@ -275,37 +257,37 @@ def test_weight_decay_groups(backend):
     assert "encoder.blks.0.attention.W_q.bias" in no_decay["param_names"]
     assert "encoder.pos_embedding" in decay["param_names"]
     assert "mlm.decoder.weight" in decay["param_names"]
-    assert isinstance(backend.create_optimizer(model, OptimizerSettings()), torch.optim.Adam)
+    assert isinstance(torch_backend.create_optimizer(model, OptimizerSettings()), torch.optim.Adam)
 
 
-def test_forward_restores_the_mode_and_needs_no_grad(backend):
-    model = backend.build_model(tiny_config(dropout=0.5), backend.parse_devices("cpu"))
+def test_forward_restores_the_mode_and_needs_no_grad(torch_backend):
+    model = torch_backend.build_model(tiny_config(dropout=0.5), torch_backend.parse_devices("cpu"))
     assert model.training
-    first = backend.forward(model, make_batch())
-    second = backend.forward(model, make_batch())
+    first = torch_backend.forward(model, make_batch())
+    second = torch_backend.forward(model, make_batch())
     assert model.training
     for a, b in zip(first, second):  # dropout off: deterministic
         np.testing.assert_array_equal(a, b)
     empty = make_batch()._replace(pred_positions=np.zeros((8, 0), np.int32),
                                   mlm_weights=np.zeros((8, 0), np.float32),
                                   mlm_labels=np.zeros((8, 0), np.int32))
-    assert backend.forward(model, empty)[1].shape == (8, 0, tiny_config().vocab_size)
+    assert torch_backend.forward(model, empty)[1].shape == (8, 0, tiny_config().vocab_size)
 
 
-def test_seed_fixes_dropout(backend):
-    net = backend.build_model(tiny_config().replace(dropout=0.5), [torch.device("cpu")])
-    opt = backend.create_optimizer(net, OptimizerSettings())
-    state = {k: v.copy() for k, v in backend.state_dict(net).items()}
+def test_seed_fixes_dropout(torch_backend):
+    net = torch_backend.build_model(tiny_config().replace(dropout=0.5), [torch.device("cpu")])
+    opt = torch_backend.create_optimizer(net, OptimizerSettings())
+    state = {k: v.copy() for k, v in torch_backend.state_dict(net).items()}
     losses = []
     for seed in (7, 7, 8):
-        backend.load_state_dict(net, state)
-        backend.seed(seed)
-        losses.append(float(backend.train_step(net, opt, make_batch(), 1e-9)[0]))
+        torch_backend.load_state_dict(net, state)
+        torch_backend.seed(seed)
+        losses.append(float(torch_backend.train_step(net, opt, make_batch(), 1e-9)[0]))
     assert losses[0] == losses[1] != losses[2]
 
 
-def test_info(backend):
-    info = backend.info()
+def test_info(torch_backend):
+    info = torch_backend.info()
     assert info["torch"] == torch.__version__
     assert info["num_threads"] == torch.get_num_threads()
     assert isinstance(info["cuda_available"], bool)
@@ -338,14 +320,14 @@ def test_gpus_asked_for_where_there_are_none():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_data_parallel_model(backend):
+def test_data_parallel_model(torch_backend):
     devices = parse_devices("cuda:0,1")
-    model = backend.build_model(tiny_config(), devices)
+    model = torch_backend.build_model(tiny_config(), devices)
     assert isinstance(model, nn.DataParallel)
-    backend.load_state_dict(model, init_params(tiny_config(), 1))
-    assert list(backend.state_dict(model)) == list(parameter_shapes(tiny_config()))
-    mlm, nsp = backend.train_step(model, backend.create_optimizer(model, OptimizerSettings()),
-                                  make_batch(), 0.01)
+    torch_backend.load_state_dict(model, init_params(tiny_config(), 1))
+    assert list(torch_backend.state_dict(model)) == list(parameter_shapes(tiny_config()))
+    optimizer = torch_backend.create_optimizer(model, OptimizerSettings())
+    mlm, nsp = torch_backend.train_step(model, optimizer, make_batch(), 0.01)
     assert math.isfinite(float(mlm)) and math.isfinite(float(nsp))
 
 

@@ -26,10 +26,16 @@ from .model import BERTModel
 class TorchBackend(Backend):
     """PyTorch: one device, several CUDA GPUs through ``nn.DataParallel`` in one process, or
     one device per process with ``DistributedDataParallel`` when launched by ``torchrun``
-    (see :mod:`.distributed`)."""
+    (see :mod:`.distributed`).
+
+    ``fast`` (default True) is the models' switch between the fast path of :mod:`.fast` and
+    the plain model of :mod:`.model` (``BERTModel.fast``): the same losses and gradients."""
 
     name = "torch"
     framework = "torch"
+
+    def __init__(self, fast: bool = True) -> None:
+        self.fast = fast
 
     # -- devices and randomness ---------------------------------------------------------------
     def parse_devices(self, spec: str | Sequence[Any] | None) -> list[torch.device]:
@@ -55,7 +61,7 @@ class TorchBackend(Backend):
         """A BERTModel on ``devices[0]``, in ``nn.DataParallel`` over several GPUs, or in
         ``DistributedDataParallel`` under torchrun."""
         devices = parse_devices(list(devices)) if devices else [torch.device("cpu")]
-        model = BERTModel.from_config(config, seed=0).to(devices[0])
+        model = BERTModel.from_config(config, seed=0, fast=self.fast).to(devices[0])
         if distributed.env_world() is not None:
             if len(devices) > 1:
                 raise DeviceError(f"under torchrun every process trains on one device, got "

@@ -5,20 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bertlite.loss import bert_loss
 
-from .model import cross_entropy
+from . import fast
 
 
 class TorchLossOps:
-    """The tensor operations :func:`bertlite.loss.bert_loss` needs, in torch."""
+    """The tensor operations :func:`bertlite.loss.bert_loss` needs, in torch; ``fast``: the
+    cross-entropy of :func:`.fast.cross_entropy` (fused kernels where they run)."""
 
-    @staticmethod
-    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-row cross-entropy; labels of any integer type (torch needs int64). On the CPU
-        in float32 the chunked :func:`.model.cross_entropy` (half the time of the MLM loss)."""
-        return cross_entropy(logits, labels)
+    def __init__(self, fast: bool = True) -> None:
+        self.fast = fast
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row cross-entropy; labels of any integer type (torch needs int64)."""
+        if self.fast:
+            return fast.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels.long(), reduction="none")
 
     @staticmethod
     def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +34,8 @@ class TorchLossOps:
         return x.sum()
 
 
-OPS = TorchLossOps()
+OPS = TorchLossOps(fast=True)
+PLAIN_OPS = TorchLossOps(fast=False)
 
 
 def _get_batch_loss_bert(net: torch.nn.Module, loss: Any, vocab_size: int,
@@ -44,7 +50,8 @@ def _get_batch_loss_bert(net: torch.nn.Module, loss: Any, vocab_size: int,
     (weight 0) never count (the book's mean-reduced ``nn.CrossEntropyLoss`` masks nothing).
     Under ``nn.DataParallel`` the wrapper is called on the whole batch.
     """
+    ops = OPS if getattr(getattr(net, "module", net), "fast", False) else PLAIN_OPS
     _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1),
                                   pred_positions_X)
-    return bert_loss(OPS, mlm_Y_hat.reshape(-1, vocab_size), mlm_Y, mlm_weights_X, nsp_Y_hat,
+    return bert_loss(ops, mlm_Y_hat.reshape(-1, vocab_size), mlm_Y, mlm_weights_X, nsp_Y_hat,
                      nsp_y)

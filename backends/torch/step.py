@@ -21,8 +21,8 @@ from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
-from . import distributed
-from .loss import OPS
+from . import distributed, fast
+from .loss import OPS, PLAIN_OPS
 from .model import BERTModel
 
 
@@ -85,8 +85,8 @@ def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 # -- the optimizer -------------------------------------------------------------------------------
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
-    # Fused Adam(W) is one kernel for all parameters: 3x faster than foreach on this CPU, and
-    # the fastest on CUDA; it needs floating-point parameters on one supported device type.
+    # Fused Adam(W) is one kernel for all parameters, faster than foreach on the CPU and CUDA
+    # (benchmarks/README.md); it needs floating-point parameters on one supported device type.
     types = {p.device.type for p in params}
     return len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point()
                                                                  for p in params)
@@ -134,27 +134,28 @@ def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = N
     float32 (logits are cast before the loss, so under autocast too). A part of a larger batch
     passes that batch's ``mlm_weight_total`` and ``num_examples``.
 
-    On the CPU the MLM head runs only at prediction slots of non-zero weight (a third of the
-    slots are padding in WikiText-2): the loss is the same, since padded slots have weight 0 in
-    the formula, and the work of the vocabulary-sized output layer drops by that share. Under
-    DataParallel (several GPUs) and on GPUs the model is called on all slots instead.
+    With the fast path on (``BERTModel.fast``, the one switch) on the CPU, the MLM head runs
+    only at prediction slots of non-zero weight (a third of the slots are padding in
+    WikiText-2), the model's last layer only there and at ``<cls>``, and the decoder fused
+    with the cross-entropy (:func:`.fast.decode`): the loss is the same, since padded slots
+    have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the book's
+    path: the model on all slots, the plain cross-entropy.
     """
-    if isinstance(model, nn.DataParallel) or batch.pred_positions.device.type != "cpu":
+    net = unwrap(model)
+    if (not net.fast or isinstance(model, nn.DataParallel)
+            or batch.pred_positions.device.type != "cpu"):
         _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
                                         batch.pred_positions)
-        return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels, batch.mlm_weights,
-                         nsp_Y_hat.float(), batch.nsp_labels, mlm_weight_total=mlm_weight_total,
-                         num_examples=num_examples)
-    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
-    mlm = unwrap(model).mlm
+        return bert_loss(OPS if net.fast else PLAIN_OPS, mlm_Y_hat.float(), batch.mlm_labels,
+                         batch.mlm_weights, nsp_Y_hat.float(), batch.nsp_labels,
+                         mlm_weight_total=mlm_weight_total, num_examples=num_examples)
     weights = batch.mlm_weights.reshape(-1)
     used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
-    rows = mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
-    # only these encodings (and <cls>) are read: the model's last layer may compute only them
+    rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
+    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
     encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
                                        output_rows=rows)
-    # the decoder and the cross-entropy fused (model.DecoderLogits)
-    mlm_Y_hat = mlm.decode(encoded_rows, lazy=True)
+    mlm_Y_hat = fast.decode(net.mlm, encoded_rows)
     return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
                      weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
                      mlm_weight_total=mlm_weight_total, num_examples=num_examples)

@@ -1,0 +1,331 @@
+"""The torch backend's fast path: training on the CPU in float32, with the same loss and
+gradients as the plain model of :mod:`.model` (to float32 round-off), in a fraction of its
+time. ``BERTModel.fast`` (default True; ``TorchBackend(fast=False)``) is the one switch;
+:func:`supported` says where the kernels can run, and everything else takes the plain path.
+
+* packing: the position-wise layers run on the valid tokens only; attention runs per group
+  of examples of similar length, each padded to its longest (:mod:`.packing`);
+* a sparse last layer: given ``output_rows`` (the positions the loss reads, which
+  :func:`.step.batch_loss` passes), the last layer computes its queries, output projection
+  and FFN only there and at ``<cls>`` (:func:`.packing.select`), every token still a key;
+* hand-written backward passes (:class:`Projections`, :class:`.kernels.Attention`,
+  :class:`Output`, :class:`.kernels.FFN`) that allocate and copy as little as they can; dense
+  layers as oneDNN matmuls with the bias (and ReLU) in their epilogue;
+* the MLM decoder fused with its cross-entropy (:class:`DecoderLogits`), a chunked
+  cross-entropy for other logits, dropout masks from 16-bit random numbers (:mod:`.kernels`).
+
+Nothing that the loss reads changes: padded positions never reach a valid one (their keys get
+no attention weight). The encodings of padded positions, which no loss reads, are returned as
+zeros on this path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import (
+    FFN,
+    FUSED_LINEAR,
+    Attention,
+    CrossEntropy,
+    DecoderCrossEntropy,
+    DropoutAdd,
+    keep_mask,
+    linear,
+    linear_reference,
+    mkldnn_linear,
+    uses_keep_mask,
+)
+from .packing import (
+    Packing,
+    group_views,
+    heads_to_rows,
+    heads_to_slots,
+    pack,
+    rows_to_heads,
+    select,
+)
+
+if TYPE_CHECKING:
+    from .model import AddNorm, BERTModel, EncoderBlock, MaskLM, MultiHeadAttention
+
+
+def supported(model: BERTModel, tensor: torch.Tensor) -> bool:
+    """Whether the fast path runs for ``model`` on inputs like ``tensor``: the switch
+    ``model.fast`` is on, torch has oneDNN's fused linear, and it is float32 on the CPU outside
+    autocast and ``torch.compile`` (GPUs, autocast and compiled models take the plain path)."""
+    return (model.fast and FUSED_LINEAR and tensor.device.type == "cpu"
+            and model.encoder.pos_embedding.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def packs(model: BERTModel, tokens: torch.Tensor, valid_lens: torch.Tensor | None) -> bool:
+    """Whether ``model.forward`` packs the valid tokens: :func:`supported`, training mode (in
+    eval mode the encodings of padded positions are returned as computed), ``valid_lens``
+    given and no empty example (an empty example attends to its padding)."""
+    return (model.training and valid_lens is not None and tokens.numel() > 0
+            and supported(model, tokens) and bool((valid_lens > 0).all()))
+
+
+# -- the packed layers ------------------------------------------------------------------------
+
+class Projections(torch.autograd.Function):
+    """Projections (Q, K, V: weight and bias pairs) of the layer's input ``x``, as every
+    group's heads of ``layout``: ``groups`` outputs per projection.
+
+    ``x`` is gathered into the slots once and projected there. The padded slots (6% of them
+    on WikiText-2) hold copies of some valid row instead of zeros, one gather instead of a fill
+    and a scatter: harmless, since attention gives padded keys exactly zero weight and drops
+    padded queries' outputs, so that their gradients are exactly zero too. The backward adds
+    the input gradients of the projections in the GEMMs (``addmm_``)."""
+
+    @staticmethod
+    def forward(ctx, x, layout, num_heads, *params):
+        ctx.layout, ctx.num_heads, ctx.num_rows = layout, num_heads, x.shape[0]
+        slots = x.index_select(0, layout.gather)
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(slots, *weights)
+        ctx.has_bias = biases[0] is not None
+        outputs = []
+        for w, b in zip(weights, biases):
+            outputs += group_views(mkldnn_linear(slots, w, b), layout, num_heads)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        slots, *weights = ctx.saved_tensors
+        layout, num_groups = ctx.layout, len(ctx.layout.groups)
+        grad_slots, params = None, []
+        for i, w in enumerate(weights):
+            g = heads_to_slots(grads[i * num_groups:(i + 1) * num_groups], layout,
+                                ctx.num_heads)
+            params += [g.t().mm(slots), g.sum(0) if ctx.has_bias else None]
+            grad_slots = g.mm(w) if grad_slots is None else grad_slots.addmm_(g, w)
+        grad = grad_slots.index_select(0, layout.rows)
+        if layout.inputs is not None:  # a subset of the input's rows
+            grad = grad.new_zeros(ctx.num_rows, grad.shape[1]).index_copy_(0, layout.inputs,
+                                                                             grad)
+        return (grad, None, None, *params)
+
+
+
+class Output(torch.autograd.Function):
+    """Every group's attention heads back to packed rows, then ``W_o`` (input: the packed
+    ``W_o``, its bias, then one tensor per group)."""
+
+    @staticmethod
+    def forward(ctx, packing, num_heads, weight, bias, *heads):
+        ctx.packing, ctx.num_heads = packing, num_heads
+        rows = heads_to_rows(heads, packing, num_heads)
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return mkldnn_linear(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad_w, grad_b = grad.t().mm(rows), grad.sum(0) if ctx.has_bias else None
+        grad_heads = rows_to_heads(grad.mm(weight), ctx.packing, ctx.num_heads)
+        return (None, None, grad_w, grad_b, *grad_heads)
+
+
+
+def unpack(X: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed encodings as a padded ``(batch, length, hidden)`` batch (zeros at the padded
+    positions) and the ``(batch, hidden)`` encodings of the ``<cls>`` tokens; their backward
+    adds both gradients without full-size temporaries."""
+    b, n = packing.batch_size, packing.length
+    padded, cls = Unpack.apply(X, packing.padded_rows, b * n, packing.cls_rows)
+    return padded.view(b, n, -1), cls
+
+
+class Unpack(torch.autograd.Function):
+    """Packed rows as ``(padded rows, the rows at cls_rows)``: ``padded[index] = x`` in zero
+    rows, and the ``<cls>`` encodings, whose gradients the backward adds in place (autograd
+    would add a full-size zero tensor for them)."""
+
+    @staticmethod
+    def forward(ctx, x, index, num_rows, cls_rows):
+        ctx.save_for_backward(index, cls_rows)
+        padded = x.new_zeros(num_rows, x.shape[1]).index_copy_(0, index, x)
+        return padded, x.index_select(0, cls_rows)
+
+    @staticmethod
+    def backward(ctx, grad_padded, grad_cls):
+        index, cls_rows = ctx.saved_tensors
+        if grad_padded is None:
+            grad = grad_cls.new_zeros(index.shape[0], grad_cls.shape[1])
+        else:
+            grad = grad_padded.index_select(0, index)
+        if grad_cls is not None:
+            grad.index_add_(0, cls_rows, grad_cls)
+        return grad, None, None, None
+
+
+
+class DecoderLogits:
+    """The MLM decoder's logits, not computed yet (:func:`decode`): what
+    :func:`bertlite.loss.bert_loss` does with them (``shape``, ``reshape`` to ``(-1, vocab)``,
+    :func:`cross_entropy`) runs the decoder and the cross-entropy together
+    (:class:`.kernels.DecoderCrossEntropy`); anything else computes them (:meth:`materialize`)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.hidden.shape[0], self.weight.shape[0]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return 2
+
+    def float(self) -> DecoderLogits:
+        return self
+
+    def reshape(self, *shape: Any) -> DecoderLogits | torch.Tensor:
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        if shape in ((-1, self.shape[1]), tuple(self.shape)):
+            return self
+        return self.materialize().reshape(shape)
+
+    def materialize(self) -> torch.Tensor:
+        """The logits as a tensor."""
+        return linear_reference(self.hidden, self.weight, self.bias)
+
+
+
+def cross_entropy(logits: torch.Tensor | DecoderLogits, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row softmax cross-entropy (``reduction="none"``) of ``(n, classes)`` logits and
+    integer labels: fused with the decoder for :class:`DecoderLogits`; the chunked
+    :class:`.kernels.CrossEntropy` for float32 CPU logits that need a gradient; else
+    ``F.cross_entropy``."""
+    labels = labels.long()
+    if isinstance(logits, DecoderLogits):
+        return DecoderCrossEntropy.apply(logits.hidden, logits.weight, logits.bias,
+                                         labels.reshape(-1))
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 2 and logits.requires_grad and torch.is_grad_enabled()):
+        return CrossEntropy.apply(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def decode(mlm: MaskLM, rows: torch.Tensor) -> torch.Tensor | DecoderLogits:
+    """The MLM head's logits of encodings ``(rows, hidden)`` for a loss: :class:`DecoderLogits`
+    (the decoder then runs fused with the cross-entropy) where the kernels run."""
+    if not (FUSED_LINEAR and rows.device.type == "cpu" and torch.is_grad_enabled()
+            and rows.dtype == mlm.decoder.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
+        return mlm.decode(rows)
+    hidden = mlm.ln(linear(rows, mlm.dense.weight, mlm.dense.bias, relu=True))
+    return DecoderLogits(hidden, mlm.decoder.weight, mlm.decoder.bias)
+
+
+# -- the packed forward -----------------------------------------------------------------------
+
+def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
+              queries: Packing | None = None) -> torch.Tensor:
+    """Self-attention of packed rows ``(tokens, hidden)``; with ``queries`` (:func:`select`)
+    only for those rows, every row a key."""
+    num_heads = mha.num_heads
+    scale = 1.0 / math.sqrt(X.shape[-1] // num_heads)
+    bias = mha.W_q.bias
+    # the 1/sqrt(head_size) of the scores folded into W_q (exact for power-of-2 sizes)
+    wq, bq = mha.W_q.weight * scale, None if bias is None else bias * scale
+    kv = (mha.W_k.weight, mha.W_k.bias, mha.W_v.weight, mha.W_v.bias)
+    num_groups = len(packing.groups)
+    if queries is None:
+        heads = Projections.apply(X, packing, num_heads, wq, bq, *kv)
+        qs, heads = heads[:num_groups], heads[num_groups:]
+        queries = packing
+    else:
+        qs = Projections.apply(X, queries, num_heads, wq, bq)
+        heads = Projections.apply(X, packing, num_heads, *kv)
+    ks, vs = heads[:num_groups], heads[num_groups:]
+    p = mha.dropout.p
+    keeps: list[torch.Tensor | None] = [None] * num_groups
+    if uses_keep_mask(p, mha.training):  # all groups' dropout masks drawn at once
+        shapes = [(size * num_heads, m, n) for (size, m, _), (_, n, _)
+                  in zip(queries.groups, packing.groups)]
+        keep = keep_mask((sum(math.prod(s) for s in shapes),), p, X.dtype)
+        keeps = [m.view(s) for m, s in zip(keep.split([math.prod(s) for s in shapes]), shapes)]
+    outputs = [Attention.apply(q, k, v, key_mask, keep)
+               for q, k, v, key_mask, keep in zip(qs, ks, vs, packing.key_masks, keeps)]
+    return Output.apply(queries, num_heads, mha.W_o.weight, mha.W_o.bias, *outputs)
+
+
+def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``ln(dropout(Y) + X)`` on rows, the dropout and the residual addition in one pass."""
+    p = addnorm.dropout.p
+    if not uses_keep_mask(p, addnorm.training):
+        return addnorm.ln(F.dropout(Y, p, addnorm.training) + X)
+    return addnorm.ln(DropoutAdd.apply(X, Y, keep_mask(Y.shape, p, Y.dtype)))
+
+
+def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
+          queries: Packing | None = None) -> torch.Tensor:
+    """The encoder block on packed rows ``(tokens, hidden)``; with ``queries``
+    (:func:`select`) it returns those rows only."""
+    Y = attention(blk.attention, X, packing, queries)
+    if queries is not None:
+        X = X.index_select(0, queries.inputs)
+    Y = add_norm(blk.addnorm1, X, Y)
+    ffn = blk.ffn
+    return add_norm(blk.addnorm2, Y, FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
+                                               ffn.dense2.weight, ffn.dense2.bias))
+
+
+def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
+           valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, Packing]:
+    """The encodings of the valid tokens only, as packed rows ``(tokens, hidden)``, and where
+    they are (:class:`Packing`; :func:`unpack` makes them a padded batch). With
+    ``output_rows`` (indices ``example * length + position``) the last layer computes only the
+    encodings at those positions and the ``<cls>`` tokens (:func:`select`)."""
+    encoder = model.encoder
+    batch_size, length = tokens.shape
+    packing = pack(valid_lens, batch_size, length)
+    tokens = tokens.reshape(-1).index_select(0, packing.padded_rows)
+    segments = segments.reshape(-1).index_select(0, packing.padded_rows)
+    # segment and position embeddings as one lookup in their (2 * length, hidden) sums
+    both = (encoder.segment_embedding.weight.unsqueeze(1)
+            + encoder.pos_embedding[:, :length]).reshape(2 * length, -1)
+    X = encoder.token_embedding(tokens) + F.embedding(segments.long() * length
+                                                      + packing.positions, both)
+    last = len(encoder.blks) - 1
+    queries = None
+    if output_rows is not None and last >= 0:
+        queries = select(packing, valid_lens, output_rows)
+    for i, blk in enumerate(encoder.blks):
+        X = block(blk, X, packing, queries if i == last else None)
+    return X, (packing if queries is None else queries)
+
+
+def forward(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
+            valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(encoded_X, cls)`` of :meth:`.model.BERTModel.forward` on the packed path (zeros at
+    padded positions; with ``output_rows``, the ``(rows, hidden)`` encodings there)."""
+    X, packing = encode(model, tokens, segments, valid_lens, output_rows)
+    if output_rows is None:
+        return unpack(X, packing)
+    # the rows of X that hold the positions asked for (padding: none), <cls>
+    index = packing.row_of()[output_rows.reshape(-1)]
+    padding = index < 0
+    encoded_X = X.index_select(0, index.clamp(min=0))
+    if bool(padding.any()):  # a padded position: zeros, as in unpack
+        encoded_X = encoded_X.masked_fill(padding[:, None], 0.0)
+    return encoded_X, X.index_select(0, packing.cls_rows)
+
