@@ -63,9 +63,10 @@ class Backend(ABC):
 
     @abstractmethod
     def seed(self, seed: int) -> None:
-        """Seed the framework's own random numbers (dropout). The trainer calls it before every
-        step with a seed derived from (run seed, step), which is what makes resume exact; it
-        must be cheap."""
+        """Seed the framework's own random numbers (dropout of a model called outside
+        :meth:`train_step`, whose masks are keyed by its ``seed`` and ``step`` instead). The
+        trainer calls it before every step with a seed derived from (run seed, step); it must
+        be cheap."""
 
     # -- the model ----------------------------------------------------------------------------
     @abstractmethod
