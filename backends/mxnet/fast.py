@@ -34,13 +34,14 @@ import mxnet as mx
 import numpy as onp
 from mxnet.gluon import nn
 
+from bertlite.dropout_ahead import MasksAhead
 from bertlite.loss import bert_loss
 
 from .loss import MXNetLossOps, _StaticLastAxis
-from .model import BERTModel, row
+from .model import BERTModel, flat_masks, row
 
 __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
-           "sparse_forward", "sparse_masks"]
+           "shard_masks", "sparse_forward", "sparse_masks"]
 
 
 def _parameter(F: Any, param: Any, like: Any) -> Any:
@@ -121,6 +122,26 @@ def sparse_masks(masks: Sequence[onp.ndarray], pred_positions: onp.ndarray
     # advanced indices around a slice: the indexed axes come first, (B, 1 + P, heads, L)
     attention = onp.ascontiguousarray(attention[examples, :, rows].transpose(0, 2, 1, 3))
     return [*masks[:-3], attention, addnorm1[examples, rows], addnorm2[examples, rows]]
+
+
+def shard_masks(net, seed: int, step: int, pieces: Sequence[slice], length: int,
+                pred_positions: onp.ndarray | None = None) -> list[list[onp.ndarray]]:
+    """The dropout masks (host float32, :func:`.model.flat_masks` order) of every piece of a
+    step, each the rows of the one-process batch's masks at the piece's global rows: the same
+    whatever the split (:mod:`bertlite.dropout`; the next step's are drawn while this one
+    computes, :class:`bertlite.dropout_ahead.MasksAhead`). ``pred_positions`` (the global
+    batch's): the last block's masks at the rows of the fast path's sparse last block
+    (:func:`sparse_masks`). Empty when the model has no dropout."""
+    if net.config.dropout == 0:
+        return []
+    ahead = net.__dict__.get("_bertlite_masks_ahead")
+    if ahead is None:
+        ahead = MasksAhead()
+        object.__setattr__(net, "_bertlite_masks_ahead", ahead)  # not a Gluon child
+    masks = [flat_masks(m) for m in ahead.get(net.config, seed, step, pieces, length)]
+    if pred_positions is not None:
+        masks = [sparse_masks(m, pred_positions[rows]) for m, rows in zip(masks, pieces)]
+    return masks
 
 
 # -- mixed precision ----------------------------------------------------------------------------

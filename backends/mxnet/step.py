@@ -45,21 +45,17 @@ from mxnet import autograd, gluon
 from mxnet import np as mnp
 
 from bertlite import sharding
-from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
-from bertlite.dropout import encoder_masks
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
-from .fast import loss_graph, sparse_masks
+from .fast import loss_graph, shard_masks
 from .loss import _get_batch_loss_bert, shard_loss
-from .model import flat_masks
 
 __all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
            "check_precision", "clip_grad_norm", "create_optimizer", "load_optimizer_state",
-           "loss_and_grads", "optimizer_state", "shard_losses", "shard_masks", "split_batch",
-           "train_step"]
+           "loss_and_grads", "optimizer_state", "shard_losses", "split_batch", "train_step"]
 
 #: torch.nn.utils.clip_grad_norm_'s epsilon
 CLIP_EPSILON = 1e-6
@@ -264,23 +260,6 @@ def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
     return mlm_ls, nsp_ls, ls
 
 
-def shard_masks(config: BERTConfig, seed: int, step: int, pieces: Sequence[slice],
-                length: int, pred_positions: onp.ndarray | None = None
-                ) -> list[list[onp.ndarray]]:
-    """The dropout masks (host float32, :func:`.model.flat_masks` order) of every piece of a
-    step, each the rows of the one-process batch's masks at the piece's global rows: the same
-    whatever the split (:mod:`bertlite.dropout`). ``pred_positions`` (the global batch's): the
-    last block's masks at the rows of the fast path's sparse last block
-    (:func:`.fast.sparse_masks`). Empty when ``config.dropout`` is 0."""
-    if config.dropout == 0:
-        return []
-    masks = [flat_masks(encoder_masks(config, seed, step, rows.start, rows.stop - rows.start,
-                                      length)) for rows in pieces]
-    if pred_positions is not None:
-        masks = [sparse_masks(m, pred_positions[rows]) for m, rows in zip(masks, pieces)]
-    return masks
-
-
 def _trained_params(net) -> list[gluon.Parameter]:
     return [p for p in net.collect_params().values() if p.grad_req != "null"]
 
@@ -360,6 +339,9 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     scale = opt.loss_scale if plan.loss_scaling else None
     length = batch.tokens.shape[1]
     sparse = net.config.dropout > 0 and loss_graph(net, plan.dtype, True) is not None
+    every_piece = [rows for pieces in parts for rows in pieces]
+    masks = shard_masks(net, seed, step, every_piece, length,
+                        batch.pred_positions if sparse else None)
     mlm_parts, nsp_parts, used = [], [], set()
     for pieces in parts:
         # a part shorter than the device list runs on its first devices only
@@ -367,11 +349,10 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
         used.update(part_devices)
         shards = [[mnp.array(a[rows], dtype=a.dtype, ctx=ctx)
                    for rows, ctx in zip(pieces, part_devices)] for a in batch]
-        masks = shard_masks(net.config, seed, step, pieces, length,
-                            batch.pred_positions if sparse else None)
+        part_masks, masks = masks[:len(pieces)], masks[len(pieces):]
         with autograd.record():
             mlm_ls, nsp_ls, ls = shard_losses(net, shards, mlm_weight_total, num_rows, plan,
-                                              masks)
+                                              part_masks)
             if scale is not None:
                 ls = [l * scale for l in ls]
         for l in ls:

@@ -5,6 +5,7 @@ non-finite losses), gradients for parity checks, and the optimizer state as nump
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -15,9 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bertlite import sharding
 from bertlite.backend import PRECISIONS
-from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
-from bertlite.dropout import encoder_masks
+from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
 from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
@@ -208,15 +208,27 @@ def _rows(batch: Batch, rows: slice) -> Batch:
     return Batch(*(np.asarray(a)[rows] for a in batch))
 
 
-def dropout_masks(config: BERTConfig, seed: int, step: int, rows: slice, length: int,
-                  device: torch.device) -> list[dict[str, torch.Tensor]] | None:
-    """The dropout masks of the global rows ``rows`` of a batch padded to ``length`` at
-    ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`) as tensors on ``device``: those
-    of one process with the whole batch, whatever the split. None when ``config.dropout`` is
-    0."""
-    if config.dropout == 0:
-        return None
-    masks = encoder_masks(config, seed, step, rows.start, rows.stop - rows.start, length)
+#: each model's masks drawn ahead (a weak map: nothing is added to the module itself)
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dropout_masks(model: BERTModel, seed: int, step: int, pieces: list[slice], length: int
+                  ) -> list[list[dict[str, np.ndarray]]]:
+    """Per piece (global rows ``pieces[i]`` of a batch padded to ``length``), the dropout masks
+    at ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`, host arrays): those of one
+    process with the whole batch, whatever the split; the next step's are drawn while this one
+    computes (:class:`bertlite.dropout_ahead.MasksAhead`). Empty lists when the model has no
+    dropout."""
+    if model.config.dropout == 0:
+        return [[] for _ in pieces]
+    ahead = _AHEAD.get(model)
+    if ahead is None:
+        ahead = _AHEAD[model] = MasksAhead()
+    return ahead.get(model.config, seed, step, pieces, length)
+
+
+def _on(device: torch.device, masks: list[dict[str, np.ndarray]]
+        ) -> list[dict[str, torch.Tensor]]:
     return [{site: torch.from_numpy(m).to(device) for site, m in layer.items()}
             for layer in masks]
 
@@ -279,7 +291,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     # the global batch's normalizers (0/1 weights: the float32 sum is exact)
     mlm_weight_total, num_examples = sharding.normalizers(batch.mlm_weights)
     chunks = _parts(batch, accumulate, rank, world_size)
-    config, length = unwrap(model).config, batch.tokens.shape[1]
+    masks = dropout_masks(unwrap(model), seed, step, [rows for rows, _ in chunks],
+                          batch.tokens.shape[1])
     scaler = grad_scaler(optimizer, precision)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros(2, dtype=torch.float32, device=device)
@@ -291,7 +304,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                 mlm_l, nsp_l, l = batch_loss(
                     model, to_tensors(_rows(batch, rows), device),
                     mlm_weight_total=mlm_weight_total, num_examples=num_examples,
-                    masks=dropout_masks(config, seed, step, rows, length, device))
+                    masks=_on(device, masks[i]))
             values = torch.stack((mlm_l.detach(), nsp_l.detach())) * factor
             if skip_nonfinite:
                 if ddp:
