@@ -250,14 +250,21 @@ def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
     for i, shard in enumerate(zip(*shards)):
         ctx = shard[0].ctx
         total = mnp.array(mlm_weight_total, dtype="float32", ctx=ctx)
-        device_masks = [mnp.array(m, dtype="float32", ctx=ctx) for m in
-                        (masks[i] if masks else ())]
+        device_masks = [_on_device(m, ctx) for m in (masks[i] if masks else ())]
         mlm_l, nsp_l, l = shard_loss(net, graph, shard, total, num_examples,
                                      net.config.vocab_size, device_masks)
         mlm_ls.append(mlm_l)
         nsp_ls.append(nsp_l)
         ls.append(l)
     return mlm_ls, nsp_ls, ls
+
+
+def _on_device(mask: onp.ndarray, ctx: mx.Context) -> Any:
+    """A host mask as an array on ``ctx``: on ``cpu(0)`` without a copy (the NDArray keeps the
+    numpy array alive, and it is drawn afresh each step, never written again)."""
+    if ctx == mx.cpu() and mask.flags.c_contiguous and mask.flags.aligned:
+        return mx.nd.from_numpy(mask, zero_copy=True).as_np_ndarray()
+    return mnp.array(mask, dtype="float32", ctx=ctx)
 
 
 def _trained_params(net) -> list[gluon.Parameter]:
