@@ -23,6 +23,10 @@ same threads samples the machine's matmul peak ("peak": the best sample). GFLOP/
 model's FLOPs analytically (``_machine.training_flops``), the same count for every
 implementation, so that their ratio is the speed ratio; "executed" counts what each one
 computes. Targets (torch): bertlite >= 2x the book's step and >= 60% of the peak.
+
+``--flavors`` also steps bertlite with standard BERT's architecture options at the same sizes
+(``BERTConfig.from_preset("tiny", V, flavor="bert")``: GELU, embedding LayerNorm, epsilon
+1e-12, tied decoder), side by side with the book's flavour; target (torch): within 10%.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ IMPLS = {"torch": ("book", "bertlite"), "mxnet": ("book", "bertlite", "bertlite 
 MALLOC_ADVICE = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 ADVISED = " + malloc env"
+#: the implementation name of bertlite with standard BERT's flavour (``--flavors``)
+BERT_FLAVOUR = "bertlite bert-flavour"
 TINY = {"num_hiddens": 128, "ffn_num_hiddens": 256, "num_layers": 2}
 
 
@@ -102,14 +108,15 @@ def _torch_book(batch, vocab_size: int):
     return step, model_flops(batch, vocab_size, all_slots=True)
 
 
-def _bertlite(backend: str, batch, vocab_size: int, hybridize: bool = True):
+def _bertlite(backend: str, batch, vocab_size: int, hybridize: bool = True,
+              flavor: str | None = None):
 
     from bertlite.config import BERTConfig
     from bertlite.optim import OptimizerSettings
     from bertlite.params import init_params
     from bertlite.registry import get_backend
 
-    config = BERTConfig.from_preset("tiny", vocab_size)
+    config = BERTConfig.from_preset("tiny", vocab_size, flavor=flavor)
     be = get_backend(backend)
     net = be.build_model(config, be.parse_devices("cpu"))
     if not hybridize:
@@ -241,6 +248,8 @@ def serve(args) -> None:
     batch, vocab_size = load_batch(args.data_dir, args.batch_size, args.max_len)
     if impl == "book":
         step, executed = (_torch_book if backend == "torch" else _mxnet_book)(batch, vocab_size)
+    elif impl == BERT_FLAVOUR:
+        step, executed = _bertlite(backend, batch, vocab_size, True, flavor="bert")
     else:
         step, executed = _bertlite(backend, batch, vocab_size, impl == "bertlite")
     peak = M.MatmulPeak()
@@ -318,6 +327,8 @@ def measure(backend: str, args) -> dict:
     impls = list(IMPLS[backend])
     if args.malloc_advice and backend == "torch":
         impls += [impl + ADVISED for impl in IMPLS[backend]]
+    if args.flavors:
+        impls.append(BERT_FLAVOUR)
     servers = [Server(backend, impl, args) for impl in impls]
     try:
         ready = [s.read() for s in servers]  # they warm up concurrently
@@ -411,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc-advice", action="store_true",
                         help="torch: also time both in processes with glibc malloc settings "
                              "that avoid per-step page faults")
+    parser.add_argument("--flavors", action="store_true",
+                        help="also time bertlite with standard BERT's flavour (same sizes)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ import numpy as np
 
 from bertlite import checkpoint as ckpt
 from bertlite import lock as _lock
-from bertlite.backend import PRECISIONS, Backend
+from bertlite.backend import Backend
 from bertlite.config import BERTConfig, resolve_config
 from bertlite.data.loader import BatchIterator, load_data_wiki
 from bertlite.data.tokenizer import (
@@ -21,13 +21,15 @@ from bertlite.data.tokenizer import (
     WordPieceTokenizer,
     check_tokenizer_kind,
 )
-from bertlite.errors import CheckpointError, DataError
+from bertlite.errors import BertliteError, CheckpointError, DataError
 from bertlite.memory import check_fits, estimate_memory
 from bertlite.model import Pretrained
 from bertlite.optim import OptimizerSettings
+from bertlite.options import check_overrides, check_train_arguments
 from bertlite.params import init_params
 from bertlite.registry import get_backend
-from bertlite.trainer import ON_NAN, History, TrainState, summary_lines, train_bert
+from bertlite.signals import StopRequests, raise_interrupted
+from bertlite.trainer import History, TrainState, summary_lines, train_bert
 
 DEFAULT_PLOT = "bertlite-loss.png"
 
@@ -58,17 +60,6 @@ class TrainResult(Pretrained):
                                        self.backend.describe_devices(self.devices)))
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise DataError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_dropout(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1) (0 turns dropout off), "
-                         f"got {value!r}")
-
-
 def _check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -81,7 +72,8 @@ def _check_writable(directory: Path) -> None:
 
 
 def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState, optimizer: Any,
-                         settings: OptimizerSettings, training: dict[str, Any], keep: int) -> None:
+                         settings: OptimizerSettings, training: dict[str, Any], keep: int
+                         ) -> Path:
     be = result.backend
     arrays = dict(be.optimizer_state(optimizer))
     ckpt.write_checkpoint(
@@ -90,32 +82,76 @@ def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState
         trainer_arrays=arrays,
         trainer_state={"step": state.step, "epoch": state.epoch,
                        "batch_index": state.batch_index, "optimizer": settings.to_dict(),
-                       "history": state.history.to_dict()})
+                       "history": state.history.to_dict(), "overrides": state.overrides})
     ckpt.prune_checkpoints(directory, keep, training.get("run"))
+    return directory / f"step-{state.step:06d}"
 
 
-def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any]
-            ) -> TrainState | None:
+#: data settings a resume can never change (the data cursor and the masks depend on them)
+_DATA_SETTINGS = ("batch_size", "max_len", "seed", "masking", "tokenizer", "whole_word_mask",
+                  "corpus_digest")
+_OPTIMIZER_SETTINGS = ("lr", "optimizer", "betas", "eps", "weight_decay", "clip_norm",
+                       "schedule", "warmup_steps")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _setting_changes(saved: dict[str, Any], saved_opt: dict[str, Any], training: dict[str, Any],
+                     settings: OptimizerSettings) -> tuple[list[tuple], list[tuple]]:
+    """(data settings, overridable settings) that differ: ``(name, checkpoint's, this run's)``."""
+    defaults = {"tokenizer": "word", "whole_word_mask": False}  # checkpoints from before them
+    data = [(key, saved.get(key, defaults.get(key)), training.get(key)) for key in _DATA_SETTINGS
+            if saved.get(key, defaults.get(key)) != training.get(key)]
+    new_opt = settings.to_dict()
+    other = [(key, _plain(saved_opt.get(key)), _plain(new_opt[key]))
+             for key in _OPTIMIZER_SETTINGS if _plain(saved_opt.get(key)) != _plain(new_opt[key])]
+    if "constant" not in (saved_opt.get("schedule"), settings.schedule):  # it shapes the decay
+        if saved_opt.get("total_steps") != settings.total_steps:
+            other.append(("num_steps", saved_opt.get("total_steps"), settings.total_steps))
+    if saved.get("precision", "float32") != training["precision"]:
+        other.append(("precision", saved.get("precision", "float32"), training["precision"]))
+    return data, other
+
+
+def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any],
+            settings: OptimizerSettings, overrides: frozenset[str]) -> TrainState | None:
     if not ckpt.list_checkpoints(directory):
         return None
     found = ckpt.read_checkpoint(directory, with_trainer=True)
     if found["config"] != result.config:
         raise CheckpointError(f"{found['path']} holds a model of another config "
                               f"({found['config']}); use a new checkpoint_dir or the same config")
+    meta = found["trainer_state"]
     saved = found["meta"].get("training", {})
-    defaults = {"tokenizer": "word", "whole_word_mask": False}  # checkpoints from before them
-    for key in ("batch_size", "max_len", "seed", "masking", "tokenizer", "whole_word_mask",
-                "corpus_digest"):
-        if saved.get(key, defaults.get(key)) != training.get(key):
-            raise CheckpointError(f"{found['path']} was trained with {key}={saved.get(key)!r}, "
-                                  f"this run has {training.get(key)!r}; resume with the same "
-                                  "settings or use a new checkpoint_dir")
+    data, other = _setting_changes(saved, meta.get("optimizer") or saved.get("optimizer", {}),
+                                   training, settings)
+    listed = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in data + other)
+    if data:
+        raise CheckpointError(f"{found['path']} was trained with other data settings ({listed}); "
+                              f"{', '.join(k for k, _, _ in data)} cannot change on resume: "
+                              "resume with the checkpoint's settings or use a new checkpoint_dir")
+    refused = [key for key, _, _ in other if key not in overrides]
+    if refused:
+        names = ",".join(key for key, _, _ in other)
+        raise CheckpointError(f"{found['path']} was trained with other settings ({listed}); "
+                              "resume with the checkpoint's settings, or accept the new ones "
+                              f"with override_resume=[{', '.join(map(repr, names.split(',')))}] "
+                              f"(--override-resume {names})")
+    step = meta["step"]
+    if step > result.num_steps:
+        raise CheckpointError(f"{found['path']} is at step {step}, beyond num_steps "
+                              f"{result.num_steps}; resume with num_steps >= {step}")
     be = result.backend
     be.load_state_dict(result.model, found["weights"])
     be.load_optimizer_state(optimizer, found["trainer_arrays"])
-    meta = found["trainer_state"]
-    return TrainState(step=meta["step"], epoch=meta["epoch"], batch_index=meta["batch_index"],
-                      history=History.from_dict(meta["history"]))
+    recorded = meta.get("overrides", [])
+    recorded = list(recorded) if isinstance(recorded, list) else []
+    recorded += [{"step": step, "name": key, "checkpoint": old, "now": new}
+                 for key, old, new in other]
+    return TrainState(step=step, epoch=meta["epoch"], batch_index=meta["batch_index"],
+                      history=History.from_dict(meta["history"]), overrides=recorded)
 
 
 @_lock.releases_locks
@@ -135,7 +171,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           whole_word_mask: bool = False, accumulate: int = 1, precision: str = "float32",
           on_nan: str = "stop", dropout: float | None = None,
           data: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
-          format: str | None = None) -> TrainResult:
+          format: str | None = None, save: str | os.PathLike | None = None,
+          override_resume: Any = None, init: str | os.PathLike | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
@@ -149,7 +186,10 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     pieces on the split instead of the book's word vocabulary (``pip install
     "bertlite[wordpiece]"``; it is saved in checkpoints as ``tokenizer.json``);
     ``whole_word_mask`` masks all pieces of a word together. ``dropout`` (in [0, 1)) replaces
-    the config's dropout probability (the book's 0.2 in ``"tiny"``).
+    the config's dropout probability (the book's 0.2 in ``"tiny"``). ``init`` (a local
+    ``transformers`` BERT folder, see :func:`bertlite.from_hf`) continues pretraining from its
+    weights, config and WordPiece tokenizer (the data is tokenized with it; ``config`` and
+    ``tokenizer`` must stay at their defaults).
 
     Scaling: ``batch_size`` is the global batch of one optimizer step, whatever runs it.
     ``accumulate=K`` computes it as K micro-batches one after another (the memory of a K times
@@ -161,20 +201,23 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     (``on_nan="skip"``, recorded in ``history.skipped``). When the backend knows the device's
     free memory, a configuration that cannot fit fails with :class:`MemoryError` before
     training starts (see :func:`bertlite.memory.estimate_memory`).
+
+    Reliability: every argument is checked before any work (:class:`OptionError`), and so are
+    the outputs written after training (``plot``'s format and folder, ``save``). ``resume``
+    refuses a checkpoint of other settings (listing them) unless each changed optimizer
+    setting is named in ``override_resume`` (e.g. ``["lr"]``; recorded in the checkpoint).
+    SIGTERM or SIGINT stops after the current step, writes a checkpoint (with
+    ``checkpoint_dir``) and raises :class:`TrainingInterrupted` naming it; a second signal
+    stops at once. ``save`` writes the final model as a checkpoint folder (before the plot);
+    if an output fails after training, the others are still written and :class:`OutputError`
+    (with the result as ``.result``) says where the model is.
     """
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("max_len", max_len)
-    _check_positive_int("accumulate", accumulate)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if on_nan not in ON_NAN:
-        raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
-    for name, value in (("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
-        if value is not None:
-            _check_positive_int(name, value)
-    if dropout is not None:
-        _check_dropout(dropout)
+    check_train_arguments(locals())
+    overrides = check_overrides(override_resume)
+    init_weights = None
+    if init is not None:  # before any lock or data: a bad folder fails first
+        config, init_weights, tokenizer = _init_from(init, config, tokenizer,
+                                                     0 if seed is None else int(seed))
     be = get_backend(backend)
     seed = 0 if seed is None else int(seed)
     settings = OptimizerSettings(lr=lr, optimizer=optimizer, weight_decay=weight_decay,
@@ -217,7 +260,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                    free, batch_size=batch_size, max_len=max_len)
     be.seed(seed)
     net = be.build_model(model_config, devs)
-    be.load_state_dict(net, init_params(model_config, seed))
+    be.load_state_dict(net, init_params(model_config, seed) if init_weights is None
+                       else init_weights)
     opt = be.create_optimizer(net, settings)
     training = {"corpus": str(corpus), "split": split, "batch_size": batch_size,
                 "max_len": max_len, "seed": seed, "masking": masking, "num_steps": num_steps,
@@ -225,12 +269,13 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                 "whole_word_mask": bool(whole_word_mask), "accumulate": accumulate,
                 "precision": precision,
                 "optimizer": settings.to_dict(), "corpus_digest": _corpus_digest(batches),
-                "run": ckpt.new_run_id()}
+                "run": ckpt.new_run_id(),
+                **({"init": str(Path(init).resolve())} if init is not None else {})}
     result = TrainResult(net, be, vocab, model_config, devs, metadata={"training": training},
                          num_steps=num_steps, seed=seed)
     state = None
     if resume and ckpt_dir is not None:
-        state = _resume(ckpt_dir, result, opt, training)
+        state = _resume(ckpt_dir, result, opt, training, settings, overrides)
         if state is not None:  # the run goes on: its checkpoints keep its id (for pruning)
             training["run"] = ckpt.latest_run_id(ckpt_dir) or training["run"]
     state = state or TrainState()
@@ -261,22 +306,77 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                      keep_checkpoints)
 
         callbacks.append(save_checkpoint)
-    state = train_bert(batches, be, net, opt, settings, num_steps, seed=seed, state=state,
-                       devices_text=be.describe_devices(devs), progress=progress,
-                       max_time=max_time, callbacks=callbacks, accumulate=accumulate,
-                       precision=precision, on_nan=on_nan)
-    saved_steps = [step for step, _ in ckpt.list_checkpoints(ckpt_dir)] if ckpt_dir else []
-    if main and ckpt_dir is not None and state.step not in saved_steps:  # stopped by max_time
-        _training_checkpoint(ckpt_dir, result, state, opt, settings, training, keep_checkpoints)
-    result.history = state.history
-    if verbose and main:
-        print(result.summary(), flush=True)
-    if plot is not None and main:
+    last: Path | None = None
+    # signals stay requests to stop until the outputs are written: a run that finished is kept
+    with StopRequests(announce=main) as stop:
+        state = train_bert(batches, be, net, opt, settings, num_steps, seed=seed, state=state,
+                           devices_text=be.describe_devices(devs), progress=progress,
+                           max_time=max_time, callbacks=callbacks, accumulate=accumulate,
+                           precision=precision, on_nan=on_nan, stop=stop)
+        if ckpt_dir is not None:  # the main process writes it; every process names it
+            last = ckpt_dir / f"step-{state.step:06d}"
+            if main and state.step not in [step for step, _ in ckpt.list_checkpoints(ckpt_dir)]:
+                _training_checkpoint(ckpt_dir, result, state, opt, settings, training,
+                                     keep_checkpoints)  # stopped early
+        result.history = state.history
+        if state.stopped_by == "signal" and state.step < num_steps:
+            raise_interrupted(stop.signum, state.step, num_steps, last, announce=main)
+        if verbose and main:
+            print(result.summary(), flush=True)
+        if main:
+            _write_outputs(result, save, plot, last,
+                           f"{be.name}, {model_config.num_layers} layers, batch {batch_size} x "
+                           f"{max_len}")
+    return result
+
+
+class OutputError(BertliteError):
+    """Training finished but an output (``save``, ``plot``) could not be written; ``result``
+    is the trained model, and the message says where it was written."""
+
+    def __init__(self, message: str, result: TrainResult):
+        super().__init__(message)
+        self.result = result
+
+
+def _write_outputs(result: TrainResult, save: str | os.PathLike | None,
+                   plot: str | os.PathLike | None, last: Path | None, title: str) -> None:
+    """The model first, then the plot; a failure of one does not stop the other, and the error
+    names where the trained model is."""
+    failed, model_at = [], last
+    if save is not None:
+        try:
+            result.save(save)
+            model_at = Path(save)
+        except (OSError, BertliteError) as err:
+            failed.append(f"the model could not be saved to {save} ({err})")
+    if plot is not None:
         from bertlite.plot import plot_history
 
-        plot_history(state.history, plot, title=f"{be.name}, {model_config.num_layers} layers, "
-                                                f"batch {batch_size} x {max_len}")
-    return result
+        try:
+            plot_history(result.history, plot, title=title)
+        except (OSError, ValueError) as err:
+            failed.append(f"the plot could not be written to {plot} ({err})")
+    if failed:
+        where = (f"the trained model is in {model_at}" if model_at is not None else
+                 "the trained model is only in memory (OutputError.result); save it with "
+                 "result.save(path)")
+        raise OutputError(f"training finished, but {'; '.join(failed)}; {where}", result)
+
+
+def _init_from(init: str | os.PathLike, config: Any, tokenizer: Any, seed: int
+               ) -> tuple[BERTConfig, dict[str, Any], WordPieceTokenizer]:
+    """The config, weights and tokenizer that ``train(init=...)`` starts from."""
+    from bertlite.hf import load_init
+
+    if tokenizer != "word" or config != "tiny":
+        raise ValueError("init= takes the config and the tokenizer from the transformers folder: "
+                         "leave config= and tokenizer= at their defaults")
+    init_config, weights, vocab, meta = load_init(init, seed)
+    if vocab.tokenizer is None:
+        raise DataError(f"{init} has a word-level tokenizer; continued pretraining needs a "
+                        "WordPiece tokenizer (the corpus is tokenized with it)")
+    return init_config, weights, vocab.tokenizer
 
 
 def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: int,
@@ -286,12 +386,12 @@ def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: i
     first."""
     from bertlite.data.prepared import PreparedBatches, open_data
 
-    if not isinstance(tokenizer, str):
-        raise DataError("with data=, tokenizer must be 'word' or 'wordpiece' (a trained "
-                        "tokenizer's vocabulary goes to bertlite.prepare(vocab=...))")
+    vocab = None
+    if isinstance(tokenizer, WordPieceTokenizer):  # init=: the imported tokenizer's pieces
+        vocab, tokenizer = tokenizer.to_vocab(), tokenizer.kind
     prepared = open_data(data, format=format, max_len=max_len, seed=seed, tokenizer=tokenizer,
                          wordpiece_vocab_size=wordpiece_vocab_size,
-                         whole_word_mask=whole_word_mask)
+                         whole_word_mask=whole_word_mask, vocab=vocab)
     batches = PreparedBatches(prepared, batch_size, seed=seed, masking=masking)
     return batches, prepared.vocab, str(prepared.folder)
 

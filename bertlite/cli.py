@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of a --data corpus (default: from the extension)")
     p.add_argument("--split", default="train")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--init", help="continue pretraining a local transformers BERT folder (its "
+                                  "config, weights and WordPiece tokenizer)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--max-len", type=int, default=64)
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masking", default="static", choices=["static", "dynamic"])
     p.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"],
                    help="word: the book's vocabulary (default); wordpiece: train a WordPiece "
-                        'vocabulary on the split (pip install "bertlite[wordpiece]")')
+                        'vocabulary on the split (the "wordpiece" extra)')
     p.add_argument("--wordpiece-vocab-size", type=int, default=10_000,
                    help="most pieces of a WordPiece vocabulary (default 10000)")
     p.add_argument("--whole-word-mask", action="store_true",
@@ -77,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=_duration, help="stop after this long (10m, 2h)")
     p.add_argument("--checkpoint-dir", help="save checkpoints here")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3)
+    p.add_argument("--keep-checkpoints", type=int, default=3,
+                   help="newest checkpoints kept (default 3; 0 keeps all)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--override-resume", action="append", metavar="NAME[,NAME]",
+                   help="on --resume, accept this run's value of a setting that differs from "
+                        "the checkpoint's (lr, optimizer, weight_decay, schedule, ...); "
+                        "recorded in the checkpoint")
     p.add_argument("--save", help="save the final model as a checkpoint folder here")
     p.add_argument("--eval-every", type=int, help="evaluate on --eval-split every N steps")
     p.add_argument("--eval-split", default="valid")
@@ -122,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show a preset's size and chance-level losses")
     i.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export-hf", help="write a checkpoint as a transformers "
+                                         "BertForPreTraining folder (BERT flavour only)")
+    x.add_argument("--checkpoint", required=True, help="checkpoint folder or directory")
+    x.add_argument("--out", required=True, help="new folder for the transformers files")
+    h = sub.add_parser("import-hf", help="a local transformers BERT folder as a bertlite "
+                                         "checkpoint")
+    h.add_argument("folder", help="folder with config.json, model.safetensors, tokenizer")
+    h.add_argument("--out", required=True, help="checkpoint folder to write")
+    h.add_argument("--backend", help="torch or mxnet (default: $BERTLITE_BACKEND)")
+
     # parsed by bertlite.launch itself (main() hands it everything after the subcommand)
     sub.add_parser("launch-mxnet", add_help=False,
                    help="run a command as MXNet dist_sync workers on this machine, with a "
@@ -131,11 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import bertlite
-    from bertlite.checkpoint import check_save_path
 
-    if args.save:  # refused before training: --save must not replace the run's checkpoints
-        check_save_path(args.save, args.checkpoint_dir)
-    result = bertlite.train(
+    result = bertlite.train(  # checks every argument, --save and --plot too, before training
         args.backend, corpus=args.corpus, data_dir=args.data_dir, split=args.split,
         config=args.config, batch_size=args.batch_size, max_len=args.max_len,
         num_steps=args.steps, lr=args.lr, optimizer=args.optimizer,
@@ -148,14 +162,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, wordpiece_vocab_size=args.wordpiece_vocab_size,
         whole_word_mask=args.whole_word_mask, accumulate=args.accumulate,
         precision=args.precision, on_nan=args.on_nan, dropout=args.dropout, data=args.data,
-        eval_data=args.eval_data, format=args.format)
+        eval_data=args.eval_data, format=args.format, save=args.save,
+        override_resume=[name for names in args.override_resume or [] for name in
+                         names.split(",") if name.strip()] or None,
+        init=args.init)
     if not result.backend.is_main_process():  # torchrun: one process reports and saves
         return 0
+    if args.save:
+        print(f"saved: {args.save}")
     if not args.no_plot:
         print(f"loss plot: {args.plot}")
-    if args.save:
-        result.save(args.save)
-        print(f"saved: {args.save}")
     return 0
 
 
@@ -268,8 +284,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from bertlite import options
     from bertlite.config import BERTConfig
     from bertlite.memory import GIB, estimate_memory
+
+    for name in ("vocab_size", "batch_size", "max_len", "devices"):
+        options.positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    options.number("--memory", args.memory, positive=True, optional=True)
 
     config = BERTConfig.from_preset(args.config, args.vocab_size,
                                     max_len=max(512, args.max_len))
@@ -320,6 +341,72 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from bertlite.hf import export_checkpoint
+
+    print(f"transformers folder: {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from bertlite.hf import from_hf
+
+    model = from_hf(args.folder, backend=args.backend)
+    for name in model.metadata["initialised"]:
+        print(f"initialised (not in the folder): {name}")
+    model.save(args.out)
+    print(f"checkpoint: {args.out} ({model.metadata['imported_from']})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> None:
+    """A line on stderr at once, before the slow part (framework import, data preparation),
+    and the data step's own line (read from the cache, or being prepared); not with
+    ``pretrain --no-progress`` or ``evaluate --json`` (nor where no backend is chosen: the
+    error says so at once)."""
+    import logging
+    import os
+
+    backend = getattr(args, "backend", None) or os.environ.get("BERTLITE_BACKEND")
+    if args.command == "pretrain" and not args.no_progress and backend:
+        source = (f"the data {args.data}" if getattr(args, "data", None)
+                  else f"the {args.corpus} corpus ({args.split} split)")
+        what = f"starting {backend}, reading {source}"
+    elif args.command == "prepare" and not args.merge:
+        what = f"reading {', '.join(args.corpus) or 'the corpus'}"
+    elif args.command == "evaluate" and not args.json:
+        what = f"loading {args.checkpoint}, reading its {args.split} split"
+    else:
+        return
+    print(f"bertlite {args.command}: {what} ...", file=sys.stderr, flush=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"bertlite {args.command}: %(message)s"))
+    data_log = logging.getLogger("bertlite.data.loader")
+    data_log.addHandler(handler)
+    data_log.setLevel(logging.INFO)
+
+
+def _for_cli(err: Exception, args: argparse.Namespace) -> str:
+    """The error in a CLI user's words: ``--backend`` where the API's words say ``backend=``,
+    and, where a checkpoint's framework is missing, the installed one that can run it."""
+    from bertlite.registry import ENV_VAR, FrameworkMissingError, NoBackendError, installed_backends
+
+    installed = installed_backends()
+    choices = "{" + ",".join(installed) + "}"
+    if isinstance(err, NoBackendError):
+        if not installed:
+            from bertlite.install import install_command
+
+            return (f"no backend installed: {install_command('torch')} (or mxnet), then pass "
+                    f"--backend or set {ENV_VAR}")
+        return f"no backend chosen: pass --backend {choices} (installed here) or set {ENV_VAR}"
+    if (isinstance(err, FrameworkMissingError) and args.command in ("evaluate", "encode")
+            and not getattr(args, "backend", None) and installed):
+        return (f"{err}; or run the checkpoint on an installed framework (either reads what "
+                f"either wrote): --backend {installed[0] if len(installed) == 1 else choices}")
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch-mxnet"]:  # its own parser: everything after -- is the command
@@ -328,14 +415,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch_main(argv[1:], prog="bertlite launch-mxnet")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bertlite.api import OutputError
     from bertlite.errors import BertliteError
+    from bertlite.signals import TrainingInterrupted
 
     try:
+        _status(args)
         return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
-                "evaluate": _evaluate, "plan": _plan, "info": _info}[args.command](args)
-    except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
+                "evaluate": _evaluate, "plan": _plan, "info": _info, "export-hf": _export_hf,
+                "import-hf": _import_hf}[args.command](args)
+    except OutputError as err:  # trained, but an output failed: not a usage error
         print(f"bertlite {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (BertliteError, ValueError, ImportError, FloatingPointError, MemoryError) as err:
+        print(f"bertlite {args.command}: error: {_for_cli(err, args)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:  # the line naming the checkpoint is already printed
+        return stop.exit_code
     except KeyboardInterrupt:
         print("bertlite: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,17 @@ def check_d2l_layout(net: Any, framework: str) -> None:
         raise ValueError("the d2l BERTModel has no encoder blocks (num_layers=0)")
 
 
+def check_book_flavour(config: BERTConfig) -> None:
+    """A ValueError unless ``config`` is the book's flavour, the only one d2l's BERTModel has
+    (ReLU, no embedding LayerNorm, epsilon 1e-5, an untied decoder)."""
+    if config.flavor != "book":
+        raise ValueError("d2l's BERTModel has only the book's architecture; this model's "
+                         f"options (activation {config.activation!r}, embedding_norm "
+                         f"{config.embedding_norm}, layer_norm_eps {config.layer_norm_eps}, "
+                         f"tie_decoder {config.tie_decoder}) are not it: export it with "
+                         "model.to_hf(DIR) instead")
+
+
 def d2l_num_heads(net: Any) -> int:
     """The one ``attention.num_heads`` of every encoder block of d2l's ``BERTModel``."""
     heads = {getattr(getattr(blk, "attention", None), "num_heads", None)

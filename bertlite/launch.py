@@ -25,8 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 HOST = "127.0.0.1"
 #: seconds the scheduler and servers get to finish after the workers did
@@ -85,6 +87,40 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
+class _StopRequest:
+    """SIGTERM or SIGINT to the launcher, as a scheduler sends before it kills a job: passed on
+    to the workers, which stop after their step with a checkpoint, and waited for; a second
+    signal kills them at once. Installed only in the main thread."""
+
+    def __init__(self, procs: Sequence[subprocess.Popen]) -> None:
+        self.procs, self.signum, self._old = procs, None, {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._old[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+        self._old = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        running = [p for p in self.procs if p.poll() is None]
+        if self.signum is not None:
+            print("bertlite.launch: second signal; stopping the workers now", file=sys.stderr,
+                  flush=True)
+            for p in running:
+                p.kill()
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"bertlite.launch: {signal.Signals(signum).name}: the workers finish their step, "
+              "write a checkpoint and stop (signal again to stop at once)", file=sys.stderr,
+              flush=True)
+        for p in running:
+            p.send_signal(signum)
+
+
 def launch(command: Sequence[str], *, workers: int = 2, servers: int = 1,
            port: int | None = None, timeout: float | None = None,
            shutdown_grace: float = SHUTDOWN_GRACE) -> int:
@@ -105,7 +141,9 @@ def launch(command: Sequence[str], *, workers: int = 2, servers: int = 1,
     services: list[subprocess.Popen] = []
     procs: list[subprocess.Popen] = []
     status = 0
+    stop = _StopRequest(procs)
     try:
+        stop.install()
         services.append(subprocess.Popen(kvstore_cmd, env=dmlc_env("scheduler", **options)))
         services += [subprocess.Popen(kvstore_cmd, env=dmlc_env("server", **options))
                      for _ in range(servers)]
@@ -114,7 +152,13 @@ def launch(command: Sequence[str], *, workers: int = 2, servers: int = 1,
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
-            if failed:
+            if stop.signum is not None:
+                # asked to stop: the workers finish their step, write a checkpoint and exit
+                # on their own; wait for all of them (a second signal kills them)
+                if all(c is not None for c in codes):
+                    status = 128 + stop.signum
+                    break
+            elif failed:
                 # killed by signal N: report 128 + N, as shells do
                 status = failed[0] if failed[0] > 0 else 128 - failed[0]
                 print(f"bertlite.launch: a worker exited with status {status}; stopping the "
@@ -138,6 +182,7 @@ def launch(command: Sequence[str], *, workers: int = 2, servers: int = 1,
         status = 130
         raise
     finally:
+        stop.uninstall()
         if status != 0:
             _stop(procs, 5.0)
         # after a clean end the workers told the servers to stop; give them a moment

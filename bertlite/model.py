@@ -15,13 +15,32 @@ from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
 
 
-def _as_tokens(text: str | Sequence[str] | None, name: str, vocab: Vocab) -> list[str] | None:
-    if text is None:
+def _as_tokens(text: str | Sequence[str] | None, name: str, vocab: Vocab, *,
+               optional: bool = False) -> list[str] | None:
+    """Tokens of a text (str) or a list/tuple of tokens (str); anything else is a TypeError
+    (bytes, numbers, ids: they would be looked up as words and silently become ``<unk>``)."""
+    if text is None and optional:
         return None
-    tokens = tokenize(vocab, text) if isinstance(text, str) else [str(t) for t in text]
+    if isinstance(text, str):
+        tokens = tokenize(vocab, text)
+    elif isinstance(text, (list, tuple)):
+        wrong = [t for t in text if not isinstance(t, str)]
+        if wrong:
+            raise TypeError(f"{name} must be a text (str) or a list/tuple of tokens (str), but "
+                            f"it holds {type(wrong[0]).__name__} {wrong[0]!r:.60}"
+                            + _decode_hint(wrong[0]))
+        tokens = list(text)
+    else:
+        raise TypeError(f"{name} must be a text (str) or a list/tuple of tokens (str), got "
+                        f"{type(text).__name__} {text!r:.60}" + _decode_hint(text))
     if not tokens:
         raise DataError(f"{name} is empty: give at least one token")
     return tokens
+
+
+def _decode_hint(value: Any) -> str:
+    return ("; decode bytes first: text.decode('utf-8')"
+            if isinstance(value, (bytes, bytearray)) else "")
 
 
 def tokenize(vocab: Vocab, text: str) -> list[str]:
@@ -68,13 +87,21 @@ class Pretrained:
         says by how much it is too long.
         """
         tokens, segments = get_tokens_and_segments(_as_tokens(tokens_a, "tokens_a", self.vocab),
-                                                   _as_tokens(tokens_b, "tokens_b", self.vocab))
+                                                   _as_tokens(tokens_b, "tokens_b", self.vocab,
+                                                              optional=True))
         if len(tokens) > self.config.max_len:
             raise DataError(f"the input has {len(tokens)} tokens with <cls> and <sep>, more "
                             f"than the model's maximum length {self.config.max_len}; shorten it")
         ids = np.asarray([self.vocab[tokens]], dtype=np.int32)
         return self.backend.encode(self.model, ids, np.asarray([segments], dtype=np.int32),
                                    np.asarray([len(tokens)], dtype=np.float32))
+
+    def to_hf(self, path: str) -> Any:
+        """Write a ``transformers`` ``BertForPreTraining`` folder (see
+        :func:`bertlite.hf.export_hf`); the book's flavour is refused."""
+        from bertlite.hf import export_hf
+
+        return export_hf(self, path)
 
     def save(self, path: str, **kwargs: Any) -> None:
         """Write a framework-neutral checkpoint folder (see :func:`bertlite.save`)."""

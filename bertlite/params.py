@@ -10,6 +10,7 @@ name                                                   shape
 encoder.token_embedding.weight                         (vocab, H)
 encoder.segment_embedding.weight                       (2, H)
 encoder.pos_embedding                                  (1, max_len, H)
+encoder.ln.{weight,bias}  (``embedding_norm`` only)    (H,)
 encoder.blks.{i}.attention.W_{q,k,v,o}.weight          (H, H)
 encoder.blks.{i}.attention.W_{q,k,v,o}.bias            (H,)
 encoder.blks.{i}.addnorm1.ln.{weight,bias}             (H,)
@@ -22,6 +23,9 @@ mlm.ln.weight / mlm.ln.bias                            (H,)
 mlm.decoder.weight / mlm.decoder.bias                  (vocab, H) / (vocab,)
 nsp.output.weight / nsp.output.bias                    (2, H) / (2,)
 =====================================================  =====================
+
+With ``tie_decoder`` there is no ``mlm.decoder.weight``: the decoder reads
+``encoder.token_embedding.weight``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ def parameter_shapes(config: BERTConfig) -> dict[str, tuple[int, ...]]:
         "encoder.segment_embedding.weight": (2, h),
         "encoder.pos_embedding": (1, config.max_len, h),
     }
+    if config.embedding_norm:
+        shapes["encoder.ln.weight"] = (h,)
+        shapes["encoder.ln.bias"] = (h,)
     for i in range(config.num_layers):
         p = f"encoder.blks.{i}."
         for w in ("W_q", "W_k", "W_v", "W_o"):
@@ -59,6 +66,8 @@ def parameter_shapes(config: BERTConfig) -> dict[str, tuple[int, ...]]:
         "mlm.decoder.weight": (v, h), "mlm.decoder.bias": (v,),
         "nsp.output.weight": (2, h), "nsp.output.bias": (2,),
     })
+    if config.tie_decoder:
+        del shapes["mlm.decoder.weight"]
     return shapes
 
 

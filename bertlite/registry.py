@@ -32,6 +32,10 @@ class FrameworkMissingError(ImportError, BackendError):
     """The framework of a built-in backend is not installed."""
 
 
+class NoBackendError(BackendError):
+    """No backend was named and ``$BERTLITE_BACKEND`` is not set."""
+
+
 def _entry_points() -> dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
@@ -60,8 +64,8 @@ def resolve_backend_name(name: str | None) -> str:
     """The argument, else ``$BERTLITE_BACKEND``, else an error that says how to choose."""
     name = name or os.environ.get(ENV_VAR)
     if not name:
-        raise BackendError(f"no backend chosen: pass backend= (one of {available_backends()}) "
-                           f"or set {ENV_VAR}")
+        raise NoBackendError(f"no backend chosen: pass backend= (one of "
+                             f"{available_backends()}) or set {ENV_VAR}")
     return name
 
 

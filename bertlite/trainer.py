@@ -63,6 +63,10 @@ class TrainState:
     epoch: int = 0
     batch_index: int = 0
     history: History = field(default_factory=History)
+    #: settings changed on resume with ``override_resume`` (step, name, old and new value)
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    #: why the loop ended before ``num_steps``: "signal", "max_time" or None
+    stopped_by: str | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,10 +99,13 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
                state: TrainState | None = None,
                devices_text: str = "", progress: bool = True, max_time: float | None = None,
                callbacks: Sequence[Callable[[TrainState], None]] = (), accumulate: int = 1,
-               precision: str = "float32", on_nan: str = "stop") -> TrainState:
+               precision: str = "float32", on_nan: str = "stop",
+               stop: Callable[[], bool] | None = None) -> TrainState:
     """Train for ``num_steps`` optimizer steps in total (passes over the data repeat as needed),
     continuing from ``state`` when given. Callbacks run after every step (checkpoints,
-    evaluation). ``max_time`` (seconds) stops early, after a whole step.
+    evaluation). ``max_time`` (seconds) stops early, after a whole step; so does ``stop``
+    (e.g. a :class:`bertlite.signals.StopRequests`) once it returns True in any process: every
+    process asks after every step, so all stop after the same one (``state.stopped_by``).
 
     Every step hands the backend the whole batch; ``accumulate`` and ``precision`` are passed
     on to :meth:`Backend.train_step`. A non-finite loss raises :class:`NonFiniteLossError`
@@ -149,8 +156,12 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
                             pairs_s=f"{history.pairs_per_sec:.0f}", refresh=False)
             for callback in callbacks:
                 callback(state)
+            if stop is not None and backend.any_process(stop()):
+                state.stopped_by = "signal"
+                break
             if max_time is not None and backend.any_process(
                     time.perf_counter() - started >= max_time):
+                state.stopped_by = "max_time"
                 break
     finally:
         bar.close()

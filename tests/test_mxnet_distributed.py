@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,15 +190,30 @@ def test_a_failing_worker_fails_the_job(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_failing_alone_ends_the_job(tmp_path):
-    """Worker 0 fails after training (its plot cannot be written): it must not wait for the
+    """Worker 0 fails after training (its plot cannot be written: the plot's folder, fine when
+    checked before training, is replaced by a file while it trains): it must not wait for the
     others at the kvstore's exit barrier; it exits, and the launcher stops the rest."""
-    (tmp_path / "file").write_text("not a folder")
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    out.mkdir()
+
+    def replace_folder_once_training() -> None:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not (ck / "step-000001").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        out.rmdir()
+        out.write_text("now a file")
+
+    saboteur = threading.Thread(target=replace_folder_once_training, daemon=True)
+    saboteur.start()
     job = run_job(["--workers", "2", "--", sys.executable, "-m", "bertlite", "pretrain",
                    "--backend", "mxnet", "--corpus", "sample", "--batch-size", "8",
-                   "--max-len", "32", "--steps", "2", "--no-progress",
-                   "--plot", str(tmp_path / "file" / "loss.png")], tmp_path)
+                   "--max-len", "32", "--steps", "8", "--no-progress", "--checkpoint-dir",
+                   str(ck), "--checkpoint-every", "1", "--plot", str(out / "loss.png")],
+                  tmp_path)
+    saboteur.join(timeout=5)
     assert job.returncode == 1, job.stderr[-3000:]
     assert "a worker exited with status 1" in job.stderr
+    assert "training finished, but the plot could not be written" in job.stderr
     assert job.stdout.count("MLM loss") == 1
 
 

@@ -97,7 +97,7 @@ def test_resume_continues_exactly(backend_name, tmp_path):
                                atol=1e-5)
     assert [p.name for p in sorted((tmp_path / "run").iterdir())] == \
         ["step-000006", "step-000008"]
-    with pytest.raises(CheckpointError, match="batch_size=16, this run has 8"):
+    with pytest.raises(CheckpointError, match="batch_size 16 -> 8"):
         _tiny_run(backend_name, num_steps=9, batch_size=8, checkpoint_dir=tmp_path / "run",
                   resume=True)
 

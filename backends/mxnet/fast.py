@@ -38,16 +38,10 @@ from bertlite.dropout_ahead import MasksAhead
 from bertlite.loss import bert_loss
 
 from .loss import MXNetLossOps, _StaticLastAxis
-from .model import BERTModel, flat_masks, row
+from .model import BERTModel, _parameter, flat_masks, row
 
 __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
            "shard_masks", "sparse_forward", "sparse_masks"]
-
-
-def _parameter(F: Any, param: Any, like: Any) -> Any:
-    """A block's own parameter inside another block's computation: its symbol while a graph
-    is traced, else its data on ``like``'s device."""
-    return param.var() if F is mx.symbol else param.data(like.ctx)
 
 
 def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FAST", "MASK_VALUE", "Ops", "PLAIN", "add", "add_positions", "add_positions_reference",
-           "add_reference", "gather_rows", "gather_rows_reference", "key_mask_bias", "layer_norm",
-           "layer_norm_reference", "masked_softmax", "masked_softmax_reference", "ops"]
+__all__ = ["FAST", "MASK_VALUE", "Ops", "PLAIN", "activation", "activation_reference", "add",
+           "add_positions", "add_positions_reference", "add_reference", "gather_rows",
+           "gather_rows_reference", "key_mask_bias", "layer_norm", "layer_norm_reference",
+           "masked_softmax", "masked_softmax_reference", "ops"]
 
 #: added to the attention scores of padded keys (the book's masked-softmax fill value):
 #: exp(-1e6 - max) is exactly 0 in float32
@@ -48,6 +49,27 @@ def add(F: Any, a: Any, b: Any) -> Any:
 def add_reference(F: Any, a: Any, b: Any) -> Any:
     """``a + b`` (the numpy operator)."""
     return a + b
+
+
+# -- activations ------------------------------------------------------------------------------
+
+_SQRT_HALF = 0.7071067811865476
+
+
+def activation(F: Any, x: Any, kind: str) -> Any:
+    """``relu(x)`` or the exact GELU ``x * Phi(x)`` (``kind``: ``"relu"``, ``"gelu"``) as one
+    fused operator each (``LeakyReLU``'s ``gelu`` is the erf form): one pass forward and
+    backward where the formula below takes five."""
+    if kind == "gelu":
+        return F.npx.leaky_relu(x, act_type="gelu")
+    return F.npx.relu(x)
+
+
+def activation_reference(F: Any, x: Any, kind: str) -> Any:
+    """The activations written out: ``relu``, and GELU as ``0.5 x (1 + erf(x / sqrt 2))``."""
+    if kind == "gelu":
+        return 0.5 * x * (1.0 + F.npx.erf(x * _SQRT_HALF))
+    return F.npx.relu(x)
 
 
 # -- layer normalization ------------------------------------------------------------------------
@@ -169,11 +191,12 @@ class Ops:
     masked_softmax: Callable[..., Any]
     gather_rows: Callable[..., Any]
     add_positions: Callable[..., Any]
+    activation: Callable[..., Any]
 
 
-FAST = Ops("fast", add, layer_norm, masked_softmax, gather_rows, add_positions)
+FAST = Ops("fast", add, layer_norm, masked_softmax, gather_rows, add_positions, activation)
 PLAIN = Ops("plain", add_reference, layer_norm_reference, masked_softmax_reference,
-            gather_rows_reference, add_positions_reference)
+            gather_rows_reference, add_positions_reference, activation_reference)
 
 
 def ops(fast: bool) -> Ops:

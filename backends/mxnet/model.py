@@ -2,11 +2,14 @@
 chapter: post-LN Transformer encoder blocks ``ln(dropout(Y) + X)``, multi-head attention with
 biases whose masked softmax gives keys beyond ``valid_lens`` no weight, ReLU feed-forward
 networks, a learned positional embedding, an MLM head applied only at ``pred_positions`` and an
-NSP head on the ``<cls>`` vector.
+NSP head on the ``<cls>`` vector. The config's flavour options (:mod:`bertlite.config`) add
+standard BERT's differences: GELU for ReLU, a LayerNorm after the embeddings, the LayerNorm
+epsilon, and an MLM decoder tied to the token embedding.
 
-One switch, ``fast`` (every block's constructor; :class:`BERTModel` passes it down), picks the
-op set of :mod:`.kernels` for the five operations that have a faster formulation (same-shape
-sums, LayerNorm, the masked softmax, row gathering, positional embeddings): the kernels
+One switch, ``fast`` (every block's constructor; :class:`BERTModel` passes it down), picks
+the op set of :mod:`.kernels` for the six operations that have a faster formulation
+(same-shape sums, LayerNorm, the masked softmax, row gathering, positional embeddings, the
+activation): the kernels
 (``fast=True``, the default and what ``MXNetBackend`` trains with) or MXNet's plain ops
 (``fast=False``, the book's operations). The training loss of a fast, hybridized model runs in
 a second compiled graph with a sparse last layer (:mod:`.fast`).
@@ -28,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import mxnet as mx
 from mxnet import np
 from mxnet.gluon import nn
 
@@ -122,27 +126,30 @@ class MultiHeadAttention(nn.HybridBlock):
 
 
 class PositionWiseFFN(nn.HybridBlock):
-    """``dense2(relu(dense1(X)))`` on the last axis."""
+    """``dense2(act(dense1(X)))`` on the last axis (``activation``: ``"relu"``, ``"gelu"``)."""
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, **kwargs) -> None:
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, activation: str = "relu",
+                 fast: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self._activation, self._ops = activation, kernels.ops(fast)
         with self.name_scope():
             self.dense1 = _dense(ffn_num_hiddens, num_hiddens)
             self.dense2 = _dense(num_hiddens, ffn_num_hiddens)
 
     def hybrid_forward(self, F, X):
-        return self.dense2(F.npx.relu(self.dense1(X)))
+        return self.dense2(self._ops.activation(F, self.dense1(X), self._activation))
 
 
 class AddNorm(nn.HybridBlock):
     """Residual connection then layer normalization: ``ln(dropout(Y) + X)``."""
 
-    def __init__(self, num_hiddens: int, dropout: float, fast: bool = True, **kwargs) -> None:
+    def __init__(self, num_hiddens: int, dropout: float, fast: bool = True, eps: float = 1e-5,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self._ops = kernels.ops(fast)
         with self.name_scope():
             self.dropout = nn.Dropout(dropout)
-            self.ln = LayerNorm(num_hiddens, fast=fast)
+            self.ln = LayerNorm(num_hiddens, epsilon=eps, fast=fast)
 
     def hybrid_forward(self, F, X, Y, mask=None):
         """``mask``: dropout's scaled mask of ``Y``; None: ``nn.Dropout``."""
@@ -153,14 +160,15 @@ class EncoderBlock(nn.HybridBlock):
     """A post-LN Transformer encoder block."""
 
     def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float,
-                 use_bias: bool = True, fast: bool = True, **kwargs) -> None:
+                 use_bias: bool = True, fast: bool = True, activation: str = "relu",
+                 eps: float = 1e-5, **kwargs) -> None:
         super().__init__(**kwargs)
         with self.name_scope():
             self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, use_bias,
                                                 fast=fast)
-            self.addnorm1 = AddNorm(num_hiddens, dropout, fast=fast)
-            self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
-            self.addnorm2 = AddNorm(num_hiddens, dropout, fast=fast)
+            self.addnorm1 = AddNorm(num_hiddens, dropout, fast=fast, eps=eps)
+            self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, activation, fast=fast)
+            self.addnorm2 = AddNorm(num_hiddens, dropout, fast=fast, eps=eps)
 
     def hybrid_forward(self, F, X, valid_lens, attention_mask=None, addnorm1_mask=None,
                        addnorm2_mask=None):
@@ -171,29 +179,36 @@ class EncoderBlock(nn.HybridBlock):
 
 
 class BERTEncoder(nn.HybridBlock):
-    """Token, segment and learned positional embeddings, then ``num_layers`` encoder blocks."""
+    """Token, segment and learned positional embeddings (with ``embedding_norm``: then
+    LayerNorm and dropout, as standard BERT), then ``num_layers`` encoder blocks."""
 
     def __init__(self, vocab_size: int, num_hiddens: int, ffn_num_hiddens: int, num_heads: int,
                  num_layers: int, dropout: float, max_len: int = 1000, fast: bool = True,
+                 activation: str = "relu", embedding_norm: bool = False, eps: float = 1e-5,
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_hiddens, self.max_len, self._ops = num_hiddens, max_len, kernels.ops(fast)
         with self.name_scope():
             self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
             self.segment_embedding = nn.Embedding(2, num_hiddens)
+            if embedding_norm:
+                self.ln = LayerNorm(num_hiddens, epsilon=eps, fast=fast)
+                self.dropout = nn.Dropout(dropout)
+            self.embedding_norm = embedding_norm
             self.blks = nn.HybridSequential()
             for _ in range(num_layers):
                 self.blks.add(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
-                                           True, fast=fast))
+                                           True, fast=fast, activation=activation, eps=eps))
             # BERT's positional embeddings are learned: a parameter long enough for max_len
             self.pos_embedding = self.params.get("pos_embedding",
                                                  shape=(1, max_len, num_hiddens))
 
     def embed(self, F: Any, tokens: Any, segments: Any, pos_embedding: Any) -> Any:
-        """The input of the first block: token + segment + positional embeddings."""
+        """The input of the first block: token + segment + positional embeddings (normalized
+        with ``embedding_norm``)."""
         X = self._ops.add(F, self.token_embedding(tokens), self.segment_embedding(segments))
-        return self._ops.add_positions(F, X, tokens, pos_embedding, self.max_len,
-                                       self.num_hiddens)
+        X = self._ops.add_positions(F, X, tokens, pos_embedding, self.max_len, self.num_hiddens)
+        return self.dropout(self.ln(X)) if self.embedding_norm else X
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, *masks, pos_embedding=None):
         """``masks``: none, or three per block (:func:`flat_masks`)."""
@@ -203,16 +218,44 @@ class BERTEncoder(nn.HybridBlock):
         return X
 
 
-class MaskLM(nn.HybridBlock):
-    """The MLM head ``decoder(ln(relu(dense(X))))`` at the gathered ``pred_positions``."""
+class TiedDecoder(nn.HybridBlock):
+    """The MLM decoder of a tied model: a bias of its own and the token embedding's weight
+    (``(vocab, hidden)``, passed in), ``X W^T + b``."""
 
-    def __init__(self, vocab_size: int, num_hiddens: int, fast: bool = True, **kwargs) -> None:
+    def __init__(self, vocab_size: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._ops = kernels.ops(fast)
+        self.vocab_size = vocab_size
+        with self.name_scope():
+            self.bias = self.params.get("bias", shape=(vocab_size,), init="zeros")
+
+    def hybrid_forward(self, F, X, weight, bias):
+        # named "fwd" as gluon.nn.Dense names its product: mixed precision casts it likewise
+        return F.npx.fully_connected(X, weight, bias, num_hidden=self.vocab_size,
+                                     flatten=False, name="fwd")
+
+
+def _parameter(F: Any, param: Any, like: Any) -> Any:
+    """Another block's parameter inside a computation: its symbol while a graph is traced,
+    else its data on ``like``'s device."""
+    return param.var() if F is mx.symbol else param.data(like.ctx)
+
+
+class MaskLM(nn.HybridBlock):
+    """The MLM head ``decoder(ln(act(dense(X))))`` at the gathered ``pred_positions``; with
+    ``tied_embedding`` (the token embedding block) the decoder reads its weight."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, fast: bool = True,
+                 activation: str = "relu", eps: float = 1e-5,
+                 tied_embedding: nn.Embedding | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._ops, self._activation = kernels.ops(fast), activation
+        # not a child block (its weight belongs to the encoder), hence object.__setattr__
+        object.__setattr__(self, "_tied", tied_embedding)
         with self.name_scope():
             self.dense = _dense(num_hiddens, num_hiddens)
-            self.ln = LayerNorm(num_hiddens, fast=fast)
-            self.decoder = _dense(vocab_size, num_hiddens)
+            self.ln = LayerNorm(num_hiddens, epsilon=eps, fast=fast)
+            self.decoder = (_dense(vocab_size, num_hiddens) if tied_embedding is None
+                            else TiedDecoder(vocab_size))
 
     def hybrid_forward(self, F, X, pred_positions):
         return self.decode(F, self._ops.gather_rows(F, X, pred_positions))
@@ -220,7 +263,10 @@ class MaskLM(nn.HybridBlock):
     def decode(self, F: Any, masked_X: Any) -> Any:
         """Vocabulary logits of encodings ``(..., hidden)`` already at the predicted
         positions (``F``: ``mx.ndarray`` or, while a graph is traced, ``mx.symbol``)."""
-        return self.decoder(self.ln(F.npx.relu(self.dense(masked_X))))
+        hidden = self.ln(self._ops.activation(F, self.dense(masked_X), self._activation))
+        if self._tied is None:
+            return self.decoder(hidden)
+        return self.decoder(hidden, _parameter(F, self._tied.weight, masked_X))
 
 
 class NextSentencePred(nn.HybridBlock):
@@ -252,20 +298,29 @@ class BERTModel(nn.HybridBlock):
 
     def __init__(self, vocab_size: int, num_hiddens: int = 128, ffn_num_hiddens: int = 256,
                  num_heads: int = 2, num_layers: int = 2, dropout: float = 0.2,
-                 max_len: int = 1000, fast: bool = True, **kwargs) -> None:
+                 max_len: int = 1000, fast: bool = True, activation: str = "relu",
+                 embedding_norm: bool = False, layer_norm_eps: float = 1e-5,
+                 tie_decoder: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
-                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        self.config = c = BERTConfig(
+            vocab_size=vocab_size, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+            num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len,
+            activation=activation, embedding_norm=embedding_norm, layer_norm_eps=layer_norm_eps,
+            tie_decoder=tie_decoder)
         #: the one switch: the kernels (and, hybridized, the fast loss graph) or plain ops
         self.fast = bool(fast)
         #: the devices the backend initialized the model on (set by ``MXNetBackend``)
         self.devices: list = []
         with self.name_scope():
             self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens, num_heads,
-                                       num_layers, dropout, max_len, fast=fast)
+                                       num_layers, dropout, max_len, fast=fast,
+                                       activation=c.activation, embedding_norm=c.embedding_norm,
+                                       eps=c.layer_norm_eps)
             self.hidden = nn.Dense(num_hiddens, activation="tanh", in_units=num_hiddens)
-            self.mlm = MaskLM(vocab_size, num_hiddens, fast=fast)
+            self.mlm = MaskLM(vocab_size, num_hiddens, fast=fast, activation=c.activation,
+                              eps=c.layer_norm_eps,
+                              tied_embedding=self.encoder.token_embedding if tie_decoder
+                              else None)
             self.nsp = NextSentencePred(num_hiddens)
 
     @classmethod
@@ -273,7 +328,8 @@ class BERTModel(nn.HybridBlock):
         return cls(config.vocab_size, num_hiddens=config.num_hiddens,
                    ffn_num_hiddens=config.ffn_num_hiddens, num_heads=config.num_heads,
                    num_layers=config.num_layers, dropout=config.dropout, max_len=config.max_len,
-                   fast=fast)
+                   fast=fast, activation=config.activation, embedding_norm=config.embedding_norm,
+                   layer_norm_eps=config.layer_norm_eps, tie_decoder=config.tie_decoder)
 
     def canonical_parameters(self) -> OrderedDict:
         """``{canonical name: gluon.Parameter}`` in the order of

@@ -35,6 +35,7 @@ from .kernels import (
     CrossEntropy,
     DecoderCrossEntropy,
     DropoutAdd,
+    dropout,
     keep_mask,
     linear,
     linear_reference,
@@ -230,7 +231,8 @@ def decode(mlm: MaskLM, rows: torch.Tensor) -> torch.Tensor | DecoderLogits:
             and rows.dtype == mlm.decoder.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
         return mlm.decode(rows)
-    hidden = mlm.ln(linear(rows, mlm.dense.weight, mlm.dense.bias, relu=True))
+    hidden = mlm.ln(linear(rows, mlm.dense.weight, mlm.dense.bias,
+                           activation=mlm.activation))
     return DecoderLogits(hidden, mlm.decoder.weight, mlm.decoder.bias)
 
 
@@ -323,7 +325,8 @@ def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
     Y = add_norm(blk.addnorm1, X, Y, keeps.get("addnorm1"), layout)
     ffn = blk.ffn
     return add_norm(blk.addnorm2, Y, FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
-                                               ffn.dense2.weight, ffn.dense2.bias),
+                                               ffn.dense2.weight, ffn.dense2.bias,
+                                               ffn.activation),
                     keeps.get("addnorm2"), layout)
 
 
@@ -346,6 +349,8 @@ def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
             + encoder.pos_embedding[:, :length]).reshape(2 * length, -1)
     X = encoder.token_embedding(tokens) + F.embedding(segments.long() * length
                                                       + packing.positions, both)
+    if encoder.ln is not None:  # standard BERT's embedding LayerNorm, row-wise: packed too
+        X = dropout(encoder.ln(X), encoder.dropout.p, encoder.training)
     last = len(encoder.blks) - 1
     queries = None
     if output_rows is not None and last >= 0:

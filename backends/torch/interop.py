@@ -66,6 +66,7 @@ from bertlite.config import BERTConfig
 from bertlite.interop import (
     build_pretrained,
     canonical_arrays,
+    check_book_flavour,
     check_d2l_layout,
     d2l_num_heads,
     infer_config,
@@ -170,6 +171,7 @@ def to_d2l(pretrained: Pretrained, d2l: ModuleType | None = None) -> nn.Module:
     if not isinstance(pretrained, Pretrained):
         raise TypeError(f"to_d2l needs a bertlite.Pretrained (what from_d2l, bertlite.train or "
                         f"bertlite.load return), got {type(pretrained).__name__}")
+    check_book_flavour(pretrained.config)
     d2l = _d2l_module(d2l)
     c = pretrained.config
     h = c.num_hiddens

@@ -58,22 +58,44 @@ def _probe_fused_linear() -> bool:
 FUSED_LINEAR = _probe_fused_linear()
 
 
+def _activation(relu: bool, activation: str | None) -> str | None:
+    if activation not in (None, "relu", "gelu"):
+        raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
+    return "relu" if relu and activation is None else activation
+
+
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gelu(z), z)`` of ``z = x W^T + b`` (the exact, erf GELU): the matmul with the bias in
+    its epilogue, then one GELU pass; ``z`` is what the GELU's backward needs (oneDNN's fused
+    GELU would not keep it)."""
+    z = mkldnn_linear(x, weight, bias)
+    return F.gelu(z), z
+
+
 class FusedLinear(torch.autograd.Function):
-    """``relu?(x W^T + b)`` by :func:`mkldnn_linear`: ``addmm`` first copies the broadcast bias
+    """``act(x W^T + b)`` (``act``: none, ReLU or the exact GELU) by :func:`mkldnn_linear`
+    (ReLU in the epilogue) or :func:`gelu_linear`: ``addmm`` first copies the broadcast bias
     into its output, one more pass over it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, relu):
-        y = mkldnn_linear(x, weight, bias, relu)
-        ctx.save_for_backward(x, weight, y if relu else None)
+    def forward(ctx, x, weight, bias, activation):
+        z = None
+        if activation == "gelu":
+            y, z = gelu_linear(x, weight, bias)
+        else:
+            y = mkldnn_linear(x, weight, bias, activation == "relu")
+        ctx.save_for_backward(x, weight, y if activation == "relu" else None, z)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, y = ctx.saved_tensors
+        x, weight, y, z = ctx.saved_tensors
         if y is not None:
             grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        elif z is not None:
+            grad = torch.ops.aten.gelu_backward(grad, z)
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -86,41 +108,56 @@ class FusedLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           relu: bool = False) -> torch.Tensor:
-    """:class:`FusedLinear` (float32 CPU tensors)."""
-    return FusedLinear.apply(x, weight, bias, relu)
+           relu: bool = False, activation: str | None = None) -> torch.Tensor:
+    """:class:`FusedLinear` (float32 CPU tensors); ``activation`` ``"relu"`` or ``"gelu"``
+    (``relu=True`` is ``activation="relu"``)."""
+    return FusedLinear.apply(x, weight, bias, _activation(relu, activation))
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The plain activations: ``F.relu``, the exact ``F.gelu``, or none."""
+    if activation == "gelu":
+        return F.gelu(y)
+    return F.relu(y) if activation == "relu" else y
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     relu: bool = False) -> torch.Tensor:
-    y = F.linear(x, weight, bias)
-    return F.relu(y) if relu else y
+                     relu: bool = False, activation: str | None = None) -> torch.Tensor:
+    return activate(F.linear(x, weight, bias), _activation(relu, activation))
 
 
 class FFN(torch.autograd.Function):
-    """``relu(x W1^T + b1) W2^T + b2`` with the bias and ReLU in the GEMMs' epilogues and the
-    ReLU's backward in place on the hidden gradient."""
+    """``act(x W1^T + b1) W2^T + b2`` with the biases (and a ReLU) in the GEMMs' epilogues and
+    the activation's backward in place on the hidden gradient (``activation``: ``"relu"``, or
+    ``"gelu"`` through :func:`gelu_linear`)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        hidden = mkldnn_linear(x, w1, b1, relu=True)
-        ctx.save_for_backward(x, w1, w2, hidden)
+    def forward(ctx, x, w1, b1, w2, b2, activation="relu"):
+        if activation == "gelu":
+            hidden, z = gelu_linear(x, w1, b1)
+            ctx.save_for_backward(x, w1, w2, hidden, z)
+        else:
+            hidden = mkldnn_linear(x, w1, b1, relu=True)
+            ctx.save_for_backward(x, w1, w2, hidden)
         return mkldnn_linear(hidden, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, w2, hidden = ctx.saved_tensors
+        x, w1, w2, hidden, *z = ctx.saved_tensors
         grad_w2, grad_b2 = grad.t().mm(hidden), grad.sum(0)
         grad_hidden = grad.mm(w2)
-        torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0,
-                                                     grad_input=grad_hidden)
+        if z:
+            grad_hidden = torch.ops.aten.gelu_backward(grad_hidden, z[0])
+        else:
+            torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0,
+                                                         grad_input=grad_hidden)
         return (grad_hidden.mm(w1), grad_hidden.t().mm(x), grad_hidden.sum(0), grad_w2,
-                grad_b2)
+                grad_b2, None)
 
 
 def ffn_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                  b2: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+                  b2: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    return F.linear(activate(F.linear(x, w1, b1), activation), w2, b2)
 
 
 # -- softmax cross-entropy ------------------------------------------------------------------------

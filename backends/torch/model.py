@@ -4,7 +4,9 @@ one plain ``forward`` per class, to be read beside the chapter.
 Same architecture as d2l's PyTorch tab (post-LN Transformer encoder blocks with biased
 attention and dropout on the attention weights, a learned positional embedding, the MLM head at
 the predicted positions only, the NSP head on ``<cls>``). Differences: the positional embedding
-is trained (the book reads it through ``.data``); the initial weights are
+is trained (the book reads it through ``.data``); the config's flavour options add standard
+BERT's differences (GELU, a LayerNorm after the embeddings, its epsilon, an MLM decoder tied
+to the token embedding: :mod:`bertlite.config`); the initial weights are
 :func:`bertlite.params.init_params` (Xavier, the same in every backend); attention is
 :func:`torch.nn.functional.scaled_dot_product_attention` where no dropout applies.
 
@@ -107,25 +109,32 @@ class MultiHeadAttention(nn.Module):
         return self.W_o(out.transpose(1, 2).flatten(2))
 
 
-class PositionWiseFFN(nn.Module):
-    """Two dense layers with a ReLU between them, applied at every position."""
+def activate(X: torch.Tensor, activation: str) -> torch.Tensor:
+    """``relu(X)`` or the exact (erf) ``gelu(X)``."""
+    return F.gelu(X) if activation == "gelu" else F.relu(X)
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int) -> None:
+
+class PositionWiseFFN(nn.Module):
+    """Two dense layers with a ReLU (or GELU) between them, applied at every position."""
+
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, activation: str = "relu"
+                 ) -> None:
         super().__init__()
+        self.activation = activation
         self.dense1 = nn.Linear(num_hiddens, ffn_num_hiddens)
         self.dense2 = nn.Linear(ffn_num_hiddens, num_hiddens)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return self.dense2(F.relu(self.dense1(X)))
+        return self.dense2(activate(self.dense1(X), self.activation))
 
 
 class AddNorm(nn.Module):
     """Residual connection, then layer normalization: ``ln(dropout(Y) + X)``."""
 
-    def __init__(self, num_hiddens: int, dropout: float) -> None:
+    def __init__(self, num_hiddens: int, dropout: float, eps: float = 1e-5) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(num_hiddens)
+        self.ln = nn.LayerNorm(num_hiddens, eps=eps)
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -137,13 +146,13 @@ class AddNorm(nn.Module):
 class EncoderBlock(nn.Module):
     """A post-LN Transformer encoder block."""
 
-    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float
-                 ) -> None:
+    def __init__(self, num_hiddens: int, ffn_num_hiddens: int, num_heads: int, dropout: float,
+                 activation: str = "relu", eps: float = 1e-5) -> None:
         super().__init__()
         self.attention = MultiHeadAttention(num_hiddens, num_heads, dropout, bias=True)
-        self.addnorm1 = AddNorm(num_hiddens, dropout)
-        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens)
-        self.addnorm2 = AddNorm(num_hiddens, dropout)
+        self.addnorm1 = AddNorm(num_hiddens, dropout, eps)
+        self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, activation)
+        self.addnorm2 = AddNorm(num_hiddens, dropout, eps)
 
     def forward(self, X: torch.Tensor, attn_mask: torch.Tensor | None,
                 keeps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -177,14 +186,20 @@ class BERTEncoder(nn.Module):
                  norm_shape: int | Sequence[int] | None = None, ffn_num_input: int | None = None,
                  ffn_num_hiddens: int = 256, num_heads: int = 2, num_layers: int = 2,
                  dropout: float = 0.2, max_len: int = 1000, key_size: int | None = None,
-                 query_size: int | None = None, value_size: int | None = None) -> None:
+                 query_size: int | None = None, value_size: int | None = None, *,
+                 activation: str = "relu", embedding_norm: bool = False,
+                 eps: float = 1e-5) -> None:
         super().__init__()
         _check_book_sizes("BERTEncoder", num_hiddens, norm_shape=norm_shape,
                           ffn_num_input=ffn_num_input, key_size=key_size,
                           query_size=query_size, value_size=value_size)
         self.token_embedding = nn.Embedding(vocab_size, num_hiddens)
         self.segment_embedding = nn.Embedding(2, num_hiddens)
-        self.blks = nn.ModuleList(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout)
+        #: standard BERT's LayerNorm and dropout after the summed embeddings (or None)
+        self.ln = nn.LayerNorm(num_hiddens, eps=eps) if embedding_norm else None
+        self.dropout = nn.Dropout(dropout) if embedding_norm else None
+        self.blks = nn.ModuleList(EncoderBlock(num_hiddens, ffn_num_hiddens, num_heads, dropout,
+                                               activation, eps)
                                   for _ in range(num_layers))
         # Learned, and used as a Parameter (not through ``.data``) so that it is trained.
         self.pos_embedding = nn.Parameter(torch.zeros(1, max_len, num_hiddens))
@@ -200,6 +215,8 @@ class BERTEncoder(nn.Module):
                              f"embedding's max_len {self.pos_embedding.shape[1]}")
         X = self.token_embedding(tokens) + self.segment_embedding(segments)
         X = X + self.pos_embedding[:, :length]
+        if self.ln is not None:
+            X = self.dropout(self.ln(X))
         mask = attention_mask(valid_lens, length, X.dtype)
         for i, blk in enumerate(self.blks):
             X = blk(X, mask, masks[i] if masks else None)
@@ -210,10 +227,12 @@ class MaskLM(nn.Module):
     """The masked-language-model head: dense, ReLU, LayerNorm, vocabulary decoder, applied only
     at ``pred_positions``."""
 
-    def __init__(self, vocab_size: int, num_hiddens: int, num_inputs: int | None = None) -> None:
+    def __init__(self, vocab_size: int, num_hiddens: int, num_inputs: int | None = None, *,
+                 activation: str = "relu", eps: float = 1e-5) -> None:
         super().__init__()
+        self.activation = activation
         self.dense = nn.Linear(num_inputs or num_hiddens, num_hiddens)
-        self.ln = nn.LayerNorm(num_hiddens)
+        self.ln = nn.LayerNorm(num_hiddens, eps=eps)
         self.decoder = nn.Linear(num_hiddens, vocab_size)
 
     @staticmethod
@@ -227,7 +246,7 @@ class MaskLM(nn.Module):
 
     def decode(self, masked_X: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of encodings ``(..., hidden)``: the book's MLP."""
-        return self.decoder(self.ln(F.relu(self.dense(masked_X))))
+        return self.decoder(self.ln(activate(self.dense(masked_X), self.activation)))
 
     def forward(self, X: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
         # One index_select of the flattened encodings: its backward is an index_add, cheaper
@@ -263,21 +282,27 @@ class BERTModel(nn.Module):
                  query_size: int | None = None, value_size: int | None = None,
                  hid_in_features: int | None = None, mlm_in_features: int | None = None,
                  nsp_in_features: int | None = None, *, seed: int | None = None,
-                 fast: bool = True) -> None:
+                 fast: bool = True, activation: str = "relu", embedding_norm: bool = False,
+                 layer_norm_eps: float = 1e-5, tie_decoder: bool = False) -> None:
         super().__init__()
         _check_book_sizes("BERTModel", num_hiddens, norm_shape=norm_shape,
                           ffn_num_input=ffn_num_input, key_size=key_size,
                           query_size=query_size, value_size=value_size,
                           hid_in_features=hid_in_features, mlm_in_features=mlm_in_features,
                           nsp_in_features=nsp_in_features)
-        self.config = BERTConfig(vocab_size=vocab_size, num_hiddens=num_hiddens,
-                                 ffn_num_hiddens=ffn_num_hiddens, num_heads=num_heads,
-                                 num_layers=num_layers, dropout=dropout, max_len=max_len)
+        self.config = c = BERTConfig(
+            vocab_size=vocab_size, num_hiddens=num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
+            num_heads=num_heads, num_layers=num_layers, dropout=dropout, max_len=max_len,
+            activation=activation, embedding_norm=embedding_norm, layer_norm_eps=layer_norm_eps,
+            tie_decoder=tie_decoder)
         self.encoder = BERTEncoder(vocab_size, num_hiddens, ffn_num_hiddens=ffn_num_hiddens,
                                    num_heads=num_heads, num_layers=num_layers, dropout=dropout,
-                                   max_len=max_len)
+                                   max_len=max_len, activation=c.activation,
+                                   embedding_norm=c.embedding_norm, eps=c.layer_norm_eps)
         self.hidden = nn.Linear(num_hiddens, num_hiddens)
-        self.mlm = MaskLM(vocab_size, num_hiddens)
+        self.mlm = MaskLM(vocab_size, num_hiddens, activation=c.activation, eps=c.layer_norm_eps)
+        if tie_decoder:  # one Parameter: named_parameters() lists it once, as the embedding
+            self.mlm.decoder.weight = self.encoder.token_embedding.weight
         self.nsp = NextSentencePred(num_hiddens)
         #: the one switch of the fast path (:mod:`.fast`): where it can run (training on the
         #: CPU in float32) it computes the same loss and gradients in less time
@@ -291,7 +316,9 @@ class BERTModel(nn.Module):
         return cls(config.vocab_size, num_hiddens=config.num_hiddens,
                    ffn_num_hiddens=config.ffn_num_hiddens, num_heads=config.num_heads,
                    num_layers=config.num_layers, dropout=config.dropout,
-                   max_len=config.max_len, seed=seed, fast=fast)
+                   max_len=config.max_len, seed=seed, fast=fast, activation=config.activation,
+                   embedding_norm=config.embedding_norm, layer_norm_eps=config.layer_norm_eps,
+                   tie_decoder=config.tie_decoder)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:

@@ -64,7 +64,7 @@ def load_cached(path: Path, settings: dict[str, object] | None = None
         with np.load(path, allow_pickle=False) as data:
             if settings is not None and json.loads(str(data["settings"])) != settings:
                 return None
-            vocab = Vocab.from_tokens([str(t) for t in data["vocab"]])
+            vocab = Vocab.from_tokens([str(t) for t in data["vocab"]], unk_anywhere=True)
             if "tokenizer" in data.files:
                 from bertlite.data.tokenizer import WordPieceTokenizer
 

@@ -3,6 +3,7 @@ iterate shuffled minibatches of numpy arrays in the book's order."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,8 @@ from bertlite.data.vocab import Vocab, build_corpus_vocab
 from bertlite.errors import DataError
 
 MASKING_MODES = ("static", "dynamic")
+#: says whether the data comes from the cache or is being prepared (the CLI shows it on stderr)
+_log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
@@ -80,7 +83,10 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
         cache_file = Path(cache_dir or _cache.default_cache_dir()) / f"{path.stem}-{key}.npz"
         hit = _cache.load_cached(cache_file, cache_settings)
         if hit is not None:
+            _log.info("%s: prepared data read from the cache (%s)", path.name, cache_file.parent)
             return hit
+    _log.info("%s: preparing the data (tokens, vocabulary, examples)%s", path.name,
+              f"; cached for the next run in {cache_file.parent}" if cache_file else "")
     corpus = read_corpus(path)
     type_ids = None  # the vocabulary's id of each distinct word, where built from the corpus
     if vocab is None:

@@ -4,7 +4,9 @@ The book's word-level vocabulary stays the default. With ``tokenizer="wordpiece"
 a sentence (the book's ``split()``, after lowercasing) is cut into WordPiece pieces: a first
 piece, then continuation pieces written with a ``##`` prefix (``"unbelievably"`` ->
 ``unb ##el ##ie ##v ##ably``). The special tokens have the ids of the word vocabulary
-(``<unk> <pad> <mask> <cls> <sep>`` = 0-4), so everything after tokenization is unchanged: a
+(``<unk> <pad> <mask> <cls> <sep>`` = 0-4; an imported BERT vocabulary keeps its own ids for
+them, ``[PAD]`` = 0 ... ``[MASK]`` = 103, under these names), so everything after tokenization
+is unchanged: a
 WordPiece tokenizer becomes a :class:`~bertlite.data.vocab.Vocab` (:meth:`to_vocab`) that
 carries it (``vocab.tokenizer``).
 
@@ -68,9 +70,10 @@ class WordPieceTokenizer:
             if idx >= len(vocab) or self.idx_to_token[idx]:
                 raise DataError("a WordPiece vocabulary must have ids 0..N-1, each once")
             self.idx_to_token[idx] = token
-        if tuple(self.idx_to_token[:len(WORDPIECE_SPECIALS)]) != WORDPIECE_SPECIALS:
-            raise DataError(f"a WordPiece vocabulary must start with {list(WORDPIECE_SPECIALS)} "
-                            f"at ids 0-4, got {self.idx_to_token[:len(WORDPIECE_SPECIALS)]}")
+        missing = [t for t in WORDPIECE_SPECIALS if t not in vocab]
+        if missing:
+            raise DataError(f"a WordPiece vocabulary must hold {list(WORDPIECE_SPECIALS)} "
+                            f"(ids 0-4 when bertlite trains it); it lacks {missing}")
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
@@ -170,7 +173,7 @@ class WordPieceTokenizer:
 
     def to_vocab(self) -> Vocab:
         """The vocabulary of the pieces, in id order, carrying this tokenizer."""
-        vocab = Vocab.from_tokens(self.idx_to_token)
+        vocab = Vocab.from_tokens(self.idx_to_token, unk_anywhere=True)
         vocab.tokenizer = self
         return vocab
 

@@ -16,7 +16,8 @@ from bertlite.errors import DataError
 
 
 class Vocab:
-    """Maps tokens to indices and back; unknown tokens map to ``<unk>`` (index 0).
+    """Maps tokens to indices and back; unknown tokens map to ``<unk>`` (index 0, or where an
+    imported BERT vocabulary has it).
 
     Tokens seen at least ``min_freq`` times are kept, most frequent first; ties are broken by
     the token's text so that the vocabulary does not depend on the order of the corpus.
@@ -37,6 +38,7 @@ class Vocab:
         #: the subword tokenizer this vocabulary belongs to (a WordPieceTokenizer), or None for
         #: the book's word-level vocabulary, where a token is a word
         self.tokenizer = None
+        self._unk = 0
         self.idx_to_token: list[str] = ["<unk>", *(reserved_tokens or [])]
         self.token_to_idx: dict[str, int] = {t: i for i, t in enumerate(self.idx_to_token)}
         kept = sorted(token for token, count in counter.items() if count >= min_freq)
@@ -45,15 +47,20 @@ class Vocab:
         self.token_to_idx = dict(zip(self.idx_to_token, range(len(self.idx_to_token))))
 
     @classmethod
-    def from_tokens(cls, idx_to_token: Sequence[str]) -> Vocab:
-        """A vocabulary with exactly these tokens in this order (index 0 must be ``<unk>``)."""
-        if not idx_to_token or idx_to_token[0] != "<unk>":
+    def from_tokens(cls, idx_to_token: Sequence[str], *, unk_anywhere: bool = False) -> Vocab:
+        """A vocabulary with exactly these tokens in this order: index 0 must be ``<unk>``
+        (bertlite's vocabularies), or with ``unk_anywhere`` ``<unk>`` may be at any index (an
+        imported BERT vocabulary keeps its own ids: ``[UNK]`` is 100 in ``bert-base-uncased``).
+        """
+        if not idx_to_token or (idx_to_token[0] != "<unk>" and not (
+                unk_anywhere and "<unk>" in idx_to_token)):
             raise DataError("a vocabulary must start with '<unk>' at index 0")
         if len(set(idx_to_token)) != len(idx_to_token):
             raise DataError("a vocabulary has duplicate tokens")
         vocab = cls()
         vocab.idx_to_token = list(idx_to_token)
         vocab.token_to_idx = {t: i for i, t in enumerate(vocab.idx_to_token)}
+        vocab._unk = vocab.token_to_idx["<unk>"]
         return vocab
 
     def __len__(self) -> int:
@@ -66,7 +73,7 @@ class Vocab:
 
     def __getitem__(self, tokens):
         if not isinstance(tokens, (list, tuple)):
-            return self.token_to_idx.get(tokens, 0)
+            return self.token_to_idx.get(tokens, self._unk)
         return [self[token] for token in tokens]
 
     def __contains__(self, token: str) -> bool:
@@ -87,7 +94,8 @@ class Vocab:
 
     @property
     def unk(self) -> int:
-        return 0
+        """The index of ``<unk>``: 0, except in an imported BERT vocabulary."""
+        return self._unk
 
     @property
     def token_freqs(self) -> list[tuple[str, int]]:
@@ -118,7 +126,7 @@ class Vocab:
         tokens = path.read_text(encoding="utf-8").split("\n")
         if tokens and tokens[-1] == "":
             tokens.pop()
-        return cls.from_tokens(tokens)
+        return cls.from_tokens(tokens, unk_anywhere=True)
 
 
 def _by_frequency(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
