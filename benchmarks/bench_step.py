@@ -125,10 +125,17 @@ def _bertlite(backend: str, batch, vocab_size: int, hybridize: bool = True,
     opt = be.create_optimizer(net, OptimizerSettings(lr=0.01))
     state = {"step": 0}
 
+    try:  # the dropout masks' key, as the trainer passes it (absent before it existed)
+        from bertlite.backend import dropout_key
+    except ImportError:
+        def dropout_key(backend, seed, step):
+            return {}
+
     def step():
         be.seed(state["step"])  # as the trainer does before every step
+        key = dropout_key(be, 0, state["step"])
         state["step"] += 1
-        mlm, _ = be.train_step(net, opt, batch, 0.01)
+        mlm, _ = be.train_step(net, opt, batch, 0.01, **key)
         if backend == "mxnet":
             _mxnet_wait()
         return float(mlm)

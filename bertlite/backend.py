@@ -26,6 +26,19 @@ PRECISIONS = ("float32", "bf16", "fp16")
 #: the keyword options of :meth:`Backend.train_step` and their defaults; the core passes only
 #: those that differ from the default, so a backend without an option keeps working without it
 TRAIN_STEP_OPTIONS = {"accumulate": 1, "precision": "float32", "skip_nonfinite": False}
+#: the keywords of :meth:`Backend.train_step` that key its dropout masks (run seed, step); the
+#: core passes them to a backend whose ``train_step`` takes them
+DROPOUT_KEYS = ("seed", "step")
+
+
+def dropout_key(backend: Backend, seed: int, step: int) -> dict[str, int]:
+    """``{"seed": seed, "step": step}`` for a backend whose ``train_step`` takes them, else
+    ``{}`` (a backend that draws its dropout with its own seeded RNG)."""
+    params = inspect.signature(backend.train_step).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or all(
+            key in params for key in DROPOUT_KEYS):
+        return {"seed": int(seed) % (1 << 64), "step": int(step)}
+    return {}
 
 
 class Backend(ABC):
@@ -50,9 +63,10 @@ class Backend(ABC):
 
     @abstractmethod
     def seed(self, seed: int) -> None:
-        """Seed the framework's own random numbers (dropout). The trainer calls it before every
-        step with a seed derived from (run seed, step), which is what makes resume exact; it
-        must be cheap."""
+        """Seed the framework's own random numbers (dropout of a model called outside
+        :meth:`train_step`, whose masks are keyed by its ``seed`` and ``step`` instead). The
+        trainer calls it before every step with a seed derived from (run seed, step); it must
+        be cheap."""
 
     # -- the model ----------------------------------------------------------------------------
     @abstractmethod
@@ -76,7 +90,8 @@ class Backend(ABC):
     @abstractmethod
     def train_step(self, model: Any, optimizer: Any, batch: Batch, lr: float, *,
                    accumulate: int = 1, precision: str = "float32",
-                   skip_nonfinite: bool = False) -> tuple[Any, Any]:
+                   skip_nonfinite: bool = False, seed: int = 0, step: int = 0
+                   ) -> tuple[Any, Any]:
         """Forward, the core loss (:func:`bertlite.loss.bert_loss`), backward and one update at
         learning rate ``lr``, with dropout on. Returns the batch's ``(mlm_loss, nsp_loss)`` as
         scalars that ``float()`` accepts (they may still be computing).
@@ -100,6 +115,12 @@ class Backend(ABC):
           infinite, skip backward and the update (model and optimizer state unchanged) and
           return the non-finite losses, so the core can record the skipped step. Under data
           parallelism every process must take the same decision.
+        - ``seed``, ``step``: the run seed and the step number (from 0), the key of the dropout
+          masks (:mod:`bertlite.dropout`): every piece of the batch takes the masks of its
+          *global* rows (:mod:`bertlite.sharding` gives each piece's offset), so any split draws
+          the masks of one process with the whole batch, and a resumed run those of an
+          uninterrupted one. The core passes them whenever ``train_step`` takes them
+          (:func:`dropout_key`).
 
         The core passes these keywords only when they differ from their defaults (see
         :data:`TRAIN_STEP_OPTIONS`); :meth:`check_train_options` says which a backend supports.

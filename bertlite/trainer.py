@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertlite.backend import TRAIN_STEP_OPTIONS, Backend
+from bertlite.backend import TRAIN_STEP_OPTIONS, Backend, dropout_key
 from bertlite.data.loader import BatchIterator
 from bertlite.optim import OptimizerSettings
 
@@ -133,7 +133,8 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
             lr = settings.lr_at(state.step)
             backend.seed(step_seed(seed, state.step))
             tik = time.perf_counter()
-            mlm, nsp = backend.train_step(model, optimizer, batch, lr, **options)
+            mlm, nsp = backend.train_step(model, optimizer, batch, lr, **options,
+                                          **dropout_key(backend, seed, state.step))
             mlm, nsp = float(mlm), float(nsp)
             history.step_time += time.perf_counter() - tik
             state.epoch, state.batch_index = (epoch, index + 1) if index + 1 < len(batches) \

@@ -153,14 +153,16 @@ def test_dropout_is_reproducible_from_the_seed(backend, devices):
     config = tiny_config(dropout=0.3)
     batch = make_batch()
 
-    def one_step(seed):
+    def one_step(seed, step=0):
         model = build(backend, config, devices)
         optimizer = backend.create_optimizer(model, OptimizerSettings(lr=0.01))
-        backend.seed(seed)
-        return [float(x) for x in backend.train_step(model, optimizer, batch, 0.01)]
+        # the masks are keyed by (run seed, step), as the trainer passes them
+        return [float(x) for x in backend.train_step(model, optimizer, batch, 0.01, seed=seed,
+                                                     step=step)]
 
     assert one_step(5) == one_step(5)
     assert one_step(5) != one_step(6)
+    assert one_step(5) != one_step(5, step=1)
 
 
 def test_unknown_devices_raise_device_error(backend):

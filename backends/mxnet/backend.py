@@ -84,9 +84,11 @@ class MXNetBackend(Backend):
 
     def train_step(self, model: BERTModel, optimizer: Any, batch: Batch, lr: float, *,
                    accumulate: int = 1, precision: str = "float32",
-                   skip_nonfinite: bool = False) -> tuple[Any, Any]:
+                   skip_nonfinite: bool = False, seed: int = 0, step: int = 0
+                   ) -> tuple[Any, Any]:
         return _step.train_step(model, optimizer, batch, lr, accumulate=accumulate,
-                                precision=precision, skip_nonfinite=skip_nonfinite)
+                                precision=precision, skip_nonfinite=skip_nonfinite, seed=seed,
+                                step=step)
 
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:

@@ -27,44 +27,49 @@ graph is traced.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mxnet as mx
 import numpy as onp
 from mxnet.gluon import nn
 
+from bertlite.dropout_ahead import MasksAhead
 from bertlite.loss import bert_loss
 
 from .loss import MXNetLossOps, _StaticLastAxis
-from .model import BERTModel, _parameter, row
+from .model import BERTModel, _parameter, flat_masks, row
 
 __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
-           "sparse_forward"]
+           "shard_masks", "sparse_forward", "sparse_masks"]
 
 
 def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,
-                   pred_positions: Any) -> tuple[Any, Any]:
+                   pred_positions: Any, masks: Sequence[Any] = ()) -> tuple[Any, Any]:
     """``(mlm_Y_hat, nsp_Y_hat)`` -- what the pretraining loss reads -- with the last encoder
     block computed only at ``<cls>`` and the ``pred_positions`` (a sparse last layer: every
     token is still a key). The values of the model's full forward pass (to float32 round-off).
 
     ``F`` is ``mx.symbol`` while an enclosing graph is traced (:class:`PretrainingLoss`), or
     ``mx.ndarray`` on a model that is not hybridized; all four arrays are required
-    (``valid_lens`` ``(batch,)``)."""
+    (``valid_lens`` ``(batch,)``). ``masks``: the dropout masks (:func:`.model.flat_masks`),
+    the last block's at its rows only (:func:`sparse_masks`); none: ``nn.Dropout``."""
     # rows (B, 1 + P): <cls> (position 0), then the predicted positions
     cls_position = F.np.zeros_like(F.npx.slice(pred_positions, begin=(None, 0), end=(None, 1)))
     rows = F.np.concatenate([cls_position, pred_positions], axis=1)
     encoder, ops = net.encoder, net.encoder._ops
     X = encoder.embed(F, tokens, segments, _parameter(F, encoder.pos_embedding, tokens))
     blocks = list(encoder.blks)
-    for blk in blocks[:-1]:
-        X = blk(X, valid_lens)
+    masks = list(masks) or [None] * (3 * len(blocks))
+    for i, blk in enumerate(blocks[:-1]):
+        X = blk(X, valid_lens, *masks[3 * i:3 * i + 3])
     queries = ops.gather_rows(F, X, rows)
     if blocks:  # the last block with only ``rows`` as queries and position-wise rows
         last = blocks[-1]
-        Y = last.addnorm1(queries, last.attention(queries, X, X, valid_lens))
-        queries = last.addnorm2(Y, last.ffn(Y))
+        attention, addnorm1, addnorm2 = masks[-3:]
+        Y = last.addnorm1(queries, last.attention(queries, X, X, valid_lens, attention),
+                          addnorm1)
+        queries = last.addnorm2(Y, last.ffn(Y), addnorm2)
     mlm_Y_hat = net.mlm.decode(
         F, F.npx.slice(queries, begin=(None, 1, None), end=(None, None, None)))
     nsp_Y_hat = net.nsp(net.hidden(row(F, queries, 0)))
@@ -75,22 +80,62 @@ class PretrainingLoss(nn.HybridBlock):
     """``(mlm_loss, nsp_loss, loss)`` of a shard from the model's inputs, the labels and the
     whole batch's ``mlm_weight_total`` and ``num_examples`` (0-d float32 arrays): the model's
     :func:`sparse_forward` and ``bert_loss`` in one graph. Hybridize it; its parameters are the
-    model's."""
+    model's. ``masked``: the graph takes the dropout masks as its last inputs (as
+    :func:`sparse_masks` gives them), in place of ``nn.Dropout``."""
 
-    def __init__(self, net: nn.HybridBlock, **kwargs: Any) -> None:
+    def __init__(self, net: nn.HybridBlock, masked: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.net = net
+        self.net, self.masked = net, masked
         self.vocab_size = net.config.vocab_size
 
     def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions, mlm_weights,
-                       mlm_labels, nsp_labels, mlm_weight_total, num_examples):
+                       mlm_labels, nsp_labels, mlm_weight_total, num_examples, *masks):
+        if self.masked != bool(masks):
+            raise ValueError(f"this loss graph takes {'the' if self.masked else 'no'} dropout "
+                             f"masks, got {len(masks)}")
         mlm_Y_hat, nsp_Y_hat = sparse_forward(self.net, F, tokens, segments, valid_lens,
-                                              pred_positions)
+                                              pred_positions, masks)
         if F is mx.symbol:
             mlm_Y_hat = _StaticLastAxis(mlm_Y_hat, self.vocab_size)
         return bert_loss(MXNetLossOps(F), mlm_Y_hat, mlm_labels, mlm_weights, nsp_Y_hat,
                          nsp_labels, mlm_weight_total=mlm_weight_total,
                          num_examples=num_examples)
+
+
+def sparse_masks(masks: Sequence[onp.ndarray], pred_positions: onp.ndarray
+                 ) -> list[onp.ndarray]:
+    """The full-shape masks (:func:`.model.flat_masks` of host arrays) with the last block's
+    three taken at the rows :func:`sparse_forward` computes: ``<cls>``, then ``pred_positions``
+    ``(batch, P)`` (attention ``(B, heads, 1 + P, L)``, add & norm ``(B, 1 + P, H)``)."""
+    if not masks:
+        return []
+    positions = onp.asarray(pred_positions, dtype=onp.int64).reshape(len(masks[-1]), -1)
+    rows = onp.concatenate([onp.zeros((len(positions), 1), onp.int64), positions], axis=1)
+    examples = onp.arange(len(rows))[:, None]
+    attention, addnorm1, addnorm2 = masks[-3:]
+    # advanced indices around a slice: the indexed axes come first, (B, 1 + P, heads, L)
+    attention = onp.ascontiguousarray(attention[examples, :, rows].transpose(0, 2, 1, 3))
+    return [*masks[:-3], attention, addnorm1[examples, rows], addnorm2[examples, rows]]
+
+
+def shard_masks(net, seed: int, step: int, pieces: Sequence[slice], length: int,
+                pred_positions: onp.ndarray | None = None) -> list[list[onp.ndarray]]:
+    """The dropout masks (host float32, :func:`.model.flat_masks` order) of every piece of a
+    step, each the rows of the one-process batch's masks at the piece's global rows: the same
+    whatever the split (:mod:`bertlite.dropout`; the next step's are drawn while this one
+    computes, :class:`bertlite.dropout_ahead.MasksAhead`). ``pred_positions`` (the global
+    batch's): the last block's masks at the rows of the fast path's sparse last block
+    (:func:`sparse_masks`). Empty when the model has no dropout."""
+    if net.config.dropout == 0:
+        return []
+    ahead = net.__dict__.get("_bertlite_masks_ahead")
+    if ahead is None:
+        ahead = MasksAhead()
+        object.__setattr__(net, "_bertlite_masks_ahead", ahead)  # not a Gluon child
+    masks = [flat_masks(m) for m in ahead.get(net.config, seed, step, pieces, length)]
+    if pred_positions is not None:
+        masks = [sparse_masks(m, pred_positions[rows]) for m, rows in zip(masks, pieces)]
+    return masks
 
 
 # -- mixed precision ----------------------------------------------------------------------------
@@ -136,8 +181,8 @@ class _LowPrecisionLoss:
     """:class:`PretrainingLoss` compiled with :func:`low_precision_dense` (the graph is traced on
     the first call), sharing the model's float32 parameters."""
 
-    def __init__(self, net: BERTModel, dtype: str) -> None:
-        self.graph = PretrainingLoss(net)
+    def __init__(self, net: BERTModel, dtype: str, masked: bool = False) -> None:
+        self.graph = PretrainingLoss(net, masked)
         self.graph.hybridize(static_alloc=True, static_shape=True)
         if dtype == "bfloat16":
             from mxnet.contrib.amp.amp import bfloat16 as dtype
@@ -150,29 +195,32 @@ class _LowPrecisionLoss:
             return self.graph(*args)
 
 
-def pretraining_loss(net: BERTModel) -> PretrainingLoss:
-    """The net's compiled float32 loss graph (built and hybridized on first use, then kept)."""
-    graph = getattr(net, "_bertlite_loss_graph", None)
+def pretraining_loss(net: BERTModel, masked: bool = False) -> PretrainingLoss:
+    """The net's compiled float32 loss graph (built and hybridized on first use, then kept);
+    ``masked``: the one that takes dropout masks."""
+    attr = "_bertlite_loss_graph" + ("_masked" if masked else "")
+    graph = net.__dict__.get(attr)
     if graph is None:
-        graph = PretrainingLoss(net)
+        graph = PretrainingLoss(net, masked)
         graph.hybridize(static_alloc=True, static_shape=True)
         # kept outside Gluon's child registry: the graph is not part of the model's parameters
-        object.__setattr__(net, "_bertlite_loss_graph", graph)
+        object.__setattr__(net, attr, graph)
     return graph
 
 
-def loss_graph(net: Any, dtype: str | None = None) -> Any:
+def loss_graph(net: Any, dtype: str | None = None, masked: bool = False) -> Any:
     """The compiled loss of ``net`` when it takes the fast path (a fast, hybridized
     :class:`~.model.BERTModel`), with its Dense products in ``dtype`` (``"bfloat16"``,
-    ``"float16"``; None: float32); None for any other net (its loss is computed imperatively).
+    ``"float16"``; None: float32), taking dropout masks when ``masked`` (one graph each: a
+    graph has a fixed input list); None for any other net (its loss is computed imperatively).
     """
     if not (isinstance(net, BERTModel) and net.fast and net._active):
         return None
     if dtype is None:
-        return pretraining_loss(net)
-    attr = f"_bertlite_loss_graph_{dtype}"
+        return pretraining_loss(net, masked)
+    attr = f"_bertlite_loss_graph_{dtype}" + ("_masked" if masked else "")
     graph = net.__dict__.get(attr)
     if graph is None:
-        graph = _LowPrecisionLoss(net, dtype)
+        graph = _LowPrecisionLoss(net, dtype, masked)
         object.__setattr__(net, attr, graph)  # not a child block: no parameters of its own
     return graph

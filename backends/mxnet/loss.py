@@ -69,18 +69,20 @@ def batch_totals(mlm_weights_X_shards: Sequence[Any]) -> tuple[list[Any], int]:
 
 
 def shard_loss(net, graph: Any, shard: Sequence[Any], total: Any, num_examples: int,
-               vocab_size: int) -> tuple[Any, Any, Any]:
+               vocab_size: int, masks: Sequence[Any] = ()) -> tuple[Any, Any, Any]:
     """``(mlm_l, nsp_l, l)`` of one device shard (its seven batch arrays in the book's order),
     normalized by the whole batch's ``total`` MLM weight (a 0-d array on the shard's device)
     and ``num_examples``: through ``graph`` (a compiled loss, :func:`.fast.loss_graph`) when
-    given, else the net's forward pass and ``bert_loss``
-    imperatively."""
+    given, else the net's forward pass and ``bert_loss`` imperatively. ``masks``: the shard's
+    dropout masks on its device (the graph's inputs, or the net's ``masks=``)."""
     tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels = shard
     if graph is not None:
         count = mx.np.array(num_examples, dtype="float32", ctx=tokens.ctx)
         return graph(tokens, segments, valid_lens.reshape(-1), pred_positions, mlm_weights,
-                     mlm_labels, nsp_labels, total, count)
-    _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1), pred_positions)
+                     mlm_labels, nsp_labels, total, count, *masks)
+    masks_arg = (list(masks),) if masks else ()  # the book's net takes four arrays
+    _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1), pred_positions,
+                                  *masks_arg)
     return bert_loss(MXNetLossOps(), mlm_Y_hat.reshape((-1, vocab_size)), mlm_labels,
                      mlm_weights, nsp_Y_hat, nsp_labels, mlm_weight_total=total,
                      num_examples=num_examples)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import mxnet as mx
@@ -35,13 +36,14 @@ from mxnet import np
 from mxnet.gluon import nn
 
 from bertlite.config import BERTConfig
+from bertlite.dropout import SITE_KINDS
 from bertlite.params import parameter_shapes
 
 from . import kernels
 
 __all__ = [
     "AddNorm", "BERTEncoder", "BERTModel", "EncoderBlock", "LayerNorm", "MaskLM",
-    "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "canonical_name",
+    "MultiHeadAttention", "NextSentencePred", "PositionWiseFFN", "canonical_name", "flat_masks",
 ]
 
 #: LayerNorm's Gluon parameter names and their canonical (PyTorch) names
@@ -106,7 +108,9 @@ class MultiHeadAttention(nn.HybridBlock):
         X = F.np.swapaxes(F.npx.reshape(X, (-6, -1, self.num_heads, -2, -2)), 1, 2)
         return F.npx.reshape(X, (-2, -2, -5))
 
-    def hybrid_forward(self, F, queries, keys, values, valid_lens):
+    def hybrid_forward(self, F, queries, keys, values, valid_lens, mask=None):
+        """``mask``: dropout's scaled mask of the attention weights ``(B, heads, Lq, Lk)``
+        (:mod:`bertlite.dropout`); None: ``nn.Dropout`` (MXNet's RNG, training mode only)."""
         q = self._split_heads(F, self.W_q(queries))
         k = self._split_heads(F, self.W_k(keys))
         v = self._split_heads(F, self.W_v(values))
@@ -115,7 +119,9 @@ class MultiHeadAttention(nn.HybridBlock):
             weights = F.npx.softmax(scores, axis=-1)
         else:
             weights = self._ops.masked_softmax(F, scores, valid_lens, self.num_heads)
-        out = F.npx.batch_dot(self.dropout(weights), v)
+        weights = (self.dropout(weights) if mask is None
+                   else weights * F.npx.reshape(mask, (-5, -2, -2)))
+        out = F.npx.batch_dot(weights, v)
         return self.W_o(self._merge_heads(F, out))
 
 
@@ -145,8 +151,9 @@ class AddNorm(nn.HybridBlock):
             self.dropout = nn.Dropout(dropout)
             self.ln = LayerNorm(num_hiddens, epsilon=eps, fast=fast)
 
-    def hybrid_forward(self, F, X, Y):
-        return self.ln(self._ops.add(F, self.dropout(Y), X))
+    def hybrid_forward(self, F, X, Y, mask=None):
+        """``mask``: dropout's scaled mask of ``Y``; None: ``nn.Dropout``."""
+        return self.ln(self._ops.add(F, self.dropout(Y) if mask is None else Y * mask, X))
 
 
 class EncoderBlock(nn.HybridBlock):
@@ -163,9 +170,12 @@ class EncoderBlock(nn.HybridBlock):
             self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, activation, fast=fast)
             self.addnorm2 = AddNorm(num_hiddens, dropout, fast=fast, eps=eps)
 
-    def hybrid_forward(self, F, X, valid_lens):
-        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens))
-        return self.addnorm2(Y, self.ffn(Y))
+    def hybrid_forward(self, F, X, valid_lens, attention_mask=None, addnorm1_mask=None,
+                       addnorm2_mask=None):
+        """The masks: this block's dropout masks (:data:`bertlite.dropout.SITE_KINDS`), all or
+        none."""
+        Y = self.addnorm1(X, self.attention(X, X, X, valid_lens, attention_mask), addnorm1_mask)
+        return self.addnorm2(Y, self.ffn(Y), addnorm2_mask)
 
 
 class BERTEncoder(nn.HybridBlock):
@@ -200,10 +210,11 @@ class BERTEncoder(nn.HybridBlock):
         X = self._ops.add_positions(F, X, tokens, pos_embedding, self.max_len, self.num_hiddens)
         return self.dropout(self.ln(X)) if self.embedding_norm else X
 
-    def hybrid_forward(self, F, tokens, segments, valid_lens, pos_embedding=None):
+    def hybrid_forward(self, F, tokens, segments, valid_lens, *masks, pos_embedding=None):
+        """``masks``: none, or three per block (:func:`flat_masks`)."""
         X = self.embed(F, tokens, segments, pos_embedding)
-        for blk in self.blks:
-            X = blk(X, valid_lens)
+        for i, blk in enumerate(self.blks):
+            X = blk(X, valid_lens, *masks[3 * i:3 * i + 3])
         return X
 
 
@@ -331,7 +342,17 @@ class BERTModel(nn.HybridBlock):
                                "not match bertlite.params")
         return OrderedDict((name, by_name[name]) for name in order)
 
-    def forward(self, tokens, segments, valid_lens=None, pred_positions=None):
+    def forward(self, tokens, segments, valid_lens=None, pred_positions=None, masks=None):
+        """``masks`` (positional: ``Block.__call__`` takes no keywords): the dropout masks of
+        this batch (:func:`flat_masks` of
+        :func:`bertlite.dropout.encoder_masks`, on the batch's device) applied in place of
+        ``nn.Dropout``; a model that is not hybridized only (the graph has a fixed input list:
+        the fast path's loss graph takes them instead)."""
+        masks = list(masks or ())
+        if masks and self._active:
+            raise ValueError("dropout masks go to a BERTModel that is not hybridized (or to "
+                             "its fast loss graph, bertlite.backends.mxnet.fast); call "
+                             "net.hybridize(active=False) first")
         no_preds = pred_positions is None
         if valid_lens is None:
             valid_lens = np.full((tokens.shape[0],), tokens.shape[1], dtype="float32",
@@ -339,15 +360,21 @@ class BERTModel(nn.HybridBlock):
         if no_preds:
             pred_positions = np.zeros((tokens.shape[0], 1), dtype="int32", ctx=tokens.ctx)
         encoded_X, mlm_Y_hat, nsp_Y_hat = super().forward(
-            tokens, segments, valid_lens.reshape(-1), pred_positions)
+            tokens, segments, valid_lens.reshape(-1), pred_positions, *masks)
         return encoded_X, (None if no_preds else mlm_Y_hat), nsp_Y_hat
 
-    def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions):
-        encoded_X = self.encoder(tokens, segments, valid_lens)
+    def hybrid_forward(self, F, tokens, segments, valid_lens, pred_positions, *masks):
+        encoded_X = self.encoder(tokens, segments, valid_lens, *masks)
         mlm_Y_hat = self.mlm(encoded_X, pred_positions)
         # the hidden layer of the NSP classifier reads the encoding of <cls> (position 0)
         nsp_Y_hat = self.nsp(self.hidden(row(F, encoded_X, 0)))
         return encoded_X, mlm_Y_hat, nsp_Y_hat
+
+
+def flat_masks(masks: Sequence[dict[str, Any]]) -> list[Any]:
+    """:func:`bertlite.dropout.encoder_masks`' per-layer dicts as the flat list the blocks
+    take: per layer its :data:`bertlite.dropout.SITE_KINDS` in order (empty without dropout)."""
+    return [layer[kind] for layer in masks for kind in SITE_KINDS]
 
 
 def row(F: Any, X: Any, j: int) -> Any:

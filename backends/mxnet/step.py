@@ -1,9 +1,9 @@
 """One training step over one or more devices, and PyTorch's Adam/AdamW as an MXNet optimizer.
 
-A batch is split over the devices with ``gluon.utils.split_and_load(..., even_split=False)``;
-every shard's loss is its share of the batch loss (:mod:`.loss`), so the gradients that
-``trainer`` sums over the devices (through a kvstore when there are several) are the one-device
-gradient and the step is ``trainer.step(1)``.
+A batch is split over the devices as :func:`bertlite.sharding.device_slices` says; every
+shard's loss is its share of the batch loss (:mod:`.loss`), so the gradients that ``trainer``
+sums over the devices (through a kvstore when there are several) are the one-device gradient and
+the step is ``trainer.step(1)``.
 
 :class:`TorchAdam` is ``torch.optim.Adam`` / ``AdamW`` exactly (bias correction inside the
 denominator, decoupled decay for AdamW), written with MXNet's fused ``adam_update``: torch's
@@ -50,7 +50,7 @@ from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
-from .fast import loss_graph
+from .fast import loss_graph, shard_masks
 from .loss import _get_batch_loss_bert, shard_loss
 
 __all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
@@ -235,24 +235,36 @@ def check_accumulate(accumulate: Any) -> int:
 # -- one step -----------------------------------------------------------------------------------
 
 def shard_losses(net, shards: Sequence[Sequence[Any]], mlm_weight_total: float,
-                 num_examples: int, plan: PrecisionPlan = PRECISION_PLANS["float32"]
-                 ) -> tuple[list[Any], list[Any], list[Any]]:
+                 num_examples: int, plan: PrecisionPlan = PRECISION_PLANS["float32"],
+                 masks: Sequence[Sequence[Any]] = ()) -> tuple[list[Any], list[Any], list[Any]]:
     """``(mlm_ls, nsp_ls, ls)``, one 0-d loss per device shard (``shards`` as
     :func:`split_batch` gives them), each normalized by the given totals of the WHOLE batch
-    (the global batch, across micro-batches and processes): the shares add up to its loss."""
-    graph = loss_graph(net, plan.dtype)
+    (the global batch, across micro-batches and processes): the shares add up to its loss.
+    ``masks``: per shard, its dropout masks as host arrays (:func:`shard_masks`, sparse for the
+    fast path's graph); none: ``nn.Dropout``."""
+    graph = loss_graph(net, plan.dtype, masked=bool(masks))
     if plan.dtype is not None and graph is None:
         raise ValueError(f"precision={plan.name!r} needs the fast, hybridized model (as "
                          "MXNetBackend(fast=True).build_model makes it)")
     mlm_ls, nsp_ls, ls = [], [], []
-    for shard in zip(*shards):
-        total = mnp.array(mlm_weight_total, dtype="float32", ctx=shard[0].ctx)
+    for i, shard in enumerate(zip(*shards)):
+        ctx = shard[0].ctx
+        total = mnp.array(mlm_weight_total, dtype="float32", ctx=ctx)
+        device_masks = [_on_device(m, ctx) for m in (masks[i] if masks else ())]
         mlm_l, nsp_l, l = shard_loss(net, graph, shard, total, num_examples,
-                                     net.config.vocab_size)
+                                     net.config.vocab_size, device_masks)
         mlm_ls.append(mlm_l)
         nsp_ls.append(nsp_l)
         ls.append(l)
     return mlm_ls, nsp_ls, ls
+
+
+def _on_device(mask: onp.ndarray, ctx: mx.Context) -> Any:
+    """A host mask as an array on ``ctx``: on ``cpu(0)`` without a copy (the NDArray keeps the
+    numpy array alive, and it is drawn afresh each step, never written again)."""
+    if ctx == mx.cpu() and mask.flags.c_contiguous and mask.flags.aligned:
+        return mx.nd.from_numpy(mask, zero_copy=True).as_np_ndarray()
+    return mnp.array(mask, dtype="float32", ctx=ctx)
 
 
 def _trained_params(net) -> list[gluon.Parameter]:
@@ -305,24 +317,26 @@ def _update(net, opt: MXNetOptimizer, scale: float | None) -> bool:
 
 
 def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate: int = 1,
-               precision: str = "float32", skip_nonfinite: bool = False) -> tuple[Any, Any]:
+               precision: str = "float32", skip_nonfinite: bool = False, seed: int = 0,
+               step: int = 0) -> tuple[Any, Any]:
     """Forward with dropout, the core loss per piece of the batch, backward, one update at
     ``lr`` (see :meth:`bertlite.backend.Backend.train_step` for the options).
 
-    The global batch is cut into ``num_workers * accumulate`` contiguous parts; this process
-    runs its ``accumulate`` parts one after another, each split over its devices, every
-    piece's loss with the whole batch's normalizers; gradients are added up over the parts
-    (``grad_req="add"``), summed over devices and workers by the trainer's kvstore, and one
-    update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays, still
-    computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
+    The global batch is cut as :func:`bertlite.sharding.step_pieces` says: this process runs
+    its ``accumulate`` parts one after another, each split over its devices, every piece's loss
+    with the whole batch's normalizers and the dropout masks of its global rows at ``(seed,
+    step)`` (:mod:`bertlite.dropout`, inputs of the compiled graph); gradients are added up over
+    the parts (``grad_req="add"``), summed over devices and workers by the trainer's kvstore,
+    and one update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays,
+    still computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
     process: the loss is the sum over all of them)."""
     accumulate = check_accumulate(accumulate)
     devices = opt.devices
     plan = check_precision(precision, devices)
     rank, workers = distributed.rank(), distributed.num_workers()
     mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
-    parts = [s for s in sharding.process_parts(num_rows, accumulate, rank, workers)
-             if s.stop > s.start]
+    parts = sharding.step_pieces(num_rows, accumulate=accumulate, num_devices=len(devices),
+                                 rank=rank, num_processes=workers)
     params = _trained_params(net)
     if len(parts) > 1 and any(p.grad_req != "add" for p in params):
         for p in params:  # once: later steps zero the gradients instead
@@ -330,14 +344,22 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     if any(p.grad_req == "add" for p in params):
         net.collect_params().zero_grad()
     scale = opt.loss_scale if plan.loss_scaling else None
+    length = batch.tokens.shape[1]
+    sparse = net.config.dropout > 0 and loss_graph(net, plan.dtype, True) is not None
+    every_piece = [rows for pieces in parts for rows in pieces]
+    masks = shard_masks(net, seed, step, every_piece, length,
+                        batch.pred_positions if sparse else None)
     mlm_parts, nsp_parts, used = [], [], set()
-    for rows in parts:
+    for pieces in parts:
         # a part shorter than the device list runs on its first devices only
-        part_devices = devices[:min(len(devices), rows.stop - rows.start)]
+        part_devices = devices[:len(pieces)]
         used.update(part_devices)
-        shards = split_batch(Batch(*(a[rows] for a in batch)), part_devices)
+        shards = [[mnp.array(a[rows], dtype=a.dtype, ctx=ctx)
+                   for rows, ctx in zip(pieces, part_devices)] for a in batch]
+        part_masks, masks = masks[:len(pieces)], masks[len(pieces):]
         with autograd.record():
-            mlm_ls, nsp_ls, ls = shard_losses(net, shards, mlm_weight_total, num_rows, plan)
+            mlm_ls, nsp_ls, ls = shard_losses(net, shards, mlm_weight_total, num_rows, plan,
+                                              part_masks)
             if scale is not None:
                 ls = [l * scale for l in ls]
         for l in ls:

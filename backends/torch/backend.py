@@ -93,9 +93,11 @@ class TorchBackend(Backend):
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                    lr: float, *, accumulate: int = 1, precision: str = "float32",
-                   skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   skip_nonfinite: bool = False, seed: int = 0, step: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         return _step.train_step(model, optimizer, batch, lr, accumulate=accumulate,
-                                precision=precision, skip_nonfinite=skip_nonfinite)
+                                precision=precision, skip_nonfinite=skip_nonfinite, seed=seed,
+                                step=step)
 
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:

@@ -22,6 +22,7 @@ zeros on this path.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -237,10 +238,35 @@ def decode(mlm: MaskLM, rows: torch.Tensor) -> torch.Tensor | DecoderLogits:
 
 # -- the packed forward -----------------------------------------------------------------------
 
+def group_keeps(keep: torch.Tensor, packing: Packing, queries: Packing | None = None
+                ) -> list[torch.Tensor]:
+    """Every attention group's ``(size * heads, queries, keys)`` elements of a full-shape
+    attention dropout mask ``keep`` ``(batch, heads, length, length)``: its examples, their
+    query positions (with ``queries``, :func:`select`'s; padded query slots read position 0,
+    their outputs are dropped) and the group's keys."""
+    keeps, first = [], 0
+    for g, (size, n, _) in enumerate(packing.groups):
+        members = packing.order[first:first + size]
+        if queries is None:
+            part = keep.index_select(0, members)[:, :, :n, :n]
+        else:
+            _, m, start = queries.groups[g]
+            slots = torch.zeros(queries.num_slots, dtype=torch.int64, device=keep.device)
+            slots[queries.rows] = queries.positions
+            positions = slots[start:start + size * m].view(m, size).t()  # (size, m)
+            # advanced indices around a slice: (size, m, heads, n)
+            part = keep[members.unsqueeze(1), :, positions, :n].transpose(1, 2)
+        keeps.append(part.reshape(size * part.shape[1], part.shape[2], part.shape[3]))
+        first += size
+    return keeps
+
+
 def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
-              queries: Packing | None = None) -> torch.Tensor:
+              queries: Packing | None = None, keep: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """Self-attention of packed rows ``(tokens, hidden)``; with ``queries`` (:func:`select`)
-    only for those rows, every row a key."""
+    only for those rows, every row a key. ``keep``: the full-shape dropout mask of the
+    attention weights (:func:`group_keeps`), else one drawn here when training."""
     num_heads = mha.num_heads
     scale = 1.0 / math.sqrt(X.shape[-1] // num_heads)
     bias = mha.W_q.bias
@@ -258,7 +284,10 @@ def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
     ks, vs = heads[:num_groups], heads[num_groups:]
     p = mha.dropout.p
     keeps: list[torch.Tensor | None] = [None] * num_groups
-    if uses_keep_mask(p, mha.training):  # all groups' dropout masks drawn at once
+    if keep is not None:
+        keeps = [k.to(X.dtype) for k in group_keeps(keep, packing,
+                                                    None if queries is packing else queries)]
+    elif uses_keep_mask(p, mha.training):  # all groups' dropout masks drawn at once
         shapes = [(size * num_heads, m, n) for (size, m, _), (_, n, _)
                   in zip(queries.groups, packing.groups)]
         keep = keep_mask((sum(math.prod(s) for s in shapes),), p, X.dtype)
@@ -268,8 +297,14 @@ def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
     return Output.apply(queries, num_heads, mha.W_o.weight, mha.W_o.bias, *outputs)
 
 
-def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """``ln(dropout(Y) + X)`` on rows, the dropout and the residual addition in one pass."""
+def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor,
+             keep: torch.Tensor | None = None, layout: Packing | None = None) -> torch.Tensor:
+    """``ln(dropout(Y) + X)`` on rows, the dropout and the residual addition in one pass.
+    ``keep``: the full-shape ``(batch, length, hidden)`` dropout mask, whose elements at the
+    ``layout``'s rows apply; else one drawn here when training."""
+    if keep is not None:
+        rows = keep.reshape(-1, keep.shape[-1]).index_select(0, layout.padded_rows)
+        return addnorm.ln(DropoutAdd.apply(X, Y, rows.to(Y.dtype)))
     p = addnorm.dropout.p
     if not uses_keep_mask(p, addnorm.training):
         return addnorm.ln(F.dropout(Y, p, addnorm.training) + X)
@@ -277,26 +312,33 @@ def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor
 
 
 def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
-          queries: Packing | None = None) -> torch.Tensor:
+          queries: Packing | None = None, keeps: dict[str, torch.Tensor] | None = None
+          ) -> torch.Tensor:
     """The encoder block on packed rows ``(tokens, hidden)``; with ``queries``
-    (:func:`select`) it returns those rows only."""
-    Y = attention(blk.attention, X, packing, queries)
+    (:func:`select`) it returns those rows only. ``keeps``: its full-shape dropout masks by
+    site (one layer of :func:`bertlite.dropout.encoder_masks`)."""
+    keeps = keeps or {}
+    Y = attention(blk.attention, X, packing, queries, keeps.get("attention"))
     if queries is not None:
         X = X.index_select(0, queries.inputs)
-    Y = add_norm(blk.addnorm1, X, Y)
+    layout = packing if queries is None else queries
+    Y = add_norm(blk.addnorm1, X, Y, keeps.get("addnorm1"), layout)
     ffn = blk.ffn
     return add_norm(blk.addnorm2, Y, FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
                                                ffn.dense2.weight, ffn.dense2.bias,
-                                               ffn.activation))
+                                               ffn.activation),
+                    keeps.get("addnorm2"), layout)
 
 
 def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
-           valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None
+           valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None,
+           masks: Sequence[dict[str, torch.Tensor]] | None = None
            ) -> tuple[torch.Tensor, Packing]:
     """The encodings of the valid tokens only, as packed rows ``(tokens, hidden)``, and where
     they are (:class:`Packing`; :func:`unpack` makes them a padded batch). With
     ``output_rows`` (indices ``example * length + position``) the last layer computes only the
-    encodings at those positions and the ``<cls>`` tokens (:func:`select`)."""
+    encodings at those positions and the ``<cls>`` tokens (:func:`select`). ``masks``: the
+    full-shape dropout masks per layer (:meth:`.model.BERTModel.forward`)."""
     encoder = model.encoder
     batch_size, length = tokens.shape
     packing = pack(valid_lens, batch_size, length)
@@ -314,16 +356,17 @@ def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
     if output_rows is not None and last >= 0:
         queries = select(packing, valid_lens, output_rows)
     for i, blk in enumerate(encoder.blks):
-        X = block(blk, X, packing, queries if i == last else None)
+        X = block(blk, X, packing, queries if i == last else None, masks[i] if masks else None)
     return X, (packing if queries is None else queries)
 
 
 def forward(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
-            valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None
+            valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None,
+            masks: Sequence[dict[str, torch.Tensor]] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(encoded_X, cls)`` of :meth:`.model.BERTModel.forward` on the packed path (zeros at
     padded positions; with ``output_rows``, the ``(rows, hidden)`` encodings there)."""
-    X, packing = encode(model, tokens, segments, valid_lens, output_rows)
+    X, packing = encode(model, tokens, segments, valid_lens, output_rows, masks)
     if output_rows is None:
         return unpack(X, packing)
     # the rows of X that hold the positions asked for (padding: none), <cls>

@@ -50,7 +50,8 @@ def attention_mask(valid_lens: torch.Tensor | None, num_keys: int, dtype: torch.
 
 def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              attn_mask: torch.Tensor | None,
-                             dropout: nn.Module | None = None) -> torch.Tensor:
+                             dropout: nn.Module | None = None,
+                             keep: torch.Tensor | None = None) -> torch.Tensor:
     """``dropout(softmax(q k^T / sqrt(d) + mask)) v`` of ``(batch, heads, len, d)`` tensors,
     written out as the book's ``DotProductAttention`` (``dropout``: a module, or None). One
     ``baddbmm`` adds the mask and scales the scores (under autocast too, in its dtype)."""
@@ -63,7 +64,9 @@ def masked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             batch_size * num_heads, 1, -1)
         scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(head_size))
     weights = torch.softmax(scores, dim=-1)
-    if dropout is not None:
+    if keep is not None:  # a scaled mask (batch, heads, len, keys) of bertlite.dropout
+        weights = weights * keep.reshape(weights.shape).to(weights.dtype)
+    elif dropout is not None:
         weights = dropout(weights)
     return torch.bmm(weights, v3).view(batch_size, num_heads, length, head_size)
 
@@ -90,11 +93,16 @@ class MultiHeadAttention(nn.Module):
         return X.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask`` is what :func:`attention_mask` returns (or ``None``)."""
+                attn_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``attn_mask`` is what :func:`attention_mask` returns (or ``None``); ``keep``: the
+        attention weights' scaled dropout mask ``(batch, heads, queries, keys)``
+        (:mod:`bertlite.dropout`), else the dropout module draws one when training."""
         q, k, v = (self._heads(self.W_q(queries)), self._heads(self.W_k(keys)),
                    self._heads(self.W_v(values)))
-        if self.training and self.dropout.p > 0:  # the book's attention, its dropout module
+        if keep is not None:
+            out = masked_softmax_attention(q, k, v, attn_mask, keep=keep)
+        elif self.training and self.dropout.p > 0:  # the book's attention, its dropout module
             out = masked_softmax_attention(q, k, v, attn_mask, self.dropout)
         else:  # the same without dropout, in one fused torch op
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -128,8 +136,11 @@ class AddNorm(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(num_hiddens, eps=eps)
 
-    def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return self.ln(self.dropout(Y) + X)
+    def forward(self, X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``keep``: ``Y``'s scaled dropout mask (:mod:`bertlite.dropout`), else the dropout
+        module's."""
+        return self.ln((self.dropout(Y) if keep is None else Y * keep.to(Y.dtype)) + X)
 
 
 class EncoderBlock(nn.Module):
@@ -143,9 +154,14 @@ class EncoderBlock(nn.Module):
         self.ffn = PositionWiseFFN(num_hiddens, ffn_num_hiddens, activation)
         self.addnorm2 = AddNorm(num_hiddens, dropout, eps)
 
-    def forward(self, X: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        Y = self.addnorm1(X, self.attention(X, X, X, attn_mask))
-        return self.addnorm2(Y, self.ffn(Y))
+    def forward(self, X: torch.Tensor, attn_mask: torch.Tensor | None,
+                keeps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``keeps``: this block's dropout masks by site (one layer of
+        :func:`bertlite.dropout.encoder_masks`), or None."""
+        keeps = keeps or {}
+        Y = self.addnorm1(X, self.attention(X, X, X, attn_mask, keeps.get("attention")),
+                          keeps.get("addnorm1"))
+        return self.addnorm2(Y, self.ffn(Y), keeps.get("addnorm2"))
 
 
 def _check_book_sizes(what: str, num_hiddens: int, **sizes: Any) -> None:
@@ -189,7 +205,10 @@ class BERTEncoder(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(1, max_len, num_hiddens))
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
-                valid_lens: torch.Tensor | None = None) -> torch.Tensor:
+                valid_lens: torch.Tensor | None = None,
+                masks: Sequence[dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """``masks``: the dropout masks of :func:`bertlite.dropout.encoder_masks` (per layer),
+        or None (the dropout modules)."""
         length = tokens.shape[1]
         if length > self.pos_embedding.shape[1]:
             raise ValueError(f"the input has {length} positions, more than the positional "
@@ -199,8 +218,8 @@ class BERTEncoder(nn.Module):
         if self.ln is not None:
             X = self.dropout(self.ln(X))
         mask = attention_mask(valid_lens, length, X.dtype)
-        for blk in self.blks:
-            X = blk(X, mask)
+        for i, blk in enumerate(self.blks):
+            X = blk(X, mask, masks[i] if masks else None)
         return X
 
 
@@ -313,7 +332,8 @@ class BERTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None = None,
                 pred_positions: torch.Tensor | None = None, *,
-                output_rows: torch.Tensor | None = None
+                output_rows: torch.Tensor | None = None,
+                masks: Sequence[dict[str, torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` as the book's ``BERTModel``.
 
@@ -321,15 +341,20 @@ class BERTModel(nn.Module):
         ``encoded_X`` is the ``(rows, hidden)`` encodings at those positions only: it is how
         :func:`.step.batch_loss` asks for the predicted positions. On the fast path
         (:mod:`.fast`) the last layer then computes only those and the ``<cls>`` ones: the
-        loss is the same (padded positions, which no loss reads, get zeros there)."""
+        loss is the same (padded positions, which no loss reads, get zeros there).
+
+        ``masks``: the dropout masks of this batch, per layer by site, full-shape
+        (:func:`bertlite.dropout.encoder_masks` as tensors on the batch's device), applied
+        instead of the dropout modules' draws (the fast path takes its elements from them);
+        how training makes dropout independent of the batch's split."""
         if output_rows is not None and pred_positions is not None:
             raise ValueError("give output_rows or pred_positions, not both")
         from . import fast  # the fast path, which builds on this module
 
         if fast.packs(self, tokens, valid_lens):
-            encoded_X, cls = fast.forward(self, tokens, segments, valid_lens, output_rows)
+            encoded_X, cls = fast.forward(self, tokens, segments, valid_lens, output_rows, masks)
         else:
-            encoded_X = self.encoder(tokens, segments, valid_lens)
+            encoded_X = self.encoder(tokens, segments, valid_lens, masks)
             cls = encoded_X[:, 0, :]
             if output_rows is not None:
                 encoded_X = encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(

@@ -5,6 +5,7 @@ non-finite losses), gradients for parity checks, and the optimizer state as nump
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bertlite import sharding
 from bertlite.backend import PRECISIONS
 from bertlite.data.loader import Batch
+from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
 from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
@@ -129,7 +131,8 @@ def _clip(optimizer: torch.optim.Optimizer) -> None:
 # -- one step ------------------------------------------------------------------------------------
 
 def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = None,
-               num_examples: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               num_examples: Any = None, masks: list[dict[str, torch.Tensor]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mlm_loss, nsp_loss, loss)`` of a batch with :func:`bertlite.loss.bert_loss`, in
     float32 (logits are cast before the loss, so under autocast too). A part of a larger batch
     passes that batch's ``mlm_weight_total`` and ``num_examples``.
@@ -140,12 +143,15 @@ def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = N
     with the cross-entropy (:func:`.fast.decode`): the loss is the same, since padded slots
     have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the book's
     path: the model on all slots, the plain cross-entropy.
+
+    ``masks``: the batch's dropout masks (:func:`dropout_masks`), passed to the model.
     """
+    extra = {"masks": masks} if masks else {}
     net = unwrap(model)
     if (not net.fast or isinstance(model, nn.DataParallel)
             or batch.pred_positions.device.type != "cpu"):
         _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                        batch.pred_positions)
+                                        batch.pred_positions, **extra)
         return bert_loss(OPS if net.fast else PLAIN_OPS, mlm_Y_hat.float(), batch.mlm_labels,
                          batch.mlm_weights, nsp_Y_hat.float(), batch.nsp_labels,
                          mlm_weight_total=mlm_weight_total, num_examples=num_examples)
@@ -154,7 +160,7 @@ def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = N
     rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
     # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
     encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                       output_rows=rows)
+                                       output_rows=rows, **extra)
     mlm_Y_hat = fast.decode(net.mlm, encoded_rows)
     return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
                      weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
@@ -202,6 +208,31 @@ def _rows(batch: Batch, rows: slice) -> Batch:
     return Batch(*(np.asarray(a)[rows] for a in batch))
 
 
+#: each model's masks drawn ahead (a weak map: nothing is added to the module itself)
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def dropout_masks(model: BERTModel, seed: int, step: int, pieces: list[slice], length: int
+                  ) -> list[list[dict[str, np.ndarray]]]:
+    """Per piece (global rows ``pieces[i]`` of a batch padded to ``length``), the dropout masks
+    at ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`, host arrays): those of one
+    process with the whole batch, whatever the split; the next step's are drawn while this one
+    computes (:class:`bertlite.dropout_ahead.MasksAhead`). Empty lists when the model has no
+    dropout."""
+    if model.config.dropout == 0:
+        return [[] for _ in pieces]
+    ahead = _AHEAD.get(model)
+    if ahead is None:
+        ahead = _AHEAD[model] = MasksAhead()
+    return ahead.get(model.config, seed, step, pieces, length)
+
+
+def _on(device: torch.device, masks: list[dict[str, np.ndarray]]
+        ) -> list[dict[str, torch.Tensor]]:
+    return [{site: torch.from_numpy(m).to(device) for site, m in layer.items()}
+            for layer in masks]
+
+
 def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int = 1
                   ) -> list[tuple[Batch, float]]:
     """This process's micro-batches of a global batch, each with the factor its loss gets.
@@ -210,11 +241,17 @@ def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int 
     DDP every process must run the same number of forward and backward passes, so an empty
     part becomes the batch's first row with factor 0: no loss, no gradient, same collectives.
     """
+    return [(_rows(batch, rows), factor) for rows, factor in _parts(batch, accumulate, rank,
+                                                                    world_size)]
+
+
+def _parts(batch: Batch, accumulate: int, rank: int, world_size: int
+           ) -> list[tuple[slice, float]]:
+    """The global rows of :func:`micro_batches`' parts and their factors."""
     parts = sharding.process_parts(len(batch.tokens), accumulate, rank, world_size)
     if world_size == 1:
-        return [(_rows(batch, rows), 1.0) for rows in parts if rows.stop > rows.start]
-    return [(_rows(batch, rows), 1.0) if rows.stop > rows.start
-            else (_rows(batch, slice(0, 1)), 0.0) for rows in parts]
+        return [(rows, 1.0) for rows in parts if rows.stop > rows.start]
+    return [(rows, 1.0) if rows.stop > rows.start else (slice(0, 1), 0.0) for rows in parts]
 
 
 def _skip_update(optimizer: torch.optim.Optimizer) -> None:
@@ -223,8 +260,8 @@ def _skip_update(optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lr: float, *,
-               accumulate: int = 1, precision: str = "float32", skip_nonfinite: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               accumulate: int = 1, precision: str = "float32", skip_nonfinite: bool = False,
+               seed: int = 0, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One update at learning rate ``lr`` with dropout on, from the global ``batch``; returns
     the batch's detached 0-d ``(mlm_loss, nsp_loss)``.
 
@@ -232,7 +269,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     (:func:`micro_batches`); each micro-batch's loss uses the global batch's normalizers, and
     under DDP is multiplied by the world size against DDP's averaging, so the gradients add up
     to those of the global batch in one process. DDP all-reduces gradients once, at the last
-    micro-batch. The returned losses are summed over micro-batches and processes.
+    micro-batch. The returned losses are summed over micro-batches and processes. Every
+    micro-batch takes the dropout masks of its global rows at ``(seed, step)``
+    (:func:`dropout_masks`), so the split does not change them.
 
     ``precision`` runs the forward pass under autocast (fp16 with the optimizer's GradScaler).
     With ``skip_nonfinite`` every micro-batch's loss is checked (summed over processes, so all
@@ -251,18 +290,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     rank, world_size = (info.rank, info.world_size) if info else (0, 1)
     # the global batch's normalizers (0/1 weights: the float32 sum is exact)
     mlm_weight_total, num_examples = sharding.normalizers(batch.mlm_weights)
-    chunks = micro_batches(batch, accumulate, rank, world_size)
+    chunks = _parts(batch, accumulate, rank, world_size)
+    masks = dropout_masks(unwrap(model), seed, step, [rows for rows, _ in chunks],
+                          batch.tokens.shape[1])
     scaler = grad_scaler(optimizer, precision)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros(2, dtype=torch.float32, device=device)
-    for i, (chunk, factor) in enumerate(chunks):
+    for i, (rows, factor) in enumerate(chunks):
         last = i == len(chunks) - 1
         sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
         with sync:
             with autocast(precision, device):
-                mlm_l, nsp_l, l = batch_loss(model, to_tensors(chunk, device),
-                                             mlm_weight_total=mlm_weight_total,
-                                             num_examples=num_examples)
+                mlm_l, nsp_l, l = batch_loss(
+                    model, to_tensors(_rows(batch, rows), device),
+                    mlm_weight_total=mlm_weight_total, num_examples=num_examples,
+                    masks=_on(device, masks[i]))
             values = torch.stack((mlm_l.detach(), nsp_l.detach())) * factor
             if skip_nonfinite:
                 if ddp:
