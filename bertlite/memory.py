@@ -61,11 +61,12 @@ class MemoryEstimate:
 
 def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
                     precision: str = "float32", optimizer: str = "adam",
-                    num_devices: int = 1) -> MemoryEstimate:
+                    num_devices: int = 1, host: bool = False) -> MemoryEstimate:
     """Peak training memory of one device for a global ``batch_size`` split over
     ``num_devices`` (pass the micro-batch size when accumulating gradients). Mixed precision
     keeps float32 weights, optimizer state, LayerNorm outputs and loss, adds half-precision
-    copies of the weights and halves the other activations."""
+    copies of the weights and halves the other activations. ``host``: the device is the host
+    (CPU training), which also holds the dropout masks the core draws for every step."""
     if precision not in BYTES:
         raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
     n_params = config.num_parameters()
@@ -90,6 +91,12 @@ def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
     # the MLM head: three (preds, h) tensors and the float32 (preds, vocab) log-probabilities
     mlm_head = preds * (3 * h * act + 4 * v)
     saved = config.num_layers * per_block + embeddings + mlm_head
+    if host and config.dropout > 0:
+        # dropout masks are drawn on the host at the full shape in float32 (bertlite.dropout):
+        # the next step's, drawn ahead while this step computes (bertlite.dropout_ahead), and
+        # in mixed precision this step's too (the activations count their half-precision copy)
+        copies = 1 if precision == "float32" else 2
+        saved += copies * config.num_layers * (scores + 2 * tokens * h) * 4
     # The peak comes in backward, on top of what is saved: either at the MLM head (one float32
     # (preds, vocab) gradient) or, once the head's tensors are freed, in a block (two
     # gradients of the attention scores, one of the FFN's hidden activation).
