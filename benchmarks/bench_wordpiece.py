@@ -62,8 +62,8 @@ def _worker(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus")
-    parser.add_argument("--datasets-python", required=True)
+    parser.add_argument("corpus", nargs="?")
+    parser.add_argument("--datasets-python")
     parser.add_argument("--mb", type=float, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args)
         return 0
+    if not args.corpus or not args.datasets_python:
+        parser.error("give CORPUS and --datasets-python")
     M.print_machine(M.describe())
     tmp = Path(tempfile.mkdtemp(prefix="bench-wordpiece-"))
     try:
