@@ -76,6 +76,8 @@ def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
         BERTConfig.from_dict(model)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where} has an invalid model config: {err}") from None
+    if "tokenizer" in meta:
+        check_tokenizer_record(meta["tokenizer"], f"{where}: 'tokenizer'")
     training = _object(meta.get("training", {}), f"{where}: 'training'")
     tw = f"{where}: 'training'"
     for key in ("batch_size", "max_len", "num_steps", "accumulate"):
@@ -88,6 +90,42 @@ def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
     _field(training, "optimizer", tw, lambda v: isinstance(v, dict), "an object",
            required=False)
     return meta
+
+
+#: the kinds of tokenizer whose normalisation a checkpoint records
+TOKENIZER_RECORD_KINDS = ("wordpiece",)
+
+
+def check_tokenizer_record(record: Any, where: str) -> dict[str, Any]:
+    """``config.json``'s ``tokenizer``: the WordPiece tokenizer's kind and normalisation
+    (``lowercase``: bertlite's own and uncased BERTs'; false for a cased BERT's, whose corpus
+    is read as it is; ``strip_accents``), which ``tokenizer.json`` must agree with."""
+    record = _object(record, where)
+    _field(record, "kind", where, lambda v: v in TOKENIZER_RECORD_KINDS,
+           f"one of {list(TOKENIZER_RECORD_KINDS)}")
+    for key in ("lowercase", "strip_accents"):
+        _field(record, key, where, lambda v: isinstance(v, bool), "true or false")
+    unknown = set(record) - {"kind", "lowercase", "strip_accents"}
+    if unknown:
+        raise CheckpointError(f"{where} has unknown fields {sorted(unknown)}; the checkpoint is "
+                              "damaged or from a newer bertlite")
+    return record
+
+
+def check_tokenizer_agrees(record: dict[str, Any] | None, normalization: dict[str, bool] | None,
+                           where: str) -> None:
+    """The normalisation ``config.json`` records is the one ``tokenizer.json`` applies (no
+    record: a checkpoint written before bertlite recorded it, read as its tokenizer.json)."""
+    if record is None:
+        return
+    if normalization is None:
+        raise CheckpointError(f"{where}: config.json records a {record['kind']} tokenizer but "
+                              "there is no tokenizer.json; the checkpoint is incomplete")
+    recorded = {k: record[k] for k in ("lowercase", "strip_accents")}
+    if recorded != normalization:
+        raise CheckpointError(f"{where}: config.json records the tokenizer normalisation "
+                              f"{recorded}, but tokenizer.json applies {normalization}; the "
+                              "checkpoint was edited or damaged")
 
 
 def _history_fields() -> set[str]:
