@@ -41,6 +41,7 @@ from bertlite.checkpoint_schema import (
     check_vocab_tokens,
     config_difference,
     sha256,
+    tokenizer_record,
     verify_digests,
 )
 from bertlite.config import BERTConfig
@@ -225,7 +226,7 @@ def write_checkpoint(path: str | os.PathLike, *, config: BERTConfig, vocab: Voca
     meta = {"format": FORMAT_VERSION, "bertlite_version": __version__, "backend": backend_name,
             "model": config.to_dict(), "training": training or {}}
     if vocab.tokenizer is not None:  # its normalisation (cased or not), checked at load
-        meta["tokenizer"] = {"kind": vocab.tokenizer.kind, **vocab.tokenizer.normalization}
+        meta["tokenizer"] = tokenizer_record(vocab.tokenizer)
     texts = {CONFIG_FILE: _json_text(meta),
              VOCAB_FILE: "".join(t + "\n" for t in vocab.idx_to_token)}
     if vocab.tokenizer is not None:
@@ -330,8 +331,7 @@ def _read_checkpoint(path: str | os.PathLike, with_trainer: bool) -> dict[str, A
             raise CheckpointError(f"{path / TOKENIZER_FILE} does not match {path / VOCAB_FILE} "
                                   "(other tokens or another order); the checkpoint is damaged")
         vocab = tokenized
-    check_tokenizer_agrees(meta.get("tokenizer"), None if vocab.tokenizer is None else
-                           vocab.tokenizer.normalization, str(path))
+    check_tokenizer_agrees(meta.get("tokenizer"), vocab.tokenizer, str(path))
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path / VOCAB_FILE} has {len(vocab)} tokens but the config says "
                               f"vocab_size {config.vocab_size}")

@@ -10,7 +10,9 @@ book's word vocabulary, lowercase and a word-level model with ``<unk>``; and
 
 Import reads BERT's WordPiece vocabulary with its own ids: the special tokens (``[PAD]=0
 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103`` in ``bert-base-uncased``) keep their ids and take
-bertlite's names (``<pad>`` ... ``<mask>``), which every step of the pipeline looks up by name.
+bertlite's names (``<pad>`` ... ``<mask>``), which every step of the pipeline looks up by name;
+the tokenizer remembers their own names (``special_names``), and export writes them back, so
+that HF -> bertlite -> HF gives the same ``vocab.txt`` and ``[MASK]`` stays the mask token.
 """
 
 from __future__ import annotations
@@ -52,11 +54,16 @@ def _tokenizers() -> Any:
 def tokenizer_files(vocab: Vocab, max_len: int) -> dict[str, str]:
     """``{file name: text}`` of the tokenizer of ``vocab`` for a ``transformers`` folder."""
     hf = _tokenizers()
-    token_to_idx = {t: i for i, t in enumerate(vocab.idx_to_token)}
+    # an imported BERT's special tokens under their own names again ([MASK] ...), bertlite's
+    # own under bertlite's (<mask> ...)
+    names = dict(vocab.tokenizer.special_names) if vocab.tokenizer is not None else {}
+    tokens = [names.get(t, t) for t in vocab.idx_to_token]
+    token_to_idx = {t: i for i, t in enumerate(tokens)}
+    unk = names.get("<unk>", "<unk>")
     lowercase = True
     if vocab.tokenizer is not None:
         tok = hf.Tokenizer(hf.models.WordPiece(
-            vocab=token_to_idx, unk_token="<unk>", continuing_subword_prefix=CONTINUATION,
+            vocab=token_to_idx, unk_token=unk, continuing_subword_prefix=CONTINUATION,
             max_input_chars_per_word=MAX_WORD_CHARS))
         tok.decoder = hf.decoders.WordPiece(prefix=CONTINUATION, cleanup=False)
         # the tokenizer's own: bertlite's lowercasing, or an imported BERT's (cased, say)
@@ -64,15 +71,15 @@ def tokenizer_files(vocab: Vocab, max_len: int) -> dict[str, str]:
         tok.pre_tokenizer = vocab.tokenizer.pre_tokenizer
         lowercase = vocab.tokenizer.lowercase
     else:
-        tok = hf.Tokenizer(hf.models.WordLevel(vocab=token_to_idx, unk_token="<unk>"))
+        tok = hf.Tokenizer(hf.models.WordLevel(vocab=token_to_idx, unk_token=unk))
         tok.normalizer = hf.normalizers.Lowercase()  # the book: text.lower().split()
         tok.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
-    cls, sep = vocab["<cls>"], vocab["<sep>"]
+    cls, sep = names.get("<cls>", "<cls>"), names.get("<sep>", "<sep>")
     tok.post_processor = hf.processors.TemplateProcessing(
-        single="<cls> $A <sep>", pair="<cls> $A <sep> $B:1 <sep>:1",
-        special_tokens=[("<cls>", cls), ("<sep>", sep)])
-    tok.add_special_tokens(list(ROLES.values()))
-    specials = dict(ROLES)
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab["<cls>"]), (sep, vocab["<sep>"])])
+    specials = {role: names.get(ours, ours) for role, ours in ROLES.items()}
+    tok.add_special_tokens(list(specials.values()))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
               "model_max_length": max_len, "do_lower_case": lowercase,
               "clean_up_tokenization_spaces": False,
@@ -81,7 +88,7 @@ def tokenizer_files(vocab: Vocab, max_len: int) -> dict[str, str]:
              "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
              "special_tokens_map.json": json.dumps(specials, indent=2) + "\n"}
     if vocab.tokenizer is not None:
-        files["vocab.txt"] = "".join(t + "\n" for t in vocab.idx_to_token)
+        files["vocab.txt"] = "".join(t + "\n" for t in tokens)
     return files
 
 
@@ -190,6 +197,8 @@ def read_tokenizer(path: str | Path, vocab_size: int) -> tuple[Vocab, dict[str, 
         vocab = WordPieceTokenizer.from_vocab(
             renamed, normalizer=_component(hf, "normalizer", normalizer, path),
             pre_tokenizer=_component(hf, "pre_tokenizer", pre, path)).to_vocab()
+        vocab.tokenizer.special_names = {ours: theirs for ours, (theirs, _) in specials.items()
+                                         if theirs != ours}
     else:
         vocab = Vocab.from_tokens(renamed, unk_anywhere=True)
     return vocab, {"special_tokens": specials, **normalization, "kind": kind}

@@ -100,6 +100,9 @@ def test_export_loads_in_transformers_with_the_same_outputs(backend, tmp_path, k
     n_a = len(model.tokenize(PAIR[0])) + 2
     assert enc["token_type_ids"][0].tolist() == [0] * n_a + [1] * (len(tokens) - n_a)
     assert tok.mask_token == "<mask>" and tok.mask_token_id == vocab["<mask>"]
+    # transformers' tooling takes bertlite's own special-token names from the folder
+    fill = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder))
+    assert len(fill(f"the crane {tok.mask_token} over", top_k=3)) == 3
     ours = all_position_outputs(model, enc["input_ids"], enc["token_type_ids"])
     assert_same_outputs(ours, hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
     np.testing.assert_allclose(model.encode(*PAIR), ours[0], rtol=1e-5, atol=1e-5)
@@ -182,6 +185,12 @@ def test_import_keeps_berts_special_token_ids_and_outputs(backend, tmp_path):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     assert_same_outputs(hf_outputs(out, enc["input_ids"], enc["token_type_ids"]),
                         hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
+    # and the tokenizer: BERT's special-token names again, the same vocab.txt
+    assert (out / "vocab.txt").read_text() == (folder / "vocab.txt").read_text()
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    assert (again.mask_token, again.mask_token_id, again.pad_token) == ("[MASK]", 103, "[PAD]")
+    masked = "the crane [MASK] over the river"
+    assert again(masked)["input_ids"] == tok(masked)["input_ids"]
 
 
 @pytest.mark.parametrize("architecture, initialised", [
@@ -277,6 +286,7 @@ def test_continue_pretraining_from_a_transformers_folder(backend, tmp_path):
     assert not np.array_equal(moved["encoder.token_embedding.weight"],
                               start["encoder.token_embedding.weight"])
     out = result.to_hf(str(tmp_path / "continued"))
+    assert (out / "vocab.txt").read_text() == (folder / "vocab.txt").read_text()
     net = transformers.BertForPreTraining.from_pretrained(out)
     np.testing.assert_array_equal(net.bert.embeddings.word_embeddings.weight.detach().numpy(),
                                   moved["encoder.token_embedding.weight"])
@@ -326,6 +336,11 @@ def test_cli_import_export_and_pretrain_init(backend, tmp_path, capsys):
     assert main(["export-hf", "--checkpoint", str(tmp_path / "ck"), "--out",
                  str(tmp_path / "hf")]) == 0
     again = bertlite.from_hf(tmp_path / "hf", backend=backend)
+    # BERT's special-token names kept through the bertlite checkpoint
+    assert (tmp_path / "hf" / "vocab.txt").read_text() == \
+        (tmp_path / "bert" / "vocab.txt").read_text()
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["tokenizer"][
+        "special_names"]["<mask>"] == "[MASK]"
     loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
     for name, value in loaded.state_dict().items():
         np.testing.assert_array_equal(again.state_dict()[name], value, err_msg=name)
@@ -357,7 +372,8 @@ def test_continue_pretraining_example(backend, tmp_path, capsys):
                                 "--out", str(tmp_path / "out")])
     assert len(predictions) == 5 and all(0 <= score <= 1 for _, score in predictions)
     out = capsys.readouterr().out
-    assert f"exported: {tmp_path / 'out'}" in out and "the crane is <mask> over" in out
+    # the imported BERT's own mask token, written back by export
+    assert f"exported: {tmp_path / 'out'}" in out and "the crane is [MASK] over" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -448,7 +464,10 @@ def test_cased_import_keeps_case_and_round_trips(backend, tmp_path, strip_accent
     model.save(str(tmp_path / "ck"))
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert meta["tokenizer"] == {"kind": "wordpiece", "lowercase": False,
-                                 "strip_accents": bool(strip_accents)}
+                                 "strip_accents": bool(strip_accents),
+                                 "special_names": {"<pad>": "[PAD]", "<unk>": "[UNK]",
+                                                   "<cls>": "[CLS]", "<sep>": "[SEP]",
+                                                   "<mask>": "[MASK]"}}
     loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
     assert loaded.tokenizer == model.tokenizer and not loaded.tokenizer.lowercase
     for text in CASED_PROBES:
@@ -494,6 +513,7 @@ def test_cased_data_pipeline_keeps_the_case(backend, tmp_path):
 def test_tokenizer_record_is_checked(tmp_path):
     from bertlite.checkpoint_schema import check_config_json, check_tokenizer_agrees
 
+    uncased = WordPieceTokenizer.from_vocab(["<unk>", "<pad>", "<mask>", "<cls>", "<sep>", "a"])
     meta = {"format": 2, "model": BERTConfig(vocab_size=10).to_dict()}
     check_config_json({**meta, "tokenizer": {"kind": "wordpiece", "lowercase": False,
                                              "strip_accents": False}}, tmp_path)
@@ -502,7 +522,14 @@ def test_tokenizer_record_is_checked(tmp_path):
                                                  "strip_accents": False}}, tmp_path)
     with pytest.raises(CheckpointError, match="records the tokenizer normalisation"):
         check_tokenizer_agrees({"kind": "wordpiece", "lowercase": False, "strip_accents": False},
-                               {"lowercase": True, "strip_accents": False}, "ck")
+                               uncased, "ck")
+    with pytest.raises(CheckpointError, match="'special_names' must be an object"):
+        check_config_json({**meta, "tokenizer": {"kind": "wordpiece", "lowercase": True,
+                                                 "strip_accents": False,
+                                                 "special_names": {"<mask>": ""}}}, tmp_path)
+    check_tokenizer_agrees({"kind": "wordpiece", "lowercase": True, "strip_accents": False,
+                            "special_names": {"<mask>": "[MASK]"}}, uncased, "ck")
+    assert uncased.special_names == {"<mask>": "[MASK]"}
     with pytest.raises(CheckpointError, match="there is no tokenizer.json"):
         check_tokenizer_agrees({"kind": "wordpiece", "lowercase": True, "strip_accents": False},
                                None, "ck")

@@ -96,6 +96,9 @@ class WordPieceTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
         self.normalization = normalization_of(json.loads(tokenizer.to_str()).get("normalizer"))
+        #: the names an imported tokenizer gave the special tokens bertlite calls ``<pad>`` ...
+        #: (``{"<mask>": "[MASK]", ...}``; empty for bertlite's own), which export writes back
+        self.special_names: dict[str, str] = {}
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.idx_to_token: list[str] = [""] * len(vocab)
         for token, idx in vocab.items():
