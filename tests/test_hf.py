@@ -533,3 +533,27 @@ def test_tokenizer_record_is_checked(tmp_path):
     with pytest.raises(CheckpointError, match="there is no tokenizer.json"):
         check_tokenizer_agrees({"kind": "wordpiece", "lowercase": True, "strip_accents": False},
                                None, "ck")
+
+
+def test_cased_and_uncased_tokenizers_never_share_cached_data(tmp_path):
+    """The same pieces with another normalisation are another tokenizer: other digest, other
+    cache entry, other examples."""
+    import tokenizers
+
+    from bertlite.data.loader import prepare_data
+
+    tokens = ["<unk>", "<pad>", "<mask>", "<cls>", "<sep>",
+              *sorted(set(CASED_TEXT.split()) | set(CASED_TEXT.lower().split()))]
+    uncased = WordPieceTokenizer.from_vocab(tokens)
+    cased = WordPieceTokenizer.from_vocab(tokens, normalizer=tokenizers.normalizers.BertNormalizer(
+        lowercase=False, strip_accents=False))
+    assert uncased.lowercase and not cased.lowercase and cased != uncased
+    assert cased.digest() != uncased.digest()
+    corpus = tmp_path / "wiki.train.tokens"
+    corpus.write_text("\n".join([CASED_TEXT] * 20) + "\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    low, _ = prepare_data(corpus, 32, vocab=uncased.to_vocab(), cache_dir=cache)
+    kept, _ = prepare_data(corpus, 32, vocab=cased.to_vocab(), cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    assert not (low.tokens == uncased.to_vocab()["Paris"]).any()
+    assert (kept.tokens == cased.to_vocab()["Paris"]).any()
