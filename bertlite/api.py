@@ -249,6 +249,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                         tokenizer=tokenizer,
                                         wordpiece_vocab_size=wordpiece_vocab_size,
                                         whole_word_mask=whole_word_mask)
+    if isinstance(tokenizer, WordPieceTokenizer) and vocab.tokenizer is not None:
+        vocab.tokenizer.special_names = dict(tokenizer.special_names)  # init=: [MASK] ...
     model_config = resolve_config(config, len(vocab), max_len=max_len)
     if dropout is not None:
         model_config = model_config.replace(dropout=float(dropout))
