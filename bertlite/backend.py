@@ -29,6 +29,12 @@ TRAIN_STEP_OPTIONS = {"accumulate": 1, "precision": "float32", "skip_nonfinite":
 #: the keywords of :meth:`Backend.train_step` that key its dropout masks (run seed, step); the
 #: core passes them to a backend whose ``train_step`` takes them
 DROPOUT_KEYS = ("seed", "step")
+#: the keys of :meth:`Backend.info`, the same in every backend: the framework's name, version
+#: and numpy's, the default devices (as strings), the number of GPUs, the CPU threads (with
+#: where that number comes from), what the environment asks of several processes, and
+#: framework build facts (a dict whose keys are the framework's own)
+INFO_KEYS = ("framework", "version", "numpy", "devices", "gpus", "threads", "distributed",
+             "build")
 
 
 def dropout_key(backend: Backend, seed: int, step: int) -> dict[str, int]:
@@ -195,7 +201,7 @@ class Backend(ABC):
         return None
 
     def info(self) -> dict[str, Any]:
-        """Versions and devices, for ``bertlite info``."""
+        """Versions and devices, for ``bertlite info``, under :data:`INFO_KEYS`."""
         return {}
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import build, make_batch, tiny_config
 
+from bertlite.backend import INFO_KEYS
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.errors import BackendError, DeviceError
@@ -416,8 +417,10 @@ def test_devices(mxb):
 
 def test_info(mxb):
     info = mxb.info()
-    assert info["version"] == mx.__version__
-    assert "DIST_KVSTORE" in info["features"] and "CUDA" in info["features"]
+    assert tuple(info) == INFO_KEYS
+    assert info["framework"] == "mxnet" and info["version"] == mx.__version__
+    features = info["build"]["features"]
+    assert "DIST_KVSTORE" in features and "CUDA" in features
     assert info["gpus"] == mx.context.num_gpus()
 
 

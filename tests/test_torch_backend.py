@@ -4,12 +4,14 @@ running unchanged on ``bertlite.backends.torch``, torch devices."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
 import pytest
 from helpers import make_batch, tiny_config
 
+from bertlite.backend import INFO_KEYS
 from bertlite.config import BERTConfig
 from bertlite.errors import DeviceError
 from bertlite.loss import bert_loss_numpy
@@ -288,9 +290,11 @@ def test_seed_fixes_dropout(torch_backend):
 
 def test_info(torch_backend):
     info = torch_backend.info()
-    assert info["torch"] == torch.__version__
-    assert info["num_threads"] == torch.get_num_threads()
-    assert isinstance(info["cuda_available"], bool)
+    assert tuple(info) == INFO_KEYS
+    assert info["framework"] == "torch" and info["version"] == torch.__version__
+    assert info["threads"].startswith(f"{torch.get_num_threads()} (")
+    assert isinstance(info["build"]["cuda_available"], bool)
+    assert info["distributed"] == "no (one process)" or "WORLD_SIZE" in os.environ
 
 
 # -- devices ------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class MXNetBackend(Backend):
         return distributed.any_process(flag)
 
     def num_replicas(self, devices: Sequence[Any]) -> int:
-        return max(1, len(devices)) * distributed.num_workers()
+        return max(1, len(devices)) * distributed.world_size()
 
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """The least free memory of the GPUs among ``devices``; None on the CPU."""
@@ -157,10 +157,11 @@ class MXNetBackend(Backend):
             "framework": "mxnet",
             "version": mx.__version__,
             "numpy": onp.__version__,
-            "features": {f: features.is_enabled(f) for f in wanted if f in features},
+            "devices": [str(d) for d in parse_devices(None)],
             "gpus": num_gpus(),
-            "omp_threads": _omp_threads(),
+            "threads": _omp_threads(),
             "distributed": _describe_distributed(),
+            "build": {"features": {f: features.is_enabled(f) for f in wanted if f in features}},
         }
 
 

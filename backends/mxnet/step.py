@@ -333,7 +333,7 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     accumulate = check_accumulate(accumulate)
     devices = opt.devices
     plan = check_precision(precision, devices)
-    rank, workers = distributed.rank(), distributed.num_workers()
+    rank, workers = distributed.rank(), distributed.world_size()
     mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
     parts = sharding.step_pieces(num_rows, accumulate=accumulate, num_devices=len(devices),
                                  rank=rank, num_processes=workers)
@@ -373,7 +373,7 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     mlm = _sum_on(mlm_parts, devices[0]) if mlm_parts else zero
     nsp = _sum_on(nsp_parts, devices[0]) if nsp_parts else zero
     if workers > 1:
-        total = distributed.allreduce_sum(mnp.stack([mlm, nsp]))
+        total = distributed.all_reduce_sum(mnp.stack([mlm, nsp]))
         mlm, nsp = total[0], total[1]
     if skip_nonfinite and not _finite(mlm, nsp):
         _zero_grads(params)

@@ -160,14 +160,39 @@ class TorchBackend(Backend):
     def info(self) -> dict[str, Any]:
         cuda = torch.cuda.is_available()
         return {
-            "torch": torch.__version__,
-            "cuda_build": torch.version.cuda,
-            "cuda_available": cuda,
+            "framework": "torch",
+            "version": torch.__version__,
+            "numpy": np.__version__,
             "devices": [str(d) for d in parse_devices(None)],
-            "device_names": ([torch.cuda.get_device_name(i)
-                              for i in range(torch.cuda.device_count())] if cuda else ["cpu"]),
-            "num_threads": torch.get_num_threads(),
-            "num_interop_threads": torch.get_num_interop_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpus": torch.cuda.device_count() if cuda else 0,
+            "threads": _threads(),
+            "distributed": _describe_distributed(),
+            "build": {
+                "cuda": torch.version.cuda,
+                "cuda_available": cuda,
+                "device_names": ([torch.cuda.get_device_name(i)
+                                  for i in range(torch.cuda.device_count())] if cuda
+                                 else ["cpu"]),
+                "num_interop_threads": torch.get_num_interop_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            },
         }
+
+
+def _threads() -> str:
+    """How many threads torch's CPU operators use, and what set that number."""
+    where = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in
+             os.environ else "torch's default")
+    return f"{torch.get_num_threads()} ({where})"
+
+
+def _describe_distributed() -> str:
+    """What the environment asks for, without joining anything."""
+    try:
+        info = distributed.env_world()
+    except Exception as err:  # a broken environment is reported, not fatal
+        return f"misconfigured ({err})"
+    if info is None:
+        return "no (one process)"
+    return (f"rank {info.rank} of {info.world_size}, rendezvous "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
