@@ -228,6 +228,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     devs = be.parse_devices(devices)
     be.check_train_options(devs, accumulate=accumulate, precision=precision,
                            skip_nonfinite=on_nan == "skip")
+    be.setup_processes(devs)  # join the other processes (torchrun, MXNet workers), if any
     main = be.is_main_process()  # the one process that prints, plots and writes checkpoints
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:

@@ -181,6 +181,11 @@ class Backend(ABC):
         return self.forward(model, batch)[0]
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """Join the other processes when the environment asks for several (a process group, a
+        distributed kvstore); nothing in one process. The trainer calls it once, right after
+        :meth:`parse_devices` (which only parses: it joins nothing). Idempotent."""
+
     def is_main_process(self) -> bool:
         """False in every process but one when the backend trains over several processes (the
         core prints, plots and writes checkpoints only in the main one)."""

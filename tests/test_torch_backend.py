@@ -359,6 +359,27 @@ def book_cells(path):
 
 
 @pytest.mark.slow
+def test_parse_devices_joins_no_process_group():
+    """Under torchrun's environment parse_devices only parses; the trainer joins the process
+    group with setup_processes (before, parse_devices joined it and waited for the other
+    rank here)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    code = ("import torch.distributed as dist; from bertlite.registry import get_backend; "
+            "be = get_backend('torch'); d = be.parse_devices('cpu'); "
+            "print(d, be.describe_devices(d), dist.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split("\n")[0]
+    assert out == "[device(type='cpu')] [device(type='cpu')] x 2 processes False"
+
+
 def test_the_books_pytorch_tab_runs_unchanged(wikitext_train_dir, monkeypatch, capsys):
     if not CHAPTER.is_file():
         pytest.skip(f"the book chapter is not at {CHAPTER}")

@@ -129,6 +129,11 @@ class MXNetBackend(Backend):
         return _step.loss_and_grads(model, batch)
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """As an MXNet worker among several, connect to the distributed kvstore
+        (:func:`.distributed.setup`)."""
+        distributed.setup(devices[0] if devices else None)
+
     def is_main_process(self) -> bool:
         """Worker 0 of a distributed kvstore (connecting to it on first use), else True."""
         return distributed.rank() == 0

@@ -40,11 +40,8 @@ class TorchBackend(Backend):
     # -- devices and randomness ---------------------------------------------------------------
     def parse_devices(self, spec: str | Sequence[Any] | None) -> list[torch.device]:
         """Under torchrun (``WORLD_SIZE`` > 1) this process's one device, ``cuda:LOCAL_RANK``
-        by default, and the process group is joined here."""
-        devices = distributed.local_device(spec is not None, parse_devices(spec))
-        if distributed.env_world() is not None:
-            distributed.setup(devices[0])
-        return devices
+        by default; the process group is joined by :meth:`setup_processes`."""
+        return distributed.local_device(spec is not None, parse_devices(spec))
 
     def describe_devices(self, devices: Sequence[Any]) -> str:
         text = str(list(devices))
@@ -62,11 +59,11 @@ class TorchBackend(Backend):
         ``DistributedDataParallel`` under torchrun."""
         devices = parse_devices(list(devices)) if devices else [torch.device("cpu")]
         model = BERTModel.from_config(config, seed=0, fast=self.fast).to(devices[0])
-        if distributed.env_world() is not None:
+        if distributed.is_distributed():
             if len(devices) > 1:
                 raise DeviceError(f"under torchrun every process trains on one device, got "
                                   f"{devices}")
-            distributed.setup(devices[0])
+            self.setup_processes(devices)  # DDP needs the process group (idempotent)
             return distributed.wrap(model, devices[0]).train()
         if len(devices) > 1:
             if any(d.type != "cuda" for d in devices):
@@ -114,6 +111,12 @@ class TorchBackend(Backend):
         _step.load_optimizer_state(optimizer, arrays)
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """Under torchrun, join the process group on this process's device (NCCL for CUDA,
+        Gloo for the CPU; :func:`.distributed.setup`)."""
+        if distributed.is_distributed():
+            distributed.setup(torch.device(devices[0]) if devices else torch.device("cpu"))
+
     def is_main_process(self) -> bool:
         return distributed.rank() == 0
 
