@@ -17,8 +17,8 @@ running (``python -m bertlite.launch`` starts them all on this machine) -- train
 ``BERTLITE_MXNET_KVSTORE`` picks the kvstore type: ``dist_sync`` (the default: gradients summed
 on the servers through CPU memory) or ``dist_device_sync`` (summed on a worker's GPUs first).
 Asynchronous kvstores (``dist_async``) are refused: their updates are not those of one process.
-The launcher is :mod:`bertlite.launch`; any other (MXNet's ``tools/launch.py``, a cluster
-scheduler) works the same when it sets the ``DMLC_*`` variables.
+The launcher is :mod:`.launch` (``python -m bertlite.launch``); any other (MXNet's
+``tools/launch.py``, a cluster scheduler) works the same when it sets the ``DMLC_*`` variables.
 """
 
 from __future__ import annotations
