@@ -240,6 +240,7 @@ def test_skip_nonfinite_leaves_model_and_optimizer_as_they_were(backend, batches
     bad = [float(x) for x in backend.train_step(model, opt, _poisoned(data[1], 15), 0.01,
                                                 **options)]
     assert not np.isfinite(bad).all()
+    assert opt.nonfinite_skips == 1  # both backends' optimizer wrappers count the skips
     after, state_after = backend.state_dict(model), backend.optimizer_state(opt)
     assert all(np.array_equal(after[k], weights[k]) for k in weights)
     assert all(np.array_equal(state_after[k], state[k]) for k in state)

@@ -85,10 +85,10 @@ class TorchBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module, settings: OptimizerSettings
-                         ) -> torch.optim.Optimizer:
+                         ) -> _step.TorchOptimizer:
         return _step.create_optimizer(model, settings)
 
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+    def train_step(self, model: nn.Module, optimizer: _step.TorchOptimizer, batch: Batch,
                    lr: float, *, accumulate: int = 1, precision: str = "float32",
                    skip_nonfinite: bool = False, seed: int = 0, step: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +103,10 @@ class TorchBackend(Backend):
         for device in devices or [torch.device("cpu")]:
             _step.check_precision(precision, device)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    def optimizer_state(self, optimizer: _step.TorchOptimizer) -> dict[str, np.ndarray]:
         return _step.optimizer_state(optimizer)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+    def load_optimizer_state(self, optimizer: _step.TorchOptimizer,
                              arrays: dict[str, np.ndarray]) -> None:
         _step.load_optimizer_state(optimizer, arrays)
 
