@@ -135,11 +135,14 @@ class Backend(ABC):
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """Raise :class:`bertlite.errors.BackendError` before any work when this backend cannot
-        train with these :meth:`train_step` options on ``devices``. The default accepts the
-        defaults, and any option that this backend's ``train_step`` takes as a keyword;
-        backends override it for options that depend on the device (fp16 needs a GPU, say)."""
+        train with these :meth:`train_step` options on ``devices``. The default checks the values
+        (:func:`bertlite.options.check_step_options`, the one place) and accepts any option that
+        this backend's ``train_step`` takes as a keyword; backends extend it (calling it first)
+        for what depends on the device (fp16 needs a GPU, say)."""
         from bertlite.errors import BackendError
+        from bertlite.options import check_step_options  # it imports this module
 
+        check_step_options(accumulate=accumulate, precision=precision)
         requested = {"accumulate": accumulate, "precision": precision,
                      "skip_nonfinite": skip_nonfinite}
         params = inspect.signature(self.train_step).parameters

@@ -94,8 +94,9 @@ class MXNetBackend(Backend):
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """accumulate: any positive integer; precision: float32 anywhere, bf16 on the CPU,
         fp16 on GPUs (both on the fast path only); skip_nonfinite: yes."""
+        super().check_train_options(devices, accumulate=accumulate, precision=precision,
+                                    skip_nonfinite=skip_nonfinite)
         try:
-            _step.check_accumulate(accumulate)
             _step.check_precision(precision, list(devices))
             if precision != "float32" and not self.fast:
                 raise ValueError(f"precision={precision!r} rewrites the fast path's compiled "

@@ -53,9 +53,9 @@ from . import distributed
 from .fast import loss_graph, shard_masks
 from .loss import _get_batch_loss_bert, shard_loss
 
-__all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
-           "check_precision", "clip_grad_norm", "create_optimizer", "load_optimizer_state",
-           "loss_and_grads", "optimizer_state", "shard_losses", "split_batch", "train_step"]
+__all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_precision",
+           "clip_grad_norm", "create_optimizer", "load_optimizer_state", "loss_and_grads",
+           "optimizer_state", "shard_losses", "split_batch", "train_step"]
 
 #: torch.nn.utils.clip_grad_norm_'s epsilon
 CLIP_EPSILON = 1e-6
@@ -198,11 +198,9 @@ PRECISION_PLANS = {
 
 
 def check_precision(precision: str, devices: Sequence[mx.Context]) -> PrecisionPlan:
-    """The plan of ``precision`` on ``devices``; ValueError naming what works otherwise."""
-    plan = PRECISION_PLANS.get(precision)
-    if plan is None:
-        raise ValueError(f"precision must be one of {tuple(PRECISION_PLANS)}, got "
-                         f"{precision!r}")
+    """The plan of ``precision`` (one of :data:`bertlite.backend.PRECISIONS`) on ``devices``;
+    ValueError naming what works when these devices cannot run it."""
+    plan = PRECISION_PLANS[precision]  # one of PRECISIONS: bertlite.options checks the value
     if plan.device_type is not None:
         wrong = [str(d) for d in devices if d.device_type != plan.device_type]
         if wrong:
@@ -229,12 +227,6 @@ def _cpu_computes_bfloat16() -> bool:
     except mx.base.MXNetError:
         return False
     return True
-
-
-def check_accumulate(accumulate: Any) -> int:
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
-    return accumulate
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -335,7 +327,6 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     and one update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays,
     still computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
     process: the loss is the sum over all of them)."""
-    accumulate = check_accumulate(accumulate)
     devices = opt.devices
     plan = check_precision(precision, devices)
     rank, workers = distributed.rank(), distributed.world_size()

@@ -100,8 +100,7 @@ class TorchBackend(Backend):
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         super().check_train_options(devices, accumulate=accumulate, precision=precision,
                                     skip_nonfinite=skip_nonfinite)
-        for device in devices or [torch.device("cpu")]:
-            _step.check_precision(precision, device)
+        _step.check_precision(precision, list(devices) or [torch.device("cpu")])
 
     def optimizer_state(self, optimizer: _step.TorchOptimizer) -> dict[str, np.ndarray]:
         return _step.optimizer_state(optimizer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bertlite import sharding
-from bertlite.backend import PRECISIONS
 from bertlite.data.loader import Batch
 from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
@@ -195,19 +194,19 @@ def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = N
 
 # -- mixed precision -----------------------------------------------------------------------------
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Raise :class:`bertlite.errors.BackendError` when ``device`` cannot train in
-    ``precision``."""
-    device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise BackendError(f"precision='fp16' needs a CUDA GPU (float16 with loss scaling by "
-                           f"torch.amp.GradScaler); this run is on {device}: use "
-                           "precision='bf16' on the CPU, or float32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BackendError(f"precision='bf16' is not supported by {device} "
-                           f"({torch.cuda.get_device_name(device)}); use precision='fp16'")
+def check_precision(precision: str, devices: Sequence[torch.device]) -> None:
+    """Raise :class:`bertlite.errors.BackendError` when ``devices`` cannot train in
+    ``precision`` (one of :data:`bertlite.backend.PRECISIONS`, checked by
+    :mod:`bertlite.options`)."""
+    for device in map(torch.device, devices):
+        if precision == "fp16" and device.type != "cuda":
+            raise BackendError(f"precision='fp16' needs a CUDA GPU (float16 with loss scaling "
+                               f"by torch.amp.GradScaler); this run is on {device}: use "
+                               "precision='bf16' on the CPU, or float32")
+        if precision == "bf16" and device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported():
+            raise BackendError(f"precision='bf16' is not supported by {device} "
+                               f"({torch.cuda.get_device_name(device)}); use precision='fp16'")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -304,12 +303,10 @@ def train_step(model: nn.Module, optimizer: TorchOptimizer, batch: Batch, lr: fl
     update, counts ``optimizer.nonfinite_skips`` and returns non-finite losses. Without it there
     is no host synchronization on one device.
     """
-    if accumulate < 1:
-        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if not model.training:
         model.train()
     device = model_device(model)
-    check_precision(precision, device)
+    check_precision(precision, [device])  # the device's part; the value: bertlite.options
     ddp = isinstance(model, DistributedDataParallel)
     info = distributed.world() if ddp else None
     rank, world_size = (info.rank, info.world_size) if info else (0, 1)
