@@ -204,10 +204,14 @@ def _init_key(kv: Any, key: int, size: int) -> None:
         _initialized_keys.add(key)
 
 
-def all_reduce_sum(values: Any, key: int = LOSS_KEY) -> Any:
+def all_reduce_sum(values: Any) -> Any:
     """A 1-d float32 array summed over the workers (through the kvstore's servers); returned
     as a new array on the CPU, asynchronously (no host synchronization). In one process the
     array itself."""
+    return _all_reduce_sum(values, LOSS_KEY)
+
+
+def _all_reduce_sum(values: Any, key: int) -> Any:
     kv = get_kvstore()
     if kv is None:
         return values
@@ -226,7 +230,7 @@ def any_process(flag: bool) -> bool:
         return flag
     import mxnet as mx
 
-    total = all_reduce_sum(mx.np.array([1.0 if flag else 0.0], dtype="float32"), FLAG_KEY)
+    total = _all_reduce_sum(mx.np.array([1.0 if flag else 0.0], dtype="float32"), FLAG_KEY)
     return bool(float(total[0]) > 0)
 
 

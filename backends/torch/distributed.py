@@ -189,11 +189,11 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
         find_unused_parameters=False)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over the processes (in place), or as it is in one process."""
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the processes (in place), or as it is in one process."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def any_process(flag: bool) -> bool:
