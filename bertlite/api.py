@@ -255,7 +255,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if free is not None:  # fail before the model is built, not at the first step
         check_fits(estimate_memory(model_config, -(-batch_size // accumulate), max_len,
                                    precision=precision, optimizer=settings.optimizer,
-                                   num_devices=be.num_replicas(devs)),
+                                   num_devices=be.num_replicas(devs),
+                                   saved_tensors=be.saved_tensors()),
                    free, batch_size=batch_size, max_len=max_len)
     be.seed(seed)
     net = be.build_model(model_config, devs)

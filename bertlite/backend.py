@@ -18,6 +18,7 @@ import numpy as np
 
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
+from bertlite.memory import SavedTensors
 from bertlite.optim import OptimizerSettings
 
 #: what ``precision=`` accepts: float32, or mixed precision with bfloat16 / float16 activations
@@ -202,6 +203,12 @@ class Backend(ABC):
     def num_replicas(self, devices: Sequence[Any]) -> int:
         """How many model replicas share each global batch: devices times processes."""
         return max(1, len(devices))
+
+    def saved_tensors(self) -> SavedTensors:
+        """This backend's activation-memory terms, for the core's estimate
+        (:func:`bertlite.memory.estimate_memory`); the default: the book's model as GPUs run
+        it."""
+        return SavedTensors()
 
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """Free bytes on the device with the least free memory, or None when unknown (the

@@ -15,6 +15,7 @@ from bertlite.backend import Backend
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.errors import BackendError
+from bertlite.memory import SavedTensors
 from bertlite.optim import OptimizerSettings
 from bertlite.params import check_state_dict
 
@@ -23,7 +24,13 @@ from . import step as _step
 from .devices import num_gpus, parse_devices
 from .model import BERTModel
 
-__all__ = ["MXNetBackend"]
+__all__ = ["SAVED_TENSORS", "MXNetBackend"]
+
+#: the tensors this backend's training step saves for backward (:mod:`bertlite.memory`):
+#: counted as for the book's model (the torch backend's terms). Not calibrated against MXNet's
+#: own memory: its hybridized graph plans its buffers itself (static_alloc), so take the
+#: estimate as an order of magnitude here.
+SAVED_TENSORS = SavedTensors()
 
 
 def _as_mx(array: onp.ndarray, ctx: mx.Context) -> Any:
@@ -144,6 +151,9 @@ class MXNetBackend(Backend):
 
     def num_replicas(self, devices: Sequence[Any]) -> int:
         return max(1, len(devices)) * distributed.world_size()
+
+    def saved_tensors(self) -> SavedTensors:
+        return SAVED_TENSORS
 
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """The least free memory of the GPUs among ``devices``; None on the CPU."""
