@@ -31,7 +31,7 @@ from mxnet import autograd, gluon  # noqa: E402
 from bertlite.backends import mxnet as bmx  # noqa: E402
 from bertlite.backends.mxnet import distributed, fast  # noqa: E402
 from bertlite.backends.mxnet import step as mx_step  # noqa: E402
-from bertlite.backends.mxnet.loss import MXNetLossOps, _get_batch_loss_bert  # noqa: E402
+from bertlite.backends.mxnet.loss import _get_batch_loss_bert, output_row_losses  # noqa: E402
 from bertlite.backends.mxnet.model import BERTModel  # noqa: E402
 from bertlite.backends.mxnet.step import TorchAdam, clip_grad_norm, split_batch  # noqa: E402
 
@@ -247,9 +247,9 @@ def test_sparse_last_layer_gives_the_full_loss_and_gradients(num_layers, hybridi
 
     def full(*inputs):
         _, mlm_Y_hat, nsp_Y_hat = net(*inputs[:4])
-        return bert_loss(MXNetLossOps(), mlm_Y_hat.reshape((-1, VOCAB)), inputs[5], inputs[4],
-                         nsp_Y_hat, inputs[6], mlm_weight_total=inputs[7],
-                         num_examples=inputs[8])
+        return bert_loss(*output_row_losses(mx.ndarray, mlm_Y_hat, nsp_Y_hat, inputs[4],
+                                            inputs[5], inputs[6], VOCAB),
+                         mlm_weight_total=inputs[7], num_examples=inputs[8])
 
     expected = _loss_and_grads(net, full, args, totals)
     sparse = fast.PretrainingLoss(net)

@@ -18,12 +18,11 @@ from bertlite import sharding
 from bertlite.data.loader import Batch
 from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
-from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
-from . import distributed, fast
-from .loss import OPS, PLAIN_OPS
+from . import distributed
+from .loss import batch_loss
 from .model import BERTModel
 
 
@@ -151,45 +150,6 @@ def _clip(optimizer: TorchOptimizer) -> None:
     if optimizer.clip_norm is not None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, optimizer.clip_norm, foreach=True)
-
-
-# -- one step ------------------------------------------------------------------------------------
-
-def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = None,
-               num_examples: Any = None, masks: list[dict[str, torch.Tensor]] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mlm_loss, nsp_loss, loss)`` of a batch with :func:`bertlite.loss.bert_loss`, in
-    float32 (logits are cast before the loss, so under autocast too). A part of a larger batch
-    passes that batch's ``mlm_weight_total`` and ``num_examples``.
-
-    With the fast path on (``BERTModel.fast``, the one switch) on the CPU, the MLM head runs
-    only at prediction slots of non-zero weight (a third of the slots are padding in
-    WikiText-2), the model's last layer only there and at ``<cls>``, and the decoder fused
-    with the cross-entropy (:func:`.fast.decode`): the loss is the same, since padded slots
-    have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the book's
-    path: the model on all slots, the plain cross-entropy.
-
-    ``masks``: the batch's dropout masks (:func:`dropout_masks`), passed to the model.
-    """
-    extra = {"masks": masks} if masks else {}
-    net = unwrap(model)
-    if (not net.fast or isinstance(model, nn.DataParallel)
-            or batch.pred_positions.device.type != "cpu"):
-        _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                        batch.pred_positions, **extra)
-        return bert_loss(OPS if net.fast else PLAIN_OPS, mlm_Y_hat.float(), batch.mlm_labels,
-                         batch.mlm_weights, nsp_Y_hat.float(), batch.nsp_labels,
-                         mlm_weight_total=mlm_weight_total, num_examples=num_examples)
-    weights = batch.mlm_weights.reshape(-1)
-    used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
-    rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
-    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
-    encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                       output_rows=rows, **extra)
-    mlm_Y_hat = fast.decode(net.mlm, encoded_rows)
-    return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
-                     weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
-                     mlm_weight_total=mlm_weight_total, num_examples=num_examples)
 
 
 # -- mixed precision -----------------------------------------------------------------------------
