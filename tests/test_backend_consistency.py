@@ -50,8 +50,8 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
                         "wrap"},
         # the fast path is each framework's own: torch packs the valid tokens and runs autograd
         # Functions eagerly (the model's forward(output_rows=) is its sparse last layer) ...
-        "fast": {"DecoderLogits", "Output", "Projections", "Unpack", "add_norm", "attention",
-                 "block", "cross_entropy", "decode", "encode", "forward", "group_keeps",
+        "fast": {"Output", "Projections", "Unpack", "add_norm", "attention", "block",
+                 "cross_entropy", "decoder_cross_entropy", "encode", "forward", "group_keeps",
                  "packs", "supported", "unpack"},
         # ... on fused autograd Functions, each with its plain reference
         "kernels": {"CE_CHUNK", "DECODER_CHUNK", "FUSED_LINEAR",  # its kernels' tuning
@@ -60,13 +60,14 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
                     "cross_entropy_reference", "decoder_cross_entropy_reference", "dropout",
                     "dropout_add_reference", "ffn_reference", "gelu_linear", "keep_mask",
                     "linear", "linear_reference", "mkldnn_linear", "uses_keep_mask"},
-        # the tensor operations the core loss formula calls
-        "loss": {"OPS", "PLAIN_OPS", "TorchLossOps"},
+        # the per-batch loss of one model (MXNet: per device shard, `shard_loss`) and the plain
+        # per-row cross-entropy (MXNet's `cross_entropy` takes Gluon's F to run in a graph too)
+        "loss": {"batch_loss", "plain_cross_entropy"},
         # plain torch attention helpers of the book's classes (MXNet's MASK_VALUE and
         # masked softmax are in its kernels' op sets)
         "model": {"MASK_VALUE", "activate", "attention_mask", "masked_softmax_attention"},
         # torch tensors, DDP/DataParallel unwrapping, autocast + GradScaler, the per-piece loss
-        "step": {"TorchBatch", "TorchOptimizer", "autocast", "batch_loss", "dropout_masks",
+        "step": {"TorchBatch", "TorchOptimizer", "autocast", "dropout_masks",
                  "grad_scaler", "local_model", "micro_batches", "model_device",
                  "named_parameters", "to_tensors", "unwrap"},
     },
@@ -87,9 +88,9 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
                     "add", "add_positions", "add_positions_reference", "add_reference",
                     "gather_rows", "gather_rows_reference", "key_mask_bias", "layer_norm",
                     "layer_norm_reference", "masked_softmax", "masked_softmax_reference", "ops"},
-        # the loss ops, per-device shard losses (the book's MXNet _get_batch_loss_bert takes
-        # shards)
-        "loss": {"MXNetLossOps", "_get_batch_loss_bert", "batch_totals", "shard_loss"},
+        # per-device shard losses (the book's MXNet _get_batch_loss_bert takes shards), the
+        # per-row cross-entropies written with Gluon's F (imperative and in the compiled graph)
+        "loss": {"batch_totals", "cross_entropy", "output_row_losses", "shard_loss"},
         # Gluon needs its own LayerNorm (matrix-product kernel), canonical names of Gluon's
         # prefixed parameters and the dropout masks as flat graph inputs
         "model": {"LayerNorm", "canonical_name", "flat_masks"},
@@ -115,7 +116,7 @@ SIGNATURES_DIFFER = {
     ("model", "MaskLM"): "book", ("model", "MultiHeadAttention"): "book",
     ("model", "NextSentencePred"): "book", ("model", "PositionWiseFFN"): "book",
     # the book's MXNet _get_batch_loss_bert takes lists of device shards
-    ("d2l", "_get_batch_loss_bert"): "book",
+    ("d2l", "_get_batch_loss_bert"): "book", ("loss", "_get_batch_loss_bert"): "book",
     # MXNet computes the loss over a list of devices (its model lives on all of them); a
     # torch model is on one device (or wrapped in DataParallel/DDP)
     ("step", "loss_and_grads"): "devices",

@@ -164,7 +164,7 @@ def _mxnet_case(fast: bool, batch, totals, piece: slice):
         rows = mx_loss.output_row_losses(mx.ndarray, mlm_Y_hat, nsp_Y_hat, weights, labels,
                                          nsp_labels, VOCAB)
     else:
-        rows = mx_loss.row_losses(net, shard, VOCAB)
+        rows = mx_loss.row_losses(net, shard)
     as_numpy = RowLosses(*(r.asnumpy() for r in rows))
     return as_numpy, [float(x) for x in loss], mlm_logits.asnumpy()[piece], \
         nsp_logits.asnumpy()[piece]

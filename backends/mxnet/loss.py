@@ -48,16 +48,16 @@ def output_row_losses(F: Any, mlm_Y_hat: Any, nsp_Y_hat: Any, mlm_weights: Any,
                      mlm_weights.reshape(-1), cross_entropy(F, nsp_Y_hat, nsp_labels.reshape(-1)))
 
 
-def row_losses(net, shard: Sequence[Any], vocab_size: int, masks: Sequence[Any] = ()
-               ) -> RowLosses:
-    """The per-row values of one shard (its seven batch arrays in the book's order) through the
-    net's forward pass, imperatively. ``masks``: the net's ``masks=`` (dropout masks)."""
-    tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels = shard
+def row_losses(model, batch: Sequence[Any], masks: Sequence[Any] | None = None) -> RowLosses:
+    """The per-row values of one batch (a device shard: its seven arrays in the book's order)
+    through the model's forward pass, imperatively, as torch's ``row_losses``. ``masks``: the
+    model's ``masks=`` (dropout masks)."""
+    tokens, segments, valid_lens, pred_positions, mlm_weights, mlm_labels, nsp_labels = batch
     masks_arg = (list(masks),) if masks else ()  # the book's net takes four arrays
-    _, mlm_Y_hat, nsp_Y_hat = net(tokens, segments, valid_lens.reshape(-1), pred_positions,
-                                  *masks_arg)
+    _, mlm_Y_hat, nsp_Y_hat = model(tokens, segments, valid_lens.reshape(-1), pred_positions,
+                                    *masks_arg)
     return output_row_losses(mx.ndarray, mlm_Y_hat, nsp_Y_hat, mlm_weights, mlm_labels,
-                             nsp_labels, vocab_size)
+                             nsp_labels, mlm_Y_hat.shape[-1])
 
 
 def batch_totals(mlm_weights_X_shards: Sequence[Any]) -> tuple[list[Any], int]:
@@ -86,7 +86,7 @@ def shard_loss(net, graph: Any, shard: Sequence[Any], total: Any, num_examples: 
         count = mx.np.array(num_examples, dtype="float32", ctx=tokens.ctx)
         return graph(tokens, segments, valid_lens.reshape(-1), pred_positions, mlm_weights,
                      mlm_labels, nsp_labels, total, count, *masks)
-    return bert_loss(*row_losses(net, shard, vocab_size, masks), mlm_weight_total=total,
+    return bert_loss(*row_losses(net, shard, masks), mlm_weight_total=total,
                      num_examples=num_examples)
 
 
