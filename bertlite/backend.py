@@ -200,6 +200,17 @@ class Backend(ABC):
         before stopping early at ``max_time``, so that all of them stop after the same step)."""
         return flag
 
+    def process_share(self) -> tuple[int, int]:
+        """``(rank, number of processes)`` of the processes that split each global batch in
+        :meth:`train_step` (:func:`bertlite.sharding.process_parts`); ``(0, 1)`` in one
+        process. A data source reads only this process's rows."""
+        return 0, 1
+
+    def sum_over_processes(self, value: float) -> float:
+        """``value`` summed over the processes of :meth:`process_share` (every process must
+        call it, in the same order); exact for integers below 2**24."""
+        return value
+
     def num_replicas(self, devices: Sequence[Any]) -> int:
         """How many model replicas share each global batch: devices times processes."""
         return max(1, len(devices))

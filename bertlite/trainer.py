@@ -119,6 +119,10 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
                if value != TRAIN_STEP_OPTIONS[key]}
     state = state or TrainState()
     history = state.history
+    if hasattr(batches, "read_share"):  # a prepared folder: each process reads its rows only
+        rank, num_processes = backend.process_share()
+        batches.read_share(rank, num_processes, accumulate=accumulate,
+                           sum_over_processes=backend.sum_over_processes)
     stream = batches.stream(state.epoch, state.batch_index)
     bar = tqdm(total=num_steps, initial=state.step, desc="pretrain", unit="step",
                disable=not (progress and backend.is_main_process()), dynamic_ncols=True,

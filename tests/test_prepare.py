@@ -116,6 +116,46 @@ def test_workers_parts_and_merge_agree(tmp_path):
         prepare(SAMPLE, parts, part="1of2", **common)
 
 
+def _two_topic_corpus(folder: Path) -> list[Path]:
+    """Two files (two tasks, a shard each) whose sentences share no word: a B sentence of the
+    other file's words came from the other shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for topic in ("alpha", "beta"):
+        rng = np.random.default_rng(len(topic))
+        docs = ["\n".join(" ".join(f"{topic}{w}" for w in rng.integers(0, 30, 5))
+                          for _ in range(3)) for _ in range(300)]
+        path = folder / f"{topic}.txt"
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def test_random_next_sentences_come_from_other_shards(tmp_path):
+    from bertlite.data.nsp_pool import POOL_FILE, POOL_SENTENCES
+
+    paths = _two_topic_corpus(tmp_path / "src")
+    common = {"format": "lines", "max_len": 32, "seed": 3, "min_freq": 1}
+    one = prepare(paths, tmp_path / "one", workers=1, **common)
+    two = prepare(paths, tmp_path / "two", workers=2, **common)
+    assert len(_shard_digests(one)) == 2
+    assert _shard_digests(two) == _shard_digests(one)  # the pool is the same for any workers
+    with np.load(one / POOL_FILE) as pool:
+        assert 0 < len(pool["lens"]) <= POOL_SENTENCES
+    data = PreparedData(one)
+    topic_of = np.array([t[:4] if t[:4] in ("alph", "beta") else "" for t in
+                         data.vocab.idx_to_token])
+    for shard, own in zip(data.shards, ("alph", "beta")):
+        seg_b = (shard["segments"] == 1) & (topic_of[shard["tokens"]] != "")
+        b_topic = topic_of[shard["tokens"]][np.arange(len(shard)), seg_b.argmax(axis=1)]
+        a_topic = topic_of[shard["tokens"][:, 1]]
+        assert (a_topic == own).all()
+        follows = shard["nsp_label"] == 1
+        assert (b_topic[follows] == own).all()
+        crossed = (b_topic[~follows] != own).mean()  # expected 1/2: the other file's share
+        assert 0.35 < crossed < 0.65, crossed
+
+
 def test_reuse_resume_and_settings_guard(tmp_path):
     folder = prepare(SAMPLE, tmp_path / "p", max_len=40, shard_bytes=30_000, workers=1)
     before = _shard_digests(folder)

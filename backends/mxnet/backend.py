@@ -149,6 +149,12 @@ class MXNetBackend(Backend):
     def any_process(self, flag: bool) -> bool:
         return distributed.any_process(flag)
 
+    def process_share(self) -> tuple[int, int]:
+        return distributed.rank(), distributed.world_size()
+
+    def sum_over_processes(self, value: float) -> float:
+        return distributed.sum_over_processes(value)
+
     def num_replicas(self, devices: Sequence[Any]) -> int:
         return max(1, len(devices)) * distributed.world_size()
 

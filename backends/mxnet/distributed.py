@@ -30,9 +30,9 @@ from typing import Any
 
 from bertlite.errors import DeviceError
 
-__all__ = ["DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "all_reduce_sum", "any_process",
+__all__ = ["DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "SUM_KEY", "all_reduce_sum", "any_process",
            "env_kvstore_type", "get_kvstore", "is_distributed", "prepare_trainer", "rank",
-           "setup", "world_size"]
+           "setup", "sum_over_processes", "world_size"]
 
 #: the kvstore types whose update equals the single-process update
 DIST_TYPES = ("dist_sync", "dist_device_sync")
@@ -42,6 +42,7 @@ KVSTORE_ENV = "BERTLITE_MXNET_KVSTORE"
 #: indices (0, 1, ...) are, far above them (a kvstore must not mix int and string keys)
 LOSS_KEY = 100_000
 FLAG_KEY = 100_001
+SUM_KEY = 100_002
 
 _kvstore: Any = None
 _initialized_keys: set[int] = set()
@@ -192,6 +193,7 @@ def prepare_trainer(trainer: Any) -> None:
     trainer._init_params()
     _init_key(kv, LOSS_KEY, 2)
     _init_key(kv, FLAG_KEY, 1)
+    _init_key(kv, SUM_KEY, 1)
     kv._barrier()
 
 
@@ -232,6 +234,17 @@ def any_process(flag: bool) -> bool:
 
     total = _all_reduce_sum(mx.np.array([1.0 if flag else 0.0], dtype="float32"), FLAG_KEY)
     return bool(float(total[0]) > 0)
+
+
+def sum_over_processes(value: float) -> float:
+    """A number summed over the workers (float32 on the servers: exact for integers below
+    2**24), or itself in one process."""
+    if get_kvstore() is None:
+        return value
+    import mxnet as mx
+
+    total = _all_reduce_sum(mx.np.array([value], dtype="float32"), SUM_KEY)
+    return float(total[0])
 
 
 def _reset_for_tests() -> None:

@@ -139,6 +139,13 @@ class TorchBackend(Backend):
     def any_process(self, flag: bool) -> bool:
         return distributed.any_process(flag)
 
+    def process_share(self) -> tuple[int, int]:
+        info = distributed.world() if distributed.is_initialized() else None
+        return (info.rank, info.world_size) if info else (0, 1)
+
+    def sum_over_processes(self, value: float) -> float:
+        return distributed.sum_over_processes(value)
+
     def num_replicas(self, devices: Sequence[Any]) -> int:
         return max(1, len(devices)) * distributed.world_size()
 

@@ -96,12 +96,18 @@ class PretrainingExamples:
 
 
 def build_nsp_pairs(corpus: EncodedCorpus, max_len: int, rng: np.random.Generator, *,
-                    pad_id: int, cls_id: int, sep_id: int
+                    pad_id: int, cls_id: int, sep_id: int,
+                    others: EncodedCorpus | None = None, others_share: float = 0.0,
+                    others_rng: np.random.Generator | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sentence pairs for next sentence prediction, padded: ``tokens, segments, valid_lens,
     nsp_labels``. Each sentence but a paragraph's last is sentence A once; B is the next sentence
     with probability 1/2, else a random sentence of a random paragraph. Pairs longer than
-    ``max_len`` (with ``<cls>`` and two ``<sep>``) are dropped."""
+    ``max_len`` (with ``<cls>`` and two ``<sep>``) are dropped.
+
+    ``others`` (sentences from elsewhere in the corpus, say other shards; its paragraphs are
+    ignored): each random B is replaced, with probability ``others_share``, by a sentence of
+    ``others`` drawn with ``others_rng``; ``rng``'s draws are those made without it."""
     sizes = corpus.paragraph_sizes
     para_starts = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=para_starts[1:])
@@ -113,8 +119,20 @@ def build_nsp_pairs(corpus: EncodedCorpus, max_len: int, rng: np.random.Generato
     rand_para = rng.integers(0, len(sizes), n)
     rand_sent = para_starts[rand_para] + (rng.random(n) * sizes[rand_para]).astype(np.int64)
     b_idx = np.where(is_next, a_idx + 1, rand_sent)
+    token_ids, sentence_starts, sentence_lens = (corpus.token_ids, corpus.sentence_starts,
+                                                 corpus.sentence_lens)
+    if others is not None and len(others.sentence_lens) and others_share > 0:
+        if others_rng is None:
+            raise ValueError("others needs others_rng")
+        elsewhere = ~is_next & (others_rng.random(n) < others_share)
+        pick = others_rng.integers(0, len(others.sentence_lens), n)
+        b_idx = np.where(elsewhere, len(sentence_lens) + pick, b_idx)
+        token_ids = np.concatenate([token_ids, others.token_ids.astype(token_ids.dtype)])
+        sentence_starts = np.concatenate([sentence_starts,
+                                          others.sentence_starts + len(corpus.token_ids)])
+        sentence_lens = np.concatenate([sentence_lens, others.sentence_lens])
 
-    len_a, len_b = corpus.sentence_lens[a_idx], corpus.sentence_lens[b_idx]
+    len_a, len_b = sentence_lens[a_idx], sentence_lens[b_idx]
     keep = len_a + len_b + 3 <= max_len
     a_idx, b_idx, len_a, len_b, is_next = (x[keep] for x in (a_idx, b_idx, len_a, len_b, is_next))
     n = len(a_idx)
@@ -122,16 +140,16 @@ def build_nsp_pairs(corpus: EncodedCorpus, max_len: int, rng: np.random.Generato
 
     # every cell is read from the token ids followed by <pad>, <cls> and <sep>: A's tokens,
     # then B's shifted past A and its <sep>, then the special tokens
-    num_ids = len(corpus.token_ids)
-    source_ids = np.concatenate([corpus.token_ids, np.array([pad_id, cls_id, sep_id],
-                                                            dtype=corpus.token_ids.dtype)])
+    num_ids = len(token_ids)
+    source_ids = np.concatenate([token_ids, np.array([pad_id, cls_id, sep_id],
+                                                     dtype=token_ids.dtype)])
     index = np.int32 if num_ids + 3 < 2**31 else np.int64  # int32: half the memory traffic
     cols = np.arange(max_len, dtype=index)
     len_a, valid = len_a.astype(index), valid.astype(index)
     len_a_col, valid_col = len_a[:, None], valid[:, None]
     in_b = cols >= len_a_col + 2
-    source = np.where(in_b, (corpus.sentence_starts[b_idx] - len_a - 2).astype(index)[:, None],
-                      (corpus.sentence_starts[a_idx] - 1).astype(index)[:, None])
+    source = np.where(in_b, (sentence_starts[b_idx] - len_a - 2).astype(index)[:, None],
+                      (sentence_starts[a_idx] - 1).astype(index)[:, None])
     source += cols
     padding = cols >= valid_col
     source[padding] = num_ids  # <pad>

@@ -8,10 +8,12 @@ examples, one shard per chunk of text. Memory is bounded by the chunk size (from
 interrupted run resumes where it stopped, and ``part="i/N"`` prepares every N-th task (one
 machine's share); the manifest is written once all tasks are done (``merge``).
 
-Within a shard the book's rules hold (NSP pairs within a paragraph, the random next sentence
-from the same shard, 15% of the tokens predicted with 80/10/10, masks drawn once). The first
-shard draws from the same seeds as the in-memory pipeline, so a WikiText corpus of one shard
-gives exactly the examples of :func:`bertlite.data.loader.prepare_data`.
+The book's rules hold (NSP pairs within a paragraph, 15% of the tokens predicted with
+80/10/10, masks drawn once); the random next sentence comes from the whole corpus: from the
+shard's own text or from a small pool drawn from every task beforehand
+(:mod:`bertlite.data.nsp_pool`). The first shard draws from the same seeds as the in-memory
+pipeline, so a WikiText corpus of one shard gives exactly the examples of
+:func:`bertlite.data.loader.prepare_data`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ from bertlite.data.manifest import (
     read_manifest,
     settings_key,
     write_json,
+)
+from bertlite.data.nsp_pool import (
+    POOL_SENTENCES,
+    POOL_WINDOW,
+    build_pool,
+    others_of,
+    set_others_shares,
 )
 from bertlite.data.shards import (
     file_sha1,
@@ -149,16 +158,19 @@ def load_folder_vocab(folder: Path) -> Vocab:
 
 
 def build_shard_examples(corpus: EncodedCorpus, vocab: Vocab, max_len: int, seed: int,
-                         shard: tuple[int, int], whole_word_mask: bool = False
+                         shard: tuple[int, int], whole_word_mask: bool = False,
+                         others: EncodedCorpus | None = None, others_share: float = 0.0
                          ) -> PretrainingExamples | None:
     """The examples of one shard (None when no pair fits): the book's rules, drawn from
     ``(seed, shard)``; shard ``(0, 0)`` draws as :func:`bertlite.data.examples.build_examples`
-    does."""
+    does. A random next sentence comes from ``others`` (the pool's sentences of other shards)
+    with probability ``others_share``."""
     extra = [] if shard == (0, 0) else list(shard)
     ids = vocab.special_ids
     tokens, segments, valid_lens, nsp_labels = build_nsp_pairs(
         corpus, max_len, np.random.default_rng([seed, 0, *extra]), pad_id=ids["<pad>"],
-        cls_id=ids["<cls>"], sep_id=ids["<sep>"])
+        cls_id=ids["<cls>"], sep_id=ids["<sep>"], others=others, others_share=others_share,
+        others_rng=np.random.default_rng([seed, 5, *shard]))
     if len(tokens) == 0:
         return None
     masked, positions, weights, labels = mask_tokens(
@@ -178,11 +190,14 @@ def _shard_task(task: dict[str, Any]) -> dict[str, Any]:
     stats = ReadStats()
     shards = []
     index = task["index"]
+    share = task.get("others_share", 0.0)
+    others = others_of(out, index) if share > 0 else None
     for sub, words in enumerate(_task_corpora(task, stats)):
         corpus = encode_corpus(words, vocab)
         del words
         examples = build_shard_examples(corpus, vocab, settings["max_len"], settings["seed"],
-                                        (index, sub), settings["whole_word_mask"])
+                                        (index, sub), settings["whole_word_mask"],
+                                        others=others, others_share=share)
         if examples is None:
             continue
         path = out / f"shard-{index:05d}-{sub:03d}.npy"
@@ -304,7 +319,7 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
     settings = {"format": fmt, "max_len": max_len, "seed": int(seed), "min_freq": min_freq,
                 "tokenizer": tokenizer, "whole_word_mask": bool(whole_word_mask),
                 "jsonl_field": jsonl_field, "skip_bad_lines": bool(skip_bad_lines),
-                "chunk_bytes": chunk_bytes,
+                "chunk_bytes": chunk_bytes, "nsp_pool": [POOL_SENTENCES, POOL_WINDOW],
                 "vocab": None if vocab is None else file_digest_of_tokens(vocab)}
     if not lowercase:  # only then: the keys of earlier preparations stay as they were
         settings["lowercase"] = False
@@ -332,6 +347,8 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
                        "skip_bad_lines": bool(skip_bad_lines), "lowercase": lowercase}}
              for i, t in enumerate(plan["tasks"])]
     _ensure_vocab(out, key, tasks, settings, vocab, workers)
+    set_others_shares(tasks)
+    build_pool(out, key, tasks, workers)  # before any shard: random sentences span shards
     mine = [t for t in tasks if part_of is None or t["index"] % part_of[1] == part_of[0]]
     todo = [t for t in mine if not (out / f"task-{t['index']:05d}.json").is_file()]
     for record in _run(_shard_task, todo, workers):

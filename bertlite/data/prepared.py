@@ -10,7 +10,7 @@ read; so any position (pass, batch) is reached in O(1) and resumed runs continue
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from bertlite.data.prepare import load_folder_vocab
 from bertlite.data.shards import file_sha1, open_shard
 from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
+from bertlite.sharding import process_parts
 
 
 class PreparedData:
@@ -87,6 +88,36 @@ class PreparedBatches:
                              if data.settings.get("whole_word_mask") else None)
         self.epoch = 0
         self._order: tuple[int, np.ndarray] | None = None  # the pass whose order is kept
+        self._share: tuple[int, int, int, Callable[[float], float]] | None = None
+
+    def read_share(self, rank: int, num_processes: int, *, accumulate: int = 1,
+                   sum_over_processes: Callable[[float], float] | None = None) -> None:
+        """Read only the rows process ``rank`` of ``num_processes`` trains on
+        (:func:`bertlite.sharding.process_parts` with ``accumulate``) from now on.
+
+        Every batch keeps its global shape; the other processes' rows are placeholders (zeros)
+        and only their MLM weights carry a value: the other processes' weight total, summed by
+        ``sum_over_processes`` (a collective every process calls once per batch, in the same
+        order), so the whole batch's normalizers are those of the one-process batch. A batch
+        with fewer rows than parts, and ``masking="dynamic"`` (its draws span the whole
+        batch), are read whole, as in one process."""
+        if num_processes <= 1:
+            self._share = None
+            return
+        if sum_over_processes is None:
+            raise ValueError("read_share over several processes needs sum_over_processes")
+        process_parts(0, accumulate, rank, num_processes)  # checks the arguments
+        self._share = (rank, num_processes, accumulate, sum_over_processes)
+
+    def _share_rows(self, num_rows: int) -> slice | None:
+        """This process's rows of a batch of ``num_rows``, or None to read the whole batch."""
+        if self._share is None or self.masking == "dynamic":
+            return None
+        rank, num_processes, accumulate, _ = self._share
+        if num_rows < num_processes * accumulate:
+            return None
+        parts = process_parts(num_rows, accumulate, rank, num_processes)
+        return slice(parts[0].start, parts[-1].stop)
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -116,7 +147,12 @@ class PreparedBatches:
         stop = min(len(self.data), (index + 1) * self.batch_size)
         idx = (self.order(epoch)[index * self.batch_size:stop] if self.shuffle
                else np.arange(index * self.batch_size, stop))
-        rec = self.data.records(idx)
+        rows = self._share_rows(len(idx))
+        if rows is None:
+            rec = self.data.records(idx)
+        else:
+            rec = np.zeros(len(idx), dtype=self.data.shards[0].dtype)
+            rec[rows] = self.data.records(idx[rows])
         i32 = np.int32
         tokens, segments = rec["tokens"].astype(i32), rec["segments"].astype(i32)
         valid_lens = rec["valid_len"].astype(np.float32)
@@ -129,6 +165,10 @@ class PreparedBatches:
         else:
             masked, positions = rec["masked_tokens"].astype(i32), rec["pred_positions"].astype(i32)
             weights, labels = rec["mlm_weights"].astype(np.float32), rec["mlm_labels"].astype(i32)
+        if rows is not None:  # the other processes' weight total, on one placeholder row
+            own = float(weights[rows].sum(dtype=np.float64))
+            others = self._share[3](own) - own
+            weights[rows.stop % len(idx), 0] = others  # integers below 2**24: exact
         return Batch(masked, segments, valid_lens, positions, weights, labels,
                      rec["nsp_label"].astype(i32))
 
