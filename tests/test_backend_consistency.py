@@ -77,7 +77,7 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
         # MXNet counts GPUs itself (torch.cuda.device_count is torch's own)
         "devices": {"num_gpus"},
         # the dist_sync kvstore: its types, its keys, the kvstore and the trainer's keys on it
-        "distributed": {"DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "env_kvstore_type",
+        "distributed": {"DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "SUM_KEY", "env_kvstore_type",
                         "get_kvstore", "prepare_trainer"},
         # the fast path is one hybridized graph: the loss block with the sparse last layer and
         # the low-precision casts (static shapes, so masks of fixed rows)

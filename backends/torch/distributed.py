@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from bertlite.errors import DeviceError
 
 __all__ = ["WorldInfo", "all_reduce_sum", "any_process", "env_world", "is_distributed",
-           "is_initialized", "local_device", "rank", "setup", "world", "world_size", "wrap"]
+           "is_initialized", "local_device", "rank", "setup", "sum_over_processes", "world",
+           "world_size", "wrap"]
 
 
 @dataclass(frozen=True)
