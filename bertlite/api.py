@@ -157,9 +157,9 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
 @_lock.releases_locks
 def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           data_dir: str | os.PathLike | None = None, split: str = "train",
-          config: str | BERTConfig | dict = "tiny", batch_size: int = 512, max_len: int = 64,
-          num_steps: int | None = None, lr: float | None = None, optimizer: str = "adam",
-          weight_decay: float = 0.0, schedule: str | None = None,
+          config: str | BERTConfig | dict = "tiny", batch_size: int | None = None,
+          max_len: int = 64, num_steps: int | None = None, lr: float | None = None,
+          optimizer: str = "adam", weight_decay: float = 0.0, schedule: str | None = None,
           warmup_steps: int | None = None,
           clip_norm: float | None = None, devices: Any = None, seed: int | None = None,
           masking: str = "static", plot: str | os.PathLike | None = DEFAULT_PLOT,
@@ -176,9 +176,9 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           override_resume: Any = None, init: str | os.PathLike | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
 
-    ``num_steps``, ``lr``, ``warmup_steps``, ``schedule`` left None are the book's (50, 0.01,
-    0, constant) except on the shipped sample corpus: the demo's, printed (see
-    :data:`bertlite.options.DEMO_DEFAULTS`), so that its encodings stay context-dependent.
+    ``batch_size``, ``num_steps``, ``lr``, ``warmup_steps``, ``schedule`` left None are the
+    book's (512, 50, 0.01, 0, constant) except on the shipped sample corpus: the demo's, printed
+    (:data:`bertlite.options.DEMO_DEFAULTS`), so that its encodings are context-dependent.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
     (``corpus="sample"`` for the small corpus shipped with bertlite), the model a preset
@@ -217,7 +217,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if an output fails after training, the others are still written and :class:`OutputError`
     (with the result as ``.result``) says where the model is.
     """
-    num_steps, lr, warmup_steps, schedule, demo = run_defaults(locals())  # book's or demo's
+    batch_size, num_steps, lr, warmup_steps, schedule, demo = run_defaults(locals())
     check_train_arguments(locals())
     overrides = check_overrides(override_resume)
     init_weights = None

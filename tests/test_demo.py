@@ -51,31 +51,34 @@ def test_demo_words_are_in_the_sample_vocabulary_in_several_contexts():
 
 
 def test_demo_defaults_only_for_the_sample_corpus(tmp_path):
-    demo = run_defaults({"corpus": "sample", "data": None, "lr": None, "num_steps": None,
-                         "warmup_steps": None, "schedule": None})
-    assert list(demo[:4]) == list(DEMO_DEFAULTS.values()) and "demo's" in demo[4]
-    for corpus in ("wikitext-2", str(tmp_path)):
-        book = run_defaults({"corpus": corpus, "data": None})
-        assert list(book[:4]) == list(BOOK_DEFAULTS.values()) and book[4] is None
-    prepared = run_defaults({"corpus": "sample", "data": str(tmp_path)})
-    assert list(prepared[:4]) == list(BOOK_DEFAULTS.values())
-    given = run_defaults({"corpus": "sample", "lr": 0.01, "warmup_steps": 0})  # the user's
-    assert given[1:3] == (0.01, 0)
-    others = [k for k in ("num_steps", "schedule") if DEMO_DEFAULTS[k] != BOOK_DEFAULTS[k]]
-    assert (given[4] is None) == (not others)  # the note names only defaults it applied
-    assert run_defaults({"corpus": "sample", "lr": 0.01, "warmup_steps": 0, "num_steps": 7,
-                         "schedule": "constant"})[4] is None
-    assert BOOK_DEFAULTS == {"num_steps": 50, "lr": 0.01, "warmup_steps": 0,
+    *demo, note = run_defaults({"corpus": "sample", "data": None, "lr": None})
+    assert demo == list(DEMO_DEFAULTS.values()) and "the demo's settings" in note
+    for corpus in ("wikitext-2", str(tmp_path)):  # WikiText-2 and any corpus of the user's
+        *book, note = run_defaults({"corpus": corpus, "data": None})
+        assert book == list(BOOK_DEFAULTS.values()) and note is None
+    *prepared, note = run_defaults({"corpus": "sample", "data": str(tmp_path)})
+    assert prepared == list(BOOK_DEFAULTS.values()) and note is None
+    mine = {"batch_size": 8, "lr": 0.01, "warmup_steps": 0}  # given: always the user's
+    *values, note = run_defaults({"corpus": "sample", **mine})
+    assert dict(zip(DEMO_DEFAULTS, values)) == {**DEMO_DEFAULTS, **mine}
+    assert "lr" not in note and "warmup" not in note and "batch_size" not in note
+    assert run_defaults({"corpus": "sample", **DEMO_DEFAULTS})[-1] is None
+    assert BOOK_DEFAULTS == {"batch_size": 512, "num_steps": 50, "lr": 0.01, "warmup_steps": 0,
                              "schedule": "constant"}  # the chapter's run, never the demo's
 
 
 def test_pretrain_help_names_the_books_and_the_demos_defaults():
     text = " ".join(build_parser()._subparsers._group_actions[0]
                     .choices["pretrain"].format_help().split())
-    assert f"50 Adam steps at lr {BOOK_DEFAULTS['lr']}" in text
-    assert (f"the demo's: lr {DEMO_DEFAULTS['lr']} after {DEMO_DEFAULTS['warmup_steps']} "
-            "warmup steps") in text
-    assert f"the demo's {DEMO_DEFAULTS['lr']} with --corpus sample" in text
+    book, demo = BOOK_DEFAULTS, DEMO_DEFAULTS
+    assert (f"the book's run (tiny BERT, batch {book['batch_size']} x 64, {book['num_steps']} "
+            f"Adam steps at lr {book['lr']}, no warmup)") in text
+    assert (f"the demo's: batch {demo['batch_size']} x 64, {demo['num_steps']} Adam steps at "
+            f"lr {demo['lr']} after {demo['warmup_steps']} warmup steps") in text
+    for name, option in (("batch_size", "--batch-size"), ("num_steps", "--steps"), ("lr", "--lr"),
+                         ("warmup_steps", "--warmup-steps")):
+        assert f"{option} " in text
+        assert f"the book's {book[name]}; the demo's {demo[name]} with --corpus sample" in text
 
 
 TINY = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_layers=1, max_len=32)
@@ -90,7 +93,9 @@ def test_train_applies_the_demo_settings_to_the_sample_only(backend_name, tmp_pa
     demo = bertlite.train(backend_name, corpus="sample", **run)
     warm = DEMO_DEFAULTS["warmup_steps"]
     assert demo.history.lr == pytest.approx([DEMO_DEFAULTS["lr"] * s / warm for s in (1, 2, 3)])
-    assert "sample corpus: the demo's lr 0.001, warmup_steps 10" in capsys.readouterr().out
+    assert ("sample corpus, the demo's settings: num_steps 200, lr 0.001, warmup_steps 10 "
+            "(the book's: num_steps 50, lr 0.01, warmup_steps 0; set them to choose)"
+            ) in capsys.readouterr().out
     book = bertlite.train(backend_name, corpus=str(copy), **run)
     assert book.history.lr == [0.01] * 3
     assert "demo" not in capsys.readouterr().out
