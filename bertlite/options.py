@@ -233,8 +233,8 @@ DEMO_DEFAULTS: dict[str, Any] = {"batch_size": 32, "num_steps": 200, "lr": 0.001
 
 
 def run_defaults(args: Mapping[str, Any]) -> tuple[Any, Any, Any, Any, Any, str | None]:
-    """``batch_size, num_steps, lr, warmup_steps, schedule`` with those left None filled in: the demo's
-    (:data:`DEMO_DEFAULTS`) for the shipped sample corpus (``corpus="sample"`` without
+    """``batch_size, num_steps, lr, warmup_steps, schedule``, those left None filled in: the
+    demo's (:data:`DEMO_DEFAULTS`) for the shipped sample corpus (``corpus="sample"`` without
     ``data=``), the book's otherwise; and a line saying which are the demo's (None if none)."""
     demo = args.get("corpus") == "sample" and args.get("data") is None
     table = DEMO_DEFAULTS if demo else BOOK_DEFAULTS
