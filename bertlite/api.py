@@ -25,7 +25,7 @@ from bertlite.errors import BertliteError, CheckpointError, DataError
 from bertlite.memory import check_fits, estimate_memory
 from bertlite.model import Pretrained
 from bertlite.optim import OptimizerSettings
-from bertlite.options import check_overrides, check_train_arguments
+from bertlite.options import check_overrides, check_train_arguments, run_defaults
 from bertlite.params import init_params
 from bertlite.registry import get_backend
 from bertlite.signals import StopRequests, raise_interrupted
@@ -157,9 +157,10 @@ def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict
 @_lock.releases_locks
 def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           data_dir: str | os.PathLike | None = None, split: str = "train",
-          config: str | BERTConfig | dict = "tiny", batch_size: int = 512, max_len: int = 64,
-          num_steps: int = 50, lr: float = 0.01, optimizer: str = "adam",
-          weight_decay: float = 0.0, schedule: str = "constant", warmup_steps: int = 0,
+          config: str | BERTConfig | dict = "tiny", batch_size: int | None = None,
+          max_len: int = 64, num_steps: int | None = None, lr: float | None = None,
+          optimizer: str = "adam", weight_decay: float = 0.0, schedule: str | None = None,
+          warmup_steps: int | None = None,
           clip_norm: float | None = None, devices: Any = None, seed: int | None = None,
           masking: str = "static", plot: str | os.PathLike | None = DEFAULT_PLOT,
           progress: bool = True, verbose: bool = True, max_time: float | None = None,
@@ -174,6 +175,10 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
           format: str | None = None, save: str | os.PathLike | None = None,
           override_resume: Any = None, init: str | os.PathLike | None = None) -> TrainResult:
     """Pretrain a BERT (MLM + NSP) with the book's schedule: ``num_steps`` Adam steps at ``lr``.
+
+    ``batch_size``, ``num_steps``, ``lr``, ``warmup_steps``, ``schedule`` left None are the
+    book's (512, 50, 0.01, 0, constant) except on the shipped sample corpus: the demo's, printed
+    (:data:`bertlite.options.DEMO_DEFAULTS`), so that its encodings are context-dependent.
 
     ``backend`` is ``"torch"`` or ``"mxnet"`` (or ``$BERTLITE_BACKEND``). The data is WikiText-2
     (``corpus="sample"`` for the small corpus shipped with bertlite), the model a preset
@@ -212,6 +217,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if an output fails after training, the others are still written and :class:`OutputError`
     (with the result as ``.result``) says where the model is.
     """
+    batch_size, num_steps, lr, warmup_steps, schedule, demo = run_defaults(locals())
     check_train_arguments(locals())
     overrides = check_overrides(override_resume)
     init_weights = None
@@ -230,6 +236,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                            skip_nonfinite=on_nan == "skip")
     be.setup_processes(devs)  # join the other processes (torchrun, MXNet workers), if any
     main = be.is_main_process()  # the one process that prints, plots and writes checkpoints
+    if demo and verbose and main:
+        print(demo, flush=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         _check_writable(ckpt_dir)

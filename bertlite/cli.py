@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bertlite", description="BERT pretraining (MLM + NSP) on PyTorch or MXNet.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pretrain a BERT and print the book's summary")
+    p = sub.add_parser(
+        "pretrain", help="pretrain a BERT and print the book's summary",
+        description="Pretrain a BERT (MLM + NSP) and print the book's summary. The defaults are "
+                    "the book's run (tiny BERT, batch 512 x 64, 50 Adam steps at lr 0.01, no "
+                    "warmup), except with --corpus sample, the shipped demo, whose defaults are "
+                    "the demo's: batch 32 x 64, 200 Adam steps at lr 0.001 after 10 warmup "
+                    "steps (at lr 0.01 the tiny encoder collapses: every token gets the same "
+                    "vector). Options you set are always used as given.")
     p.add_argument("--backend", help="torch or mxnet (default: $BERTLITE_BACKEND)")
     p.add_argument("--corpus", default="wikitext-2",
                    help="sample (shipped with bertlite), wikitext-2, or a folder")
@@ -46,14 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--init", help="continue pretraining a local transformers BERT folder (its "
                                   "config, weights and WordPiece tokenizer)")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the book's 50; the "
+                                             "demo's 200 with --corpus sample)")
+    p.add_argument("--batch-size", type=int, help="sentence pairs a step (default: the "
+                                                   "book's 512; the demo's 32 with --corpus "
+                                                   "sample)")
     p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, help="learning rate (default: the book's 0.01; the "
+                                            "demo's 0.001 with --corpus sample)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"],
+                   help="learning-rate schedule after warmup (default constant)")
+    p.add_argument("--warmup-steps", type=int,
+                   help="steps of linear warmup (default: the book's 0; the demo's 10 with "
+                        "--corpus sample)")
     p.add_argument("--clip-norm", type=float)
     p.add_argument("--masking", default="static", choices=["static", "dynamic"])
     p.add_argument("--tokenizer", default="word", choices=["word", "wordpiece"],

@@ -229,3 +229,33 @@ def check_train_arguments(args: Mapping[str, Any]) -> None:
                           "(--resume) or leave it out")
     check_plot(args["plot"])
     check_save(args["save"], args["checkpoint_dir"])
+
+
+# -- the book's settings, and the demo's for the shipped sample corpus -------------------------
+
+#: the book's run (the chapter's settings): the defaults for WikiText-2 and any other corpus
+BOOK_DEFAULTS: dict[str, Any] = {"batch_size": 512, "num_steps": 50, "lr": 0.01,
+                                 "warmup_steps": 0, "schedule": "constant"}
+#: the demo's, for ``corpus="sample"`` only: at the book's lr 0.01 the tiny encoder collapses
+#: within about 10 steps (every token gets one vector), so the quick start's own ``encode``
+#: would show nothing; lr 0.001 after a warmup keeps the vectors context-dependent, and more,
+#: smaller batches learn as much from the small corpus in less time
+DEMO_DEFAULTS: dict[str, Any] = {"batch_size": 32, "num_steps": 200, "lr": 0.001,
+                                 "warmup_steps": 10, "schedule": "constant"}
+
+
+def run_defaults(args: Mapping[str, Any]) -> tuple[Any, Any, Any, Any, Any, str | None]:
+    """``batch_size, num_steps, lr, warmup_steps, schedule``, those left None filled in: the
+    demo's (:data:`DEMO_DEFAULTS`) for the shipped sample corpus (``corpus="sample"`` without
+    ``data=``), the book's otherwise; and a line saying which are the demo's (None if none)."""
+    demo = args.get("corpus") == "sample" and args.get("data") is None
+    table = DEMO_DEFAULTS if demo else BOOK_DEFAULTS
+    values = {k: table[k] if args.get(k) is None else args[k] for k in table}
+    changed = [k for k in table if args.get(k) is None and table[k] != BOOK_DEFAULTS[k]]
+    note = None
+    if changed:
+        shown = ", ".join(f"{k} {values[k]}" for k in changed)
+        book = ", ".join(f"{k} {BOOK_DEFAULTS[k]}" for k in changed)
+        note = (f"sample corpus, the demo's settings: {shown} (the book's: {book}; "
+                "set them to choose)")
+    return (*values.values(), note)

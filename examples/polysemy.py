@@ -10,7 +10,7 @@ the cosine similarities of all token vectors of the sentences.
     python examples/polysemy.py                       # PyTorch, 100 steps, polysemy.png
     python examples/polysemy.py --backend mxnet --steps 200 --out crane.png
 
-A hundred steps of the book's tiny BERT on 27,000 words teach it little beyond word
+A hundred steps of the book's tiny BERT on 30,000 words teach it little beyond word
 frequencies: the numbers show the mechanics (context changes a word's vector), not a good
 language model. The learning rate is 0.001 rather than the book's 0.01: at 0.01 a short run
 collapses the encoder, every token of every input gets the same vector (cosine 1.0000 below,

@@ -229,7 +229,8 @@ def test_dynamic_masks_are_redrawn_per_pass(tmp_path):
 def test_training_from_a_prepared_folder_equals_in_memory(backend, tmp_path):
     folder = prepare(SAMPLE, tmp_path / "p", max_len=32, seed=1, workers=1)
     options = {"batch_size": 16, "max_len": 32, "num_steps": 3, "seed": 1, "plot": None,
-               "progress": False, "verbose": False, "config": "tiny"}
+               "progress": False, "verbose": False, "config": "tiny",
+               "lr": 0.01, "warmup_steps": 0}  # corpus="sample" alone gets the demo's
     memory = bertlite.train(backend.name, corpus="sample", **options)
     mapped = bertlite.train(backend.name, data=str(folder), **options)
     assert mapped.history.mlm_loss == memory.history.mlm_loss

@@ -28,6 +28,7 @@ from bertlite.cli import main as cli_main
 SMALL = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_layers=2, dropout=0.0,
              max_len=32)
 BASE = dict(corpus="sample", config=SMALL, batch_size=8, max_len=32, num_steps=2,
+            lr=0.01, warmup_steps=0,  # the book's, given (the sample's own: tests/test_demo.py)
             progress=False, verbose=False)
 CLI_BASE = ["pretrain", "--corpus", "sample", "--steps", "2", "--batch-size", "8", "--max-len",
             "32", "--no-progress"]
@@ -39,7 +40,7 @@ BAD_ARGUMENTS = [
      "weight_decay must be a number >= 0"),
     ("clip-norm-str", {"clip_norm": "1"}, ["--clip-norm", "0"],
      "clip_norm must be a positive number"),
-    ("warmup-none", {"warmup_steps": None}, ["--warmup-steps", "-1"],
+    ("warmup-str", {"warmup_steps": "2"}, ["--warmup-steps", "-1"],
      "warmup_steps must be an integer >= 0"),
     ("max-time-str", {"max_time": "10m"}, ["--max-time=-5m"],
      "max_time must be a positive number"),
