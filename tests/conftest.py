@@ -1,10 +1,13 @@
-"""Shared fixtures: the backend matrix, the real WikiText-2 data, the book's d2l package."""
+"""Shared fixtures: the backend matrix, the real WikiText-2 data, the book's d2l package; and
+which env of the tox matrix runs the backend-neutral tests (see tox.ini)."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import inspect
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -20,6 +23,81 @@ WIKITEXT_DIR = Path(os.environ.get("BERTLITE_TEST_WIKITEXT",
 BACKEND_NAMES = [name.strip() for name in
                  os.environ.get("BERTLITE_TEST_BACKENDS", ",".join(BUILTIN)).split(",")
                  if name.strip()]
+#: where set (tox.ini), the env that runs the backend-neutral tests; this env skips them
+NEUTRAL_ENV = os.environ.get("BERTLITE_TEST_NEUTRAL_ENV", "").strip()
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "every_env: run in every env of the matrix, although the test names no "
+        "backend (it needs a framework other than the one it is parametrized over, or its result "
+        "depends on what the env installs)")
+
+
+def _uses_backends(item, names: list[str]) -> bool:
+    """Whether ``item`` depends on the backends ``names``: parametrized over them (the
+    ``backend``/``backend_name`` fixtures or a parameter naming one), marked ``every_env``, in a
+    module that imports their framework, or naming one (or ``BACKEND_NAMES``) in its source or
+    in a fixture it uses. In doubt a test counts as dependent (two envs run it, never none)."""
+    if "backend_name" in item.fixturenames or item.get_closest_marker("every_env"):
+        return True
+    frameworks = {BUILTIN[name][2] for name in names if name in BUILTIN}
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(isinstance(value, str) and value in names for value in params.values()):
+        return True
+    module = getattr(item, "module", None)
+    if module is not None and any(
+            isinstance(value, types.ModuleType) and value.__name__.split(".")[0] in frameworks
+            for value in vars(module).values()):
+        return True
+    words = "|".join(re.escape(word) for word in {*names, *frameworks})
+    pattern = re.compile(rf"""["']({words})["']|BACKEND_NAMES""")
+    functions = [getattr(item, "function", None)]
+    for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+        functions += [d.func for d in defs if d.baseid]  # not pytest's own fixtures
+    for function in functions:
+        try:
+            if function is not None and pattern.search(inspect.getsource(function)):
+                return True
+        except (OSError, TypeError):
+            return True
+    return False
+
+
+def _runs_neutral_tests() -> bool:
+    return not NEUTRAL_ENV or os.environ.get("TOX_ENV_NAME") == NEUTRAL_ENV
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """In an env that is not ``NEUTRAL_ENV``, skip the tests that do not depend on its backends
+    (core-only, PyTorch-only, ...): ``NEUTRAL_ENV`` runs them, once for the whole matrix."""
+    if _runs_neutral_tests():
+        return
+    skip = pytest.mark.skip(reason=f"backend-neutral: runs in the {NEUTRAL_ENV} env "
+                                   "(BERTLITE_TEST_NEUTRAL_ENV, tox.ini)")
+    for item in items:
+        if not _uses_backends(item, BACKEND_NAMES):
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The guard that nothing is lost across the matrix: in ``NEUTRAL_ENV``, a test skipped
+    because another env's framework is missing here must count as using that env's backend
+    (else that env skips it as backend-neutral and no env runs it): it fails, naming the fix."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (NEUTRAL_ENV and os.environ.get("TOX_ENV_NAME") == NEUTRAL_ENV and report.skipped
+            and isinstance(report.longrepr, tuple)):
+        return
+    reason = str(report.longrepr[2])
+    for name in BUILTIN:
+        if (name not in BACKEND_NAMES and f"backend {name!r} skipped:" in reason
+                and not _uses_backends(item, [name])):
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} needs {name} ({reason}), but the env testing "
+                               f"{name} would skip it as backend-neutral: name the backend in "
+                               "the test or mark it @pytest.mark.every_env")
 
 
 def framework_installed(name: str) -> bool:
