@@ -23,8 +23,12 @@ WIKITEXT_DIR = Path(os.environ.get("BERTLITE_TEST_WIKITEXT",
 BACKEND_NAMES = [name.strip() for name in
                  os.environ.get("BERTLITE_TEST_BACKENDS", ",".join(BUILTIN)).split(",")
                  if name.strip()]
-#: where set (tox.ini), the env that runs the backend-neutral tests; this env skips them
-NEUTRAL_ENV = os.environ.get("BERTLITE_TEST_NEUTRAL_ENV", "").strip()
+#: where set (tox.ini), the env that runs the backend-neutral tests, then any per-file
+#: exceptions: "py311-torch, test_scale.py=py311-mxnet"; the other envs skip them
+_NEUTRAL = [part.strip() for part in os.environ.get("BERTLITE_TEST_NEUTRAL_ENV", "").split(",")
+            if part.strip()]
+NEUTRAL_ENV = next((part for part in _NEUTRAL if "=" not in part), "")
+NEUTRAL_FILES = dict(part.split("=", 1) for part in _NEUTRAL if "=" in part)
 
 
 def pytest_configure(config) -> None:
@@ -34,17 +38,20 @@ def pytest_configure(config) -> None:
         "depends on what the env installs)")
 
 
-def _uses_backends(item, names: list[str]) -> bool:
+def _uses_backends(item, names: list[str], *, named: bool = True) -> bool:
     """Whether ``item`` depends on the backends ``names``: parametrized over them (the
-    ``backend``/``backend_name`` fixtures or a parameter naming one), marked ``every_env``, in a
-    module that imports their framework, or naming one (or ``BACKEND_NAMES``) in its source or
-    in a fixture it uses. In doubt a test counts as dependent (two envs run it, never none)."""
+    ``backend``/``backend_name`` fixtures or a parameter naming one), marked ``every_env``, or
+    (``named``) in a module that imports their framework, or naming one (or ``BACKEND_NAMES``)
+    in its source or in a fixture it uses. In doubt a test counts as dependent (two envs run
+    it, never none)."""
     if "backend_name" in item.fixturenames or item.get_closest_marker("every_env"):
         return True
     frameworks = {BUILTIN[name][2] for name in names if name in BUILTIN}
     params = getattr(getattr(item, "callspec", None), "params", {})
     if any(isinstance(value, str) and value in names for value in params.values()):
         return True
+    if not named:
+        return False
     module = getattr(item, "module", None)
     if module is not None and any(
             isinstance(value, types.ModuleType) and value.__name__.split(".")[0] in frameworks
@@ -64,35 +71,41 @@ def _uses_backends(item, names: list[str]) -> bool:
     return False
 
 
-def _runs_neutral_tests() -> bool:
-    return not NEUTRAL_ENV or os.environ.get("TOX_ENV_NAME") == NEUTRAL_ENV
+def _neutral_env(item) -> str:
+    """The env that runs ``item`` if it is backend-neutral ("": every env)."""
+    return NEUTRAL_FILES.get(item.path.name, NEUTRAL_ENV)
+
+
+def _is_neutral_env(item) -> bool:
+    return bool(_neutral_env(item)) and os.environ.get("TOX_ENV_NAME") == _neutral_env(item)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """In an env that is not ``NEUTRAL_ENV``, skip the tests that do not depend on its backends
-    (core-only, PyTorch-only, ...): ``NEUTRAL_ENV`` runs them, once for the whole matrix."""
-    if _runs_neutral_tests():
-        return
-    skip = pytest.mark.skip(reason=f"backend-neutral: runs in the {NEUTRAL_ENV} env "
-                                   "(BERTLITE_TEST_NEUTRAL_ENV, tox.ini)")
+    """Skip the tests that do not depend on this env's backends (core-only, PyTorch-only, ...)
+    where another env is named to run them: that env runs them, once for the whole matrix. In a
+    file named on its own, only the tests parametrized over the backends run in every env (the
+    env named for it has all the rest needs)."""
     for item in items:
-        if not _uses_backends(item, BACKEND_NAMES):
-            item.add_marker(skip)
+        where = _neutral_env(item)
+        named = item.path.name not in NEUTRAL_FILES
+        if (where and os.environ.get("TOX_ENV_NAME") != where
+                and not _uses_backends(item, BACKEND_NAMES, named=named)):
+            item.add_marker(pytest.mark.skip(reason=f"backend-neutral: runs in the {where} env "
+                                                    "(BERTLITE_TEST_NEUTRAL_ENV, tox.ini)"))
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """The guard that nothing is lost across the matrix: in ``NEUTRAL_ENV``, a test skipped
+    """The guard that nothing is lost across the matrix: in its neutral env, a test skipped
     because another env's framework is missing here must count as using that env's backend
     (else that env skips it as backend-neutral and no env runs it): it fails, naming the fix."""
     outcome = yield
     report = outcome.get_result()
-    if not (NEUTRAL_ENV and os.environ.get("TOX_ENV_NAME") == NEUTRAL_ENV and report.skipped
-            and isinstance(report.longrepr, tuple)):
+    if not (report.skipped and isinstance(report.longrepr, tuple) and _is_neutral_env(item)):
         return
     reason = str(report.longrepr[2])
     for name in BUILTIN:
-        if (name not in BACKEND_NAMES and f"backend {name!r} skipped:" in reason
+        if (name not in BACKEND_NAMES and f"{BUILTIN[name][2]} is not installed" in reason
                 and not _uses_backends(item, [name])):
             report.outcome = "failed"
             report.longrepr = (f"{item.nodeid} needs {name} ({reason}), but the env testing "
