@@ -222,6 +222,7 @@ def test_imported_model_trains_saves_and_loads(book, tmp_path):
     np.testing.assert_allclose(loaded.encode(TEXT_A, TEXT_B), model.encode(TEXT_A, TEXT_B), **TOL)
 
 
+@pytest.mark.every_env  # both frameworks: the env testing each runs it
 def test_checkpoint_of_an_imported_model_loads_in_the_other_backend(book, imported, tmp_path):
     framework = book[0]
     skip_unless_backend(OTHER[framework])
@@ -242,6 +243,7 @@ def test_to_d2l_gives_back_the_same_model(book, imported):
         np.testing.assert_allclose(a, b, **TOL)
 
 
+@pytest.mark.every_env  # both frameworks: the env testing each runs it
 def test_d2l_model_moves_to_the_other_tab(book, imported):
     """One model, two frameworks: the book's model of one tab, through bertlite, is the book's
     model of the other tab with the same outputs."""
