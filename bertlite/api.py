@@ -21,13 +21,14 @@ from bertlite.data.tokenizer import (
     WordPieceTokenizer,
     check_tokenizer_kind,
 )
-from bertlite.errors import BertliteError, CheckpointError, DataError
+from bertlite.errors import BertliteError, DataError
 from bertlite.memory import check_fits, estimate_memory
 from bertlite.model import Pretrained
 from bertlite.optim import OptimizerSettings
 from bertlite.options import check_overrides, check_train_arguments, run_defaults
 from bertlite.params import init_params
 from bertlite.registry import get_backend
+from bertlite.resume import check_writable, resume_state, write_training_checkpoint
 from bertlite.signals import StopRequests, raise_interrupted
 from bertlite.trainer import History, TrainState, summary_lines, train_bert
 
@@ -58,100 +59,6 @@ class TrainResult(Pretrained):
     def summary(self) -> str:
         return "\n".join(summary_lines(self.history,
                                        self.backend.describe_devices(self.devices)))
-
-
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoints to {directory}: {err.strerror or err}; "
-                              "choose another checkpoint_dir") from None
-
-
-def _training_checkpoint(directory: Path, result: TrainResult, state: TrainState, optimizer: Any,
-                         settings: OptimizerSettings, training: dict[str, Any], keep: int
-                         ) -> Path:
-    be = result.backend
-    arrays = dict(be.optimizer_state(optimizer))
-    ckpt.write_checkpoint(
-        directory / f"step-{state.step:06d}", config=result.config, vocab=result.vocab,
-        weights=be.state_dict(result.model), backend_name=be.name, training=training,
-        trainer_arrays=arrays,
-        trainer_state={"step": state.step, "epoch": state.epoch,
-                       "batch_index": state.batch_index, "optimizer": settings.to_dict(),
-                       "history": state.history.to_dict(), "overrides": state.overrides})
-    ckpt.prune_checkpoints(directory, keep, training.get("run"))
-    return directory / f"step-{state.step:06d}"
-
-
-#: data settings a resume can never change (the data cursor and the masks depend on them)
-_DATA_SETTINGS = ("batch_size", "max_len", "seed", "masking", "tokenizer", "whole_word_mask",
-                  "corpus_digest")
-_OPTIMIZER_SETTINGS = ("lr", "optimizer", "betas", "eps", "weight_decay", "clip_norm",
-                       "schedule", "warmup_steps")
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _setting_changes(saved: dict[str, Any], saved_opt: dict[str, Any], training: dict[str, Any],
-                     settings: OptimizerSettings) -> tuple[list[tuple], list[tuple]]:
-    """(data settings, overridable settings) that differ: ``(name, checkpoint's, this run's)``."""
-    defaults = {"tokenizer": "word", "whole_word_mask": False}  # checkpoints from before them
-    data = [(key, saved.get(key, defaults.get(key)), training.get(key)) for key in _DATA_SETTINGS
-            if saved.get(key, defaults.get(key)) != training.get(key)]
-    new_opt = settings.to_dict()
-    other = [(key, _plain(saved_opt.get(key)), _plain(new_opt[key]))
-             for key in _OPTIMIZER_SETTINGS if _plain(saved_opt.get(key)) != _plain(new_opt[key])]
-    if "constant" not in (saved_opt.get("schedule"), settings.schedule):  # it shapes the decay
-        if saved_opt.get("total_steps") != settings.total_steps:
-            other.append(("num_steps", saved_opt.get("total_steps"), settings.total_steps))
-    if saved.get("precision", "float32") != training["precision"]:
-        other.append(("precision", saved.get("precision", "float32"), training["precision"]))
-    return data, other
-
-
-def _resume(directory: Path, result: TrainResult, optimizer: Any, training: dict[str, Any],
-            settings: OptimizerSettings, overrides: frozenset[str]) -> TrainState | None:
-    if not ckpt.list_checkpoints(directory):
-        return None
-    found = ckpt.read_checkpoint(directory, with_trainer=True)
-    if found["config"] != result.config:
-        raise CheckpointError(f"{found['path']} holds a model of another config "
-                              f"({found['config']}); use a new checkpoint_dir or the same config")
-    meta = found["trainer_state"]
-    saved = found["meta"].get("training", {})
-    data, other = _setting_changes(saved, meta.get("optimizer") or saved.get("optimizer", {}),
-                                   training, settings)
-    listed = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in data + other)
-    if data:
-        raise CheckpointError(f"{found['path']} was trained with other data settings ({listed}); "
-                              f"{', '.join(k for k, _, _ in data)} cannot change on resume: "
-                              "resume with the checkpoint's settings or use a new checkpoint_dir")
-    refused = [key for key, _, _ in other if key not in overrides]
-    if refused:
-        names = ",".join(key for key, _, _ in other)
-        raise CheckpointError(f"{found['path']} was trained with other settings ({listed}); "
-                              "resume with the checkpoint's settings, or accept the new ones "
-                              f"with override_resume=[{', '.join(map(repr, names.split(',')))}] "
-                              f"(--override-resume {names})")
-    step = meta["step"]
-    if step > result.num_steps:
-        raise CheckpointError(f"{found['path']} is at step {step}, beyond num_steps "
-                              f"{result.num_steps}; resume with num_steps >= {step}")
-    be = result.backend
-    be.load_state_dict(result.model, found["weights"])
-    be.load_optimizer_state(optimizer, found["trainer_arrays"])
-    recorded = meta.get("overrides", [])
-    recorded = list(recorded) if isinstance(recorded, list) else []
-    recorded += [{"step": step, "name": key, "checkpoint": old, "now": new}
-                 for key, old, new in other]
-    return TrainState(step=step, epoch=meta["epoch"], batch_index=meta["batch_index"],
-                      history=History.from_dict(meta["history"]), overrides=recorded)
 
 
 @_lock.releases_locks
@@ -240,7 +147,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
         print(demo, flush=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
-        _check_writable(ckpt_dir)
+        check_writable(ckpt_dir)
         if main:  # one run at a time in a checkpoint directory (released when train ends)
             _lock.acquire(ckpt_dir)
 
@@ -285,7 +192,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                          num_steps=num_steps, seed=seed)
     state = None
     if resume and ckpt_dir is not None:
-        state = _resume(ckpt_dir, result, opt, training, settings, overrides)
+        state = resume_state(ckpt_dir, result, opt, training, settings, overrides)
         if state is not None:  # the run goes on: its checkpoints keep its id (for pruning)
             training["run"] = ckpt.latest_run_id(ckpt_dir) or training["run"]
     state = state or TrainState()
@@ -312,7 +219,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
 
         def save_checkpoint(st: TrainState) -> None:
             if st.step % every == 0 or st.step == num_steps:
-                _training_checkpoint(ckpt_dir, result, st, opt, settings, training,
+                write_training_checkpoint(ckpt_dir, result, st, opt, settings, training,
                                      keep_checkpoints)
 
         callbacks.append(save_checkpoint)
@@ -326,7 +233,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
         if ckpt_dir is not None:  # the main process writes it; every process names it
             last = ckpt_dir / f"step-{state.step:06d}"
             if main and state.step not in [step for step, _ in ckpt.list_checkpoints(ckpt_dir)]:
-                _training_checkpoint(ckpt_dir, result, state, opt, settings, training,
+                write_training_checkpoint(ckpt_dir, result, state, opt, settings, training,
                                      keep_checkpoints)  # stopped early
         result.history = state.history
         if state.stopped_by == "signal" and state.step < num_steps:
