@@ -30,9 +30,9 @@ computes. Targets (torch): bertlite >= 2x the book's step and >= 60% of the peak
 
 ``--against REV`` steps this tree's bertlite against bertlite at git revision ``REV`` (its
 ``bertlite/`` and ``backends/`` exported by ``git archive`` to a temporary folder that the
-other process imports first), in turn, on the same batch (dropout 0.2 on), and prints the two
-and their ratio instead of the tables above (``--corpus sample``: the quick start's corpus
-instead of WikiText-2)::
+other process imports first), in turn, on the same batch (dropout 0.2 on), and prints them and
+their speed ratios instead of the tables above (repeat ``--against`` for several revisions;
+``--corpus sample``: the quick start's corpus instead of WikiText-2)::
 
     python benchmarks/bench_step.py --against fe14bed^1 --corpus sample --repeats 9
 """
@@ -369,8 +369,8 @@ def measure(backend: str, args) -> dict:
         impls.append(BERT_FLAVOUR)
     paths: dict[str, Path | None] = {}
     if args.against:
-        impls = ["bertlite", f"bertlite@{args.against}"]
-        paths[impls[1]] = args.against_path
+        impls = ["bertlite", *(f"bertlite@{rev}" for rev in args.against)]
+        paths.update(zip(impls[1:], args.against_paths))
     servers = [Server(backend, impl, args, paths.get(impl)) for impl in impls]
     try:
         ready = [s.read() for s in servers]  # they warm up concurrently
@@ -402,11 +402,11 @@ def report_against(results: list[dict], file=None) -> str:
     out = []
     for res in results:
         b, n = res["batch"]
-        (name, mine), (other_name, other) = res["results"].items()
+        (name, mine), (other_name, other) = list(res["results"].items())[:2]
         out.append(f"\nTraining step, {res['backend']}: batch {b} x {n}, tiny config, dropout "
                    f"0.2; machine: {M.machine_line(res['machine'])}")
         rows = []
-        for label, r in ((name, mine), (other_name, other)):
+        for label, r in res["results"].items():
             cpu = sorted(r["cpu_s"])[len(r["cpu_s"]) // 2]
             rows.append([label, f"{b / r['median']:.0f}", f"{r['median']:.3f}",
                          f"{r['best']:.3f}", f"{100 * r['spread']:.0f}%", f"{cpu:.3f}",
@@ -414,7 +414,7 @@ def report_against(results: list[dict], file=None) -> str:
         out.append(M.table(["implementation", "pairs/s", "s/step", "best s", "IQR",
                             "CPU s/step", f"speed vs {other_name}"], rows))
         out.append(f"medians of {len(mine['times'])} rounds after {res['warmup']} warm-up "
-                   "steps, the two stepped in turn (the order alternating); CPU: process time "
+                   "steps, stepped in turn (the order rotating every round); CPU: process time "
                    "of the step, all threads")
     text = "\n".join(out)
     print(text, file=file or sys.stdout)
@@ -492,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                              "that avoid per-step page faults")
     parser.add_argument("--flavors", action="store_true",
                         help="also time bertlite with standard BERT's flavour (same sizes)")
-    parser.add_argument("--against", metavar="REV",
-                        help="step this tree's bertlite against git revision REV's, in turn")
+    parser.add_argument("--against", metavar="REV", action="append",
+                        help="step this tree's bertlite against git revision REV's, in turn "
+                             "(repeat for several; ratios against the first)")
     parser.add_argument("--corpus", choices=("wikitext-2", "sample"), default="wikitext-2",
                         help="the batch's corpus: WikiText-2's validation split (default) or "
                              "the sample corpus (the quick start's)")
@@ -509,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                  "(use --data-dir, or --corpus sample)")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        args.against_path = export_revision(args.against, Path(tmp)) if args.against else None
+        args.against_paths = [export_revision(rev, Path(tmp) / str(i))
+                              for i, rev in enumerate(args.against or [])]
         for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
             print(f"  step: {backend} ...", file=sys.stderr, flush=True)
             results.append(measure(backend, args))
