@@ -39,7 +39,7 @@ def _loss_and_grads(model, batch, masks):
     mlm, nsp, loss = S.batch_loss(model, S.to_tensors(batch, torch.device("cpu")), masks=masks)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in S.named_parameters(model) if p.grad is not None}
-    return [float(mlm), float(nsp), float(loss)], grads
+    return [float(mlm.detach()), float(nsp.detach()), float(loss.detach())], grads
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
