@@ -26,7 +26,8 @@ computes. Targets (torch): bertlite >= 2x the book's step and >= 60% of the peak
 
 ``--flavors`` also steps bertlite with standard BERT's architecture options at the same sizes
 (``BERTConfig.from_preset("tiny", V, flavor="bert")``: GELU, embedding LayerNorm, epsilon
-1e-12, tied decoder), side by side with the book's flavour; target (torch): within 10%.
+1e-12, tied decoder), interleaved with the book's flavour in every round, and prints their
+step-time ratio (median of the per-round ratios); target (torch): at most 1.10.
 
 ``--against REV`` steps this tree's bertlite against bertlite at git revision ``REV`` (its
 ``bertlite/`` and ``backends/`` exported by ``git archive`` to a temporary folder that the
@@ -472,9 +473,29 @@ def report(results: list[dict], file=None) -> str:
             r = res["results"]
             speedup = r["bertlite imperative"]["median"] / r["bertlite"]["median"]
             out.append(f"bertlite hybridized is {speedup:.2f}x its imperative step")
+        if BERT_FLAVOUR in res["results"]:
+            out.append(flavour_ratio(res))
     text = "\n".join(out)
     print(text, file=file or sys.stdout)
     return text
+
+
+def flavour_ratio(res: dict) -> str:
+    """The BERT flavour's step time over the book flavour's (``--flavors``): the median of the
+    per-round ratios (both stepped in the same round, so under the same load), the ratio of
+    the medians and of the best rounds; target (torch): the paired median at most 1.10."""
+    book, bert = res["results"]["bertlite"]["times"], res["results"][BERT_FLAVOUR]["times"]
+    paired = sorted(b / a for a, b in zip(book, bert))
+    mid = len(paired) // 2
+    median = paired[mid] if len(paired) % 2 else (paired[mid - 1] + paired[mid]) / 2
+    of_medians = res["results"][BERT_FLAVOUR]["median"] / res["results"]["bertlite"]["median"]
+    of_best = res["results"][BERT_FLAVOUR]["best"] / res["results"]["bertlite"]["best"]
+    target = f" {M.check(median <= 1.10)} (target <= 1.10)" if res["backend"] == "torch" else ""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"flavours: BERT flavour / book flavour step time, median of {len(paired)} paired "
+            f"rounds {median:.3f}{target}; ratio of medians {of_medians:.3f}, of the best "
+            f"rounds {of_best:.3f}; load average "
+            f"{load} (1, 5, 15 min) at the end")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch: also time both in processes with glibc malloc settings "
                              "that avoid per-step page faults")
     parser.add_argument("--flavors", action="store_true",
-                        help="also time bertlite with standard BERT's flavour (same sizes)")
+                        help="also time bertlite with standard BERT's flavour (same sizes) and "
+                             "print its step-time ratio to the book flavour's")
     parser.add_argument("--against", metavar="REV", action="append",
                         help="step this tree's bertlite against git revision REV's, in turn "
                              "(repeat for several; ratios against the first)")

@@ -228,6 +228,7 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     devs = be.parse_devices(devices)
     be.check_train_options(devs, accumulate=accumulate, precision=precision,
                            skip_nonfinite=on_nan == "skip")
+    be.setup_processes(devs)  # join the other processes (torchrun, MXNet workers), if any
     main = be.is_main_process()  # the one process that prints, plots and writes checkpoints
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -241,14 +242,14 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
                                                    masking, tokenizer, wordpiece_vocab_size,
                                                    whole_word_mask)
         whole_word_mask = bool(batches.data.settings["whole_word_mask"])
-    elif eval_data is not None:
-        raise DataError("eval_data needs data= (a prepared folder or a corpus to prepare)")
-    else:
+    else:  # (eval_data= without data= was refused by check_train_arguments)
         batches, vocab = load_data_wiki(batch_size, max_len, corpus=corpus, data_dir=data_dir,
                                         split=split, seed=seed, masking=masking,
                                         tokenizer=tokenizer,
                                         wordpiece_vocab_size=wordpiece_vocab_size,
                                         whole_word_mask=whole_word_mask)
+    if isinstance(tokenizer, WordPieceTokenizer) and vocab.tokenizer is not None:
+        vocab.tokenizer.special_names = dict(tokenizer.special_names)  # init=: [MASK] ...
     model_config = resolve_config(config, len(vocab), max_len=max_len)
     if dropout is not None:
         model_config = model_config.replace(dropout=float(dropout))
@@ -256,7 +257,8 @@ def train(backend: str | Backend | None = None, *, corpus: str = "wikitext-2",
     if free is not None:  # fail before the model is built, not at the first step
         check_fits(estimate_memory(model_config, -(-batch_size // accumulate), max_len,
                                    precision=precision, optimizer=settings.optimizer,
-                                   num_devices=be.num_replicas(devs)),
+                                   num_devices=be.num_replicas(devs),
+                                   saved_tensors=be.saved_tensors()),
                    free, batch_size=batch_size, max_len=max_len)
     be.seed(seed)
     net = be.build_model(model_config, devs)
@@ -396,15 +398,13 @@ def _prepared_batches(data: str | os.PathLike, format: str | None, batch_size: i
     return batches, prepared.vocab, str(prepared.folder)
 
 
-def _prepared_heldout(eval_data: str | os.PathLike | None, format: str | None, max_len: int,
+def _prepared_heldout(eval_data: str | os.PathLike, format: str | None, max_len: int,
                       vocab: Any, whole_word_mask: bool) -> Any:
-    """The held-out batches of ``eval_data=`` (fixed masks and order, the training vocab)."""
+    """The held-out batches of ``eval_data=`` (fixed masks and order, the training vocab;
+    check_train_arguments made sure it is given)."""
     from bertlite.data.prepared import PreparedBatches, open_data
     from bertlite.evaluate import EVAL_SEED
 
-    if eval_data is None:
-        raise DataError("eval_every with data= needs eval_data= (a held-out prepared folder "
-                        "or corpus)")
     prepared = open_data(eval_data, format=format, max_len=max_len, seed=EVAL_SEED,
                          vocab=vocab, whole_word_mask=whole_word_mask)
     return PreparedBatches(prepared, min(128, len(prepared)), seed=EVAL_SEED, shuffle=False)

@@ -18,6 +18,7 @@ import numpy as np
 
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
+from bertlite.memory import SavedTensors
 from bertlite.optim import OptimizerSettings
 
 #: what ``precision=`` accepts: float32, or mixed precision with bfloat16 / float16 activations
@@ -29,6 +30,12 @@ TRAIN_STEP_OPTIONS = {"accumulate": 1, "precision": "float32", "skip_nonfinite":
 #: the keywords of :meth:`Backend.train_step` that key its dropout masks (run seed, step); the
 #: core passes them to a backend whose ``train_step`` takes them
 DROPOUT_KEYS = ("seed", "step")
+#: the keys of :meth:`Backend.info`, the same in every backend: the framework's name, version
+#: and numpy's, the default devices (as strings), the number of GPUs, the CPU threads (with
+#: where that number comes from), what the environment asks of several processes, and
+#: framework build facts (a dict whose keys are the framework's own)
+INFO_KEYS = ("framework", "version", "numpy", "devices", "gpus", "threads", "distributed",
+             "build")
 
 
 def dropout_key(backend: Backend, seed: int, step: int) -> dict[str, int]:
@@ -129,11 +136,14 @@ class Backend(ABC):
     def check_train_options(self, devices: Sequence[Any], *, accumulate: int = 1,
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """Raise :class:`bertlite.errors.BackendError` before any work when this backend cannot
-        train with these :meth:`train_step` options on ``devices``. The default accepts the
-        defaults, and any option that this backend's ``train_step`` takes as a keyword;
-        backends override it for options that depend on the device (fp16 needs a GPU, say)."""
+        train with these :meth:`train_step` options on ``devices``. The default checks the values
+        (:func:`bertlite.options.check_step_options`, the one place) and accepts any option that
+        this backend's ``train_step`` takes as a keyword; backends extend it (calling it first)
+        for what depends on the device (fp16 needs a GPU, say)."""
         from bertlite.errors import BackendError
+        from bertlite.options import check_step_options  # it imports this module
 
+        check_step_options(accumulate=accumulate, precision=precision)
         requested = {"accumulate": accumulate, "precision": precision,
                      "skip_nonfinite": skip_nonfinite}
         params = inspect.signature(self.train_step).parameters
@@ -175,6 +185,11 @@ class Backend(ABC):
         return self.forward(model, batch)[0]
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """Join the other processes when the environment asks for several (a process group, a
+        distributed kvstore); nothing in one process. The trainer calls it once, right after
+        :meth:`parse_devices` (which only parses: it joins nothing). Idempotent."""
+
     def is_main_process(self) -> bool:
         """False in every process but one when the backend trains over several processes (the
         core prints, plots and writes checkpoints only in the main one)."""
@@ -189,13 +204,19 @@ class Backend(ABC):
         """How many model replicas share each global batch: devices times processes."""
         return max(1, len(devices))
 
+    def saved_tensors(self) -> SavedTensors:
+        """This backend's activation-memory terms, for the core's estimate
+        (:func:`bertlite.memory.estimate_memory`); the default: the book's model as GPUs run
+        it."""
+        return SavedTensors()
+
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """Free bytes on the device with the least free memory, or None when unknown (the
         CPU): the core then skips its memory check."""
         return None
 
     def info(self) -> dict[str, Any]:
-        """Versions and devices, for ``bertlite info``."""
+        """Versions and devices, for ``bertlite info``, under :data:`INFO_KEYS`."""
         return {}
 
     def __repr__(self) -> str:

@@ -1,6 +1,7 @@
 """Framework-neutral checkpoints: a folder any backend can write and any backend can load.
 
-    config.json          format version, bertlite version, backend, model config, training
+    config.json          format version, bertlite version, backend, model config, training,
+                         the WordPiece tokenizer's normalisation (lowercase, strip_accents)
     vocab.txt            one token a line
     tokenizer.json       the WordPiece tokenizer (Hugging Face format), when the vocabulary
                          is one (``tokenizer="wordpiece"``); absent for the book's words
@@ -35,10 +36,12 @@ from bertlite._version import __version__
 from bertlite.checkpoint_schema import (
     check_config_json,
     check_file_digests,
+    check_tokenizer_agrees,
     check_trainer_json,
     check_vocab_tokens,
     config_difference,
     sha256,
+    tokenizer_record,
     verify_digests,
 )
 from bertlite.config import BERTConfig
@@ -222,6 +225,8 @@ def write_checkpoint(path: str | os.PathLike, *, config: BERTConfig, vocab: Voca
                               ) from None
     meta = {"format": FORMAT_VERSION, "bertlite_version": __version__, "backend": backend_name,
             "model": config.to_dict(), "training": training or {}}
+    if vocab.tokenizer is not None:  # its normalisation (cased or not), checked at load
+        meta["tokenizer"] = tokenizer_record(vocab.tokenizer)
     texts = {CONFIG_FILE: _json_text(meta),
              VOCAB_FILE: "".join(t + "\n" for t in vocab.idx_to_token)}
     if vocab.tokenizer is not None:
@@ -326,6 +331,7 @@ def _read_checkpoint(path: str | os.PathLike, with_trainer: bool) -> dict[str, A
             raise CheckpointError(f"{path / TOKENIZER_FILE} does not match {path / VOCAB_FILE} "
                                   "(other tokens or another order); the checkpoint is damaged")
         vocab = tokenized
+    check_tokenizer_agrees(meta.get("tokenizer"), vocab.tokenizer, str(path))
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path / VOCAB_FILE} has {len(vocab)} tokens but the config says "
                               f"vocab_size {config.vocab_size}")

@@ -76,6 +76,8 @@ def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
         BERTConfig.from_dict(model)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where} has an invalid model config: {err}") from None
+    if "tokenizer" in meta:
+        check_tokenizer_record(meta["tokenizer"], f"{where}: 'tokenizer'")
     training = _object(meta.get("training", {}), f"{where}: 'training'")
     tw = f"{where}: 'training'"
     for key in ("batch_size", "max_len", "num_steps", "accumulate"):
@@ -88,6 +90,56 @@ def check_config_json(meta: Any, path: Path) -> dict[str, Any]:
     _field(training, "optimizer", tw, lambda v: isinstance(v, dict), "an object",
            required=False)
     return meta
+
+
+#: the kinds of tokenizer whose normalisation a checkpoint records
+TOKENIZER_RECORD_KINDS = ("wordpiece",)
+
+
+def check_tokenizer_record(record: Any, where: str) -> dict[str, Any]:
+    """``config.json``'s ``tokenizer``: the WordPiece tokenizer's kind and normalisation
+    (``lowercase``: bertlite's own and uncased BERTs'; false for a cased BERT's, whose corpus
+    is read as it is; ``strip_accents``), which ``tokenizer.json`` must agree with, and for an
+    imported one the names of its special tokens (``special_names``, written back on
+    export)."""
+    record = _object(record, where)
+    _field(record, "kind", where, lambda v: v in TOKENIZER_RECORD_KINDS,
+           f"one of {list(TOKENIZER_RECORD_KINDS)}")
+    for key in ("lowercase", "strip_accents"):
+        _field(record, key, where, lambda v: isinstance(v, bool), "true or false")
+    _field(record, "special_names", where, lambda v: isinstance(v, dict) and set(v) <=
+           set(REQUIRED_TOKENS) and all(isinstance(n, str) and n for n in v.values()),
+           f"an object from some of {list(REQUIRED_TOKENS)} to the names an imported "
+           "tokenizer gave them", required=False)
+    unknown = set(record) - {"kind", "lowercase", "strip_accents", "special_names"}
+    if unknown:
+        raise CheckpointError(f"{where} has unknown fields {sorted(unknown)}; the checkpoint is "
+                              "damaged or from a newer bertlite")
+    return record
+
+
+def tokenizer_record(tokenizer: Any) -> dict[str, Any]:
+    """What ``config.json`` records of a WordPiece tokenizer (see
+    :func:`check_tokenizer_record`)."""
+    names = {"special_names": dict(tokenizer.special_names)} if tokenizer.special_names else {}
+    return {"kind": tokenizer.kind, **tokenizer.normalization, **names}
+
+
+def check_tokenizer_agrees(record: dict[str, Any] | None, tokenizer: Any, where: str) -> None:
+    """The normalisation ``config.json`` records is the one ``tokenizer.json`` applies (no
+    record: a checkpoint written before bertlite recorded it, read as its tokenizer.json); the
+    tokenizer takes the recorded special-token names."""
+    if record is None:
+        return
+    if tokenizer is None:
+        raise CheckpointError(f"{where}: config.json records a {record['kind']} tokenizer but "
+                              "there is no tokenizer.json; the checkpoint is incomplete")
+    recorded = {k: record[k] for k in ("lowercase", "strip_accents")}
+    if recorded != tokenizer.normalization:
+        raise CheckpointError(f"{where}: config.json records the tokenizer normalisation "
+                              f"{recorded}, but tokenizer.json applies "
+                              f"{tokenizer.normalization}; the checkpoint was edited or damaged")
+    tokenizer.special_names = dict(record.get("special_names", {}))
 
 
 def _history_fields() -> set[str]:

@@ -303,9 +303,10 @@ def load_init(path: str | os.PathLike, seed: int = 0
     config, meta, arrays = read_hf_folder(path)
     weights, initialised = from_hf_arrays(arrays, config, str(path), seed=seed)
     vocab, tokenizer = read_tokenizer(path, config.vocab_size)
-    if not tokenizer["lowercase"]:
-        raise CheckpointError(f"{path} has a cased tokenizer; bertlite's tokenization lowercases "
-                              "every text, so it would not match: import an uncased model")
+    if not tokenizer["lowercase"] and vocab.tokenizer is None:
+        raise CheckpointError(f"{path} has a cased word-level tokenizer; bertlite's word "
+                              "vocabulary lowercases every text, so it would not match: import "
+                              "an uncased one (a cased WordPiece tokenizer imports as it is)")
     metadata = {"imported_from": f"transformers {meta.get('architectures', ['BertModel'])[0]} "
                                  f"({Path(path).resolve()})",
                 "initialised": initialised, "tokenizer": tokenizer}

@@ -1,32 +1,23 @@
 """Memory planning: what a configuration needs per device before training starts.
 
 An estimate, not a measurement. Parameters, gradients and optimizer state are exact. The
-activations are the tensors a training step keeps for the backward pass, counted from the
-shapes as the torch backend saves them with dropout on (per encoder block and token: the Q/K/V
-copies, the attention output, two dropout masks, two residual sums and two LayerNorm outputs,
-the FFN's hidden activation; per attention score: softmax output, dropout mask and dropped
-weights; the embeddings' output; the MLM head at every prediction slot, with float32
-log-probabilities), plus the peak of the backward pass on top of them: the gradient of the
-log-probabilities at the MLM head or, in a block, two gradients of the attention scores and one
-of the FFN's hidden activation, whichever is larger.
-
-Calibration (``tests/test_scale.py``): on the CPU the estimate's total was within 5% of the
-measured growth of peak RSS over two training steps (float32, dropout on) for ten small
-configurations (hidden 32-256, 1-8 layers, length 32-256, vocabulary 1,000-50,000), and for
-one in bf16. It follows the torch backend's implementation: when that changes, rerun those
-tests. It describes the operations that GPUs run; the torch backend's float32 CPU path (no
-padding, a sparse last layer, the MLM decoder fused with its loss) needs 10-40% less. What it
-does not count: the allocator's overhead (glibc keeps freed blocks resident, which added
-another 10-40% to peak RSS here; CUDA's caching allocator and context), the data
-pipeline, and the framework itself. It is high for torch without dropout, whose fused attention
-keeps no (length x length) matrices, and it counts every prediction slot as used (real batches
-pad about a third of them). Other backends save other tensors: take it as an order of
-magnitude there.
+activations are the tensors a training step keeps for the backward pass plus the peak of the
+backward pass on top of them; which tensors those are is the backend's: each supplies its
+:class:`SavedTensors` (:meth:`bertlite.backend.Backend.saved_tensors`), counted here from the
+shapes by one generic formula (:func:`estimate_memory`). The defaults are the book's model as
+the torch backend runs it with dropout on (per encoder block and token: the Q/K/V copies, the
+attention output, two dropout masks, two residual sums and two LayerNorm outputs, the FFN's
+hidden activation; per attention score: softmax output, dropout mask and dropped weights; the
+embeddings' output; the MLM head at every prediction slot, with float32 log-probabilities; at
+the backward peak, the gradient of the log-probabilities at the MLM head or, in a block, two
+gradients of the attention scores and one of the FFN's hidden activation, whichever is larger).
+``bertlite plan`` uses them. Calibration and what is not counted: see the torch backend's
+:data:`bertlite.backends.torch.backend.SAVED_TENSORS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bertlite.config import BERTConfig
@@ -34,6 +25,44 @@ from bertlite.data.examples import max_num_mlm_preds
 
 BYTES = {"float32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class SavedTensors:
+    """A backend's activation-memory terms: how many values its training step keeps for the
+    backward pass (in the activation dtype unless named float32), and what backward adds at its
+    peak, as multiples of the shapes. :func:`estimate_memory` turns them into bytes."""
+
+    #: per encoder block and token, x num_hiddens: q, k, v, attention output, two dropout
+    #: masks, two residual sums
+    block_hidden: int = 8
+    #: per block and token, x ffn_num_hiddens: the FFN's hidden activation
+    block_ffn: int = 1
+    #: per block and token, float32 x num_hiddens: two LayerNorm outputs
+    block_hidden_float32: int = 2
+    #: per block and token, float32: the LayerNorms' statistics
+    block_float32: int = 4
+    #: per attention score (batch x heads x length x length): softmax output, dropout mask,
+    #: dropped weights
+    block_scores: int = 3
+    #: per token, float32 x num_hiddens: the encoder's input
+    embedding_hidden_float32: int = 1
+    #: per MLM prediction slot, x num_hiddens: the head's three hidden tensors
+    head_hidden: int = 3
+    #: per prediction slot, float32 x vocab_size: the log-probabilities
+    head_vocab_float32: int = 1
+    #: backward's peak at the head: float32 (slots x vocab_size) gradients
+    backward_head_vocab_float32: int = 1
+    #: backward's peak in a block: gradients of the attention scores ...
+    backward_scores: int = 2
+    #: ... and of the FFN's hidden activation (per token, x ffn_num_hiddens)
+    backward_ffn: int = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"SavedTensors.{f.name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,12 +90,14 @@ class MemoryEstimate:
 
 def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
                     precision: str = "float32", optimizer: str = "adam",
-                    num_devices: int = 1, host: bool = False) -> MemoryEstimate:
+                    num_devices: int = 1, host: bool = False,
+                    saved_tensors: SavedTensors | None = None) -> MemoryEstimate:
     """Peak training memory of one device for a global ``batch_size`` split over
     ``num_devices`` (pass the micro-batch size when accumulating gradients). Mixed precision
     keeps float32 weights, optimizer state, LayerNorm outputs and loss, adds half-precision
     copies of the weights and halves the other activations. ``host``: the device is the host
-    (CPU training), which also holds the dropout masks the core draws for every step."""
+    (CPU training), which also holds the dropout masks the core draws for every step.
+    ``saved_tensors``: the backend's activation terms (default: :class:`SavedTensors`'s)."""
     if precision not in BYTES:
         raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision!r}")
     n_params = config.num_parameters()
@@ -78,18 +109,15 @@ def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
     b = -(-batch_size // num_devices)
     h, f, heads, v = config.num_hiddens, config.ffn_num_hiddens, config.num_heads, \
         config.vocab_size
+    terms = saved_tensors or SavedTensors()
     tokens = b * max_len
-    # per block and token: q, k, v (3h), attention output (h), two dropout masks and two
-    # residual sums (4h), the FFN's hidden activation (f); two LayerNorm outputs (2h) and their
-    # statistics (4 values) stay float32
-    per_block = tokens * (act * (8 * h + f) + 4 * (2 * h + 4))
-    # per attention score (b, heads, L, L): softmax output, dropout mask, dropped weights
+    per_block = tokens * (act * (terms.block_hidden * h + terms.block_ffn * f)
+                          + 4 * (terms.block_hidden_float32 * h + terms.block_float32))
     scores = b * heads * max_len * max_len
-    per_block += scores * 3 * act
-    embeddings = tokens * h * 4  # the encoder's float32 input
+    per_block += scores * terms.block_scores * act
+    embeddings = tokens * h * 4 * terms.embedding_hidden_float32
     preds = b * max_num_mlm_preds(max_len)
-    # the MLM head: three (preds, h) tensors and the float32 (preds, vocab) log-probabilities
-    mlm_head = preds * (3 * h * act + 4 * v)
+    mlm_head = preds * (terms.head_hidden * h * act + 4 * v * terms.head_vocab_float32)
     saved = config.num_layers * per_block + embeddings + mlm_head
     if host and config.dropout > 0:
         # dropout masks are drawn on the host at the full shape in float32 (bertlite.dropout):
@@ -97,10 +125,11 @@ def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
         # in mixed precision this step's too (the activations count their half-precision copy)
         copies = 1 if precision == "float32" else 2
         saved += copies * config.num_layers * (scores + 2 * tokens * h) * 4
-    # The peak comes in backward, on top of what is saved: either at the MLM head (one float32
-    # (preds, vocab) gradient) or, once the head's tensors are freed, in a block (two
-    # gradients of the attention scores, one of the FFN's hidden activation).
-    backward = max(preds * v * 4, tokens * f * act + 2 * scores * act - mlm_head)
+    # The peak comes in backward, on top of what is saved: either at the MLM head or, once
+    # the head's tensors are freed, in a block.
+    backward = max(preds * v * 4 * terms.backward_head_vocab_float32,
+                   (tokens * f * terms.backward_ffn + terms.backward_scores * scores) * act
+                   - mlm_head)
     return MemoryEstimate(weights, 4 * n_params, moments, int(saved + backward))
 
 

@@ -45,7 +45,8 @@ def _decode_hint(value: Any) -> str:
 
 def tokenize(vocab: Vocab, text: str) -> list[str]:
     """The tokens of a text for a vocabulary: lowercased words split on spaces, each cut into
-    its WordPiece pieces when the vocabulary has a tokenizer."""
+    its WordPiece pieces when the vocabulary has a tokenizer (which lowercases, or for a cased
+    BERT's tokenizer keeps the case)."""
     if vocab.tokenizer is not None:
         return vocab.tokenizer.encode(text)
     return text.lower().split()
@@ -80,11 +81,11 @@ class Pretrained:
                ) -> np.ndarray:
         """The BERT encoding ``(1, len, hidden)`` of a text or text pair, dropout off.
 
-        A string is lowercased, split on spaces and, with a WordPiece vocabulary, cut into
-        pieces (:meth:`tokenize` shows them); a list is taken as tokens of the vocabulary as
-        they are (words, or pieces). Unknown tokens map to ``<unk>``; the input with ``<cls>``
-        and ``<sep>`` must fit the positional table (``config.max_len``), otherwise a DataError
-        says by how much it is too long.
+        A string is lowercased (unless the tokenizer is cased), split on spaces and, with a
+        WordPiece vocabulary, cut into pieces (:meth:`tokenize` shows them); a list is taken as
+        tokens of the vocabulary as they are (words, or pieces). Unknown tokens map to
+        ``<unk>``; the input with ``<cls>`` and ``<sep>`` must fit the positional table
+        (``config.max_len``), otherwise a DataError says by how much it is too long.
         """
         tokens, segments = get_tokens_and_segments(_as_tokens(tokens_a, "tokens_a", self.vocab),
                                                    _as_tokens(tokens_b, "tokens_b", self.vocab,

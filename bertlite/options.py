@@ -15,7 +15,6 @@ from bertlite.backend import PRECISIONS
 from bertlite.data.loader import MASKING_MODES
 from bertlite.errors import DataError
 from bertlite.optim import OPTIMIZERS, SCHEDULES
-from bertlite.trainer import ON_NAN
 
 #: settings that change a run's meaning: a resume with other values is refused unless each
 #: is named in ``override_resume`` (the data settings can never change: the data cursor and
@@ -23,6 +22,8 @@ from bertlite.trainer import ON_NAN
 OVERRIDABLE = ("lr", "optimizer", "betas", "eps", "weight_decay", "clip_norm", "schedule",
                "warmup_steps", "num_steps", "precision")
 MAX_SEED = 2**63 - 1
+#: what ``on_nan=`` accepts: stop with an error, or skip the step's update
+ON_NAN = ("stop", "skip")
 
 
 class OptionError(DataError, TypeError):
@@ -169,9 +170,20 @@ def check_overrides(override_resume: Any) -> frozenset[str]:
     return frozenset(names)
 
 
+def check_step_options(*, accumulate: Any = 1, precision: Any = "float32",
+                       on_nan: Any = "stop") -> None:
+    """The options of every training step (:meth:`bertlite.backend.Backend.train_step`), in
+    the one place that checks them: :func:`bertlite.train`, :func:`bertlite.trainer.train_bert`
+    and :meth:`bertlite.backend.Backend.check_train_options` call it; the backends check only
+    what they alone know (a precision the device cannot run)."""
+    positive_int("accumulate", accumulate)
+    choice("precision", precision, PRECISIONS)
+    choice("on_nan", on_nan, ON_NAN)
+
+
 def check_train_arguments(args: Mapping[str, Any]) -> None:
     """Check every argument of :func:`bertlite.train` (by name) before any data is read."""
-    for name in ("num_steps", "batch_size", "max_len", "accumulate", "wordpiece_vocab_size"):
+    for name in ("num_steps", "batch_size", "max_len", "wordpiece_vocab_size"):
         positive_int(name, args[name])
     for name in ("checkpoint_every", "eval_every", "eval_batches"):
         positive_int(name, args[name], optional=True)
@@ -190,8 +202,8 @@ def check_train_arguments(args: Mapping[str, Any]) -> None:
     choice("optimizer", args["optimizer"], OPTIMIZERS)
     choice("schedule", args["schedule"], SCHEDULES)
     choice("masking", args["masking"], MASKING_MODES)
-    choice("precision", args["precision"], PRECISIONS)
-    choice("on_nan", args["on_nan"], ON_NAN)
+    check_step_options(accumulate=args["accumulate"], precision=args["precision"],
+                       on_nan=args["on_nan"])
     for name in ("progress", "verbose", "resume", "whole_word_mask"):
         flag(name, args[name])
     path_like("corpus", args["corpus"], optional=False)

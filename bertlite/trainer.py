@@ -12,6 +12,7 @@ from typing import Any
 from bertlite.backend import TRAIN_STEP_OPTIONS, Backend, dropout_key
 from bertlite.data.loader import BatchIterator
 from bertlite.optim import OptimizerSettings
+from bertlite.options import check_step_options
 
 
 @dataclass
@@ -91,9 +92,6 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 
-ON_NAN = ("stop", "skip")
-
-
 def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: Any,
                settings: OptimizerSettings, num_steps: int, *, seed: int = 0,
                state: TrainState | None = None,
@@ -114,8 +112,7 @@ def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: 
     backend's main process shows a progress bar."""
     from tqdm.auto import tqdm
 
-    if on_nan not in ON_NAN:
-        raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
+    check_step_options(accumulate=accumulate, precision=precision, on_nan=on_nan)
     options = {key: value for key, value in (("accumulate", accumulate),
                                              ("precision", precision),
                                              ("skip_nonfinite", on_nan == "skip"))

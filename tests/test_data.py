@@ -507,7 +507,7 @@ def all_files(folder: Path) -> list[str]:
 
 
 def forbid_reading(monkeypatch) -> None:
-    def fail(path):
+    def fail(path, *args):
         raise AssertionError(f"read_corpus({path}) called: the cache was not used")
 
     monkeypatch.setattr(data_loader, "read_corpus", fail)
@@ -552,7 +552,8 @@ def test_a_changed_setting_is_a_new_key(small_corpus, tmp_path, monkeypatch, cha
     base, base_vocab = prepare_data(small_corpus, cache_dir=cache_dir, **settings)
     assert len(npz_files(cache_dir)) == 1
     calls = []
-    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p, *a: calls.append(p) or
+                        read_corpus(p, *a))
     changed, changed_vocab = prepare_data(small_corpus, cache_dir=cache_dir,
                                           **{**settings, **change})
     assert calls == [small_corpus]  # built, not loaded
@@ -611,7 +612,8 @@ def test_a_damaged_cache_file_is_rebuilt(small_corpus, tmp_path, monkeypatch, da
         with open(entry, "wb") as f:
             np.savez(f, vocab=np.asarray(["<unk>"]), tokens=np.zeros((2, 2), np.int32))
     calls = []
-    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p, *a: calls.append(p) or
+                        read_corpus(p, *a))
     rebuilt, rebuilt_vocab = prepare_data(small_corpus, 32, cache_dir=cache_dir)
     assert calls == [small_corpus]
     assert_same_arrays(rebuilt, good)
@@ -635,7 +637,8 @@ def test_cache_write_is_atomic(small_corpus, tmp_path, monkeypatch):
     assert all_files(cache_dir) == []  # neither a partial entry nor a temp file
     monkeypatch.setattr(data_cache.np, "savez", real_savez)
     calls = []
-    monkeypatch.setattr(data_loader, "read_corpus", lambda p: calls.append(p) or read_corpus(p))
+    monkeypatch.setattr(data_loader, "read_corpus", lambda p, *a: calls.append(p) or
+                        read_corpus(p, *a))
     again, _ = prepare_data(small_corpus, 32, cache_dir=cache_dir)
     assert calls == [small_corpus]  # nothing half-written was taken for a hit
     assert_same_arrays(again, examples)

@@ -100,6 +100,9 @@ def test_export_loads_in_transformers_with_the_same_outputs(backend, tmp_path, k
     n_a = len(model.tokenize(PAIR[0])) + 2
     assert enc["token_type_ids"][0].tolist() == [0] * n_a + [1] * (len(tokens) - n_a)
     assert tok.mask_token == "<mask>" and tok.mask_token_id == vocab["<mask>"]
+    # transformers' tooling takes bertlite's own special-token names from the folder
+    fill = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder))
+    assert len(fill(f"the crane {tok.mask_token} over", top_k=3)) == 3
     ours = all_position_outputs(model, enc["input_ids"], enc["token_type_ids"])
     assert_same_outputs(ours, hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
     np.testing.assert_allclose(model.encode(*PAIR), ours[0], rtol=1e-5, atol=1e-5)
@@ -182,6 +185,12 @@ def test_import_keeps_berts_special_token_ids_and_outputs(backend, tmp_path):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     assert_same_outputs(hf_outputs(out, enc["input_ids"], enc["token_type_ids"]),
                         hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
+    # and the tokenizer: BERT's special-token names again, the same vocab.txt
+    assert (out / "vocab.txt").read_text() == (folder / "vocab.txt").read_text()
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    assert (again.mask_token, again.mask_token_id, again.pad_token) == ("[MASK]", 103, "[PAD]")
+    masked = "the crane [MASK] over the river"
+    assert again(masked)["input_ids"] == tok(masked)["input_ids"]
 
 
 @pytest.mark.parametrize("architecture, initialised", [
@@ -210,7 +219,7 @@ def _edit_config(folder, **changes):
     ("tokenizer size", "tokenizer .* has 127 tokens but the model's embedding has 150 rows"),
     ("no weights", "has no model.safetensors"),
     ("no config", "has no config.json"),
-    ("cased", "has a cased tokenizer"),
+    ("cased word-level", "has a cased word-level tokenizer"),
     ("encoder weight missing", r"lacks the encoder weights \['bert.encoder.layer.1.output"),
     ("no tokenizer", "has no tokenizer"),
 ])
@@ -242,7 +251,11 @@ def test_bad_folders_are_refused(backend, tmp_path, breakage, message):
     elif breakage == "no tokenizer":
         for name in ("tokenizer.json", "vocab.txt"):
             (folder / name).unlink()
-    elif breakage == "cased":
+    elif breakage == "cased word-level":  # the book's word vocabulary always lowercases
+        tok_json = json.loads((folder / "tokenizer.json").read_text())
+        tok_json.update(normalizer=None, model={"type": "WordLevel", "unk_token": "[UNK]",
+                                                "vocab": tok_json["model"]["vocab"]})
+        (folder / "tokenizer.json").write_text(json.dumps(tok_json))
         meta = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps({**meta,
                                                                   "do_lower_case": False}))
@@ -273,6 +286,7 @@ def test_continue_pretraining_from_a_transformers_folder(backend, tmp_path):
     assert not np.array_equal(moved["encoder.token_embedding.weight"],
                               start["encoder.token_embedding.weight"])
     out = result.to_hf(str(tmp_path / "continued"))
+    assert (out / "vocab.txt").read_text() == (folder / "vocab.txt").read_text()
     net = transformers.BertForPreTraining.from_pretrained(out)
     np.testing.assert_array_equal(net.bert.embeddings.word_embeddings.weight.detach().numpy(),
                                   moved["encoder.token_embedding.weight"])
@@ -322,6 +336,11 @@ def test_cli_import_export_and_pretrain_init(backend, tmp_path, capsys):
     assert main(["export-hf", "--checkpoint", str(tmp_path / "ck"), "--out",
                  str(tmp_path / "hf")]) == 0
     again = bertlite.from_hf(tmp_path / "hf", backend=backend)
+    # BERT's special-token names kept through the bertlite checkpoint
+    assert (tmp_path / "hf" / "vocab.txt").read_text() == \
+        (tmp_path / "bert" / "vocab.txt").read_text()
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["tokenizer"][
+        "special_names"]["<mask>"] == "[MASK]"
     loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
     for name, value in loaded.state_dict().items():
         np.testing.assert_array_equal(again.state_dict()[name], value, err_msg=name)
@@ -353,7 +372,8 @@ def test_continue_pretraining_example(backend, tmp_path, capsys):
                                 "--out", str(tmp_path / "out")])
     assert len(predictions) == 5 and all(0 <= score <= 1 for _, score in predictions)
     out = capsys.readouterr().out
-    assert f"exported: {tmp_path / 'out'}" in out and "the crane is <mask> over" in out
+    # the imported BERT's own mask token, written back by export
+    assert f"exported: {tmp_path / 'out'}" in out and "the crane is [MASK] over" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -374,3 +394,166 @@ def test_d2l_export_refuses_the_bert_flavour(backend):
     interop = importlib.import_module(f"bertlite.backends.{backend.name}.interop")
     with pytest.raises(ValueError, match="only the book's architecture.*to_hf"):
         interop.to_d2l(bertlite_model(backend, word_vocab()))
+
+
+# -- cased tokenizers ------------------------------------------------------------------------------
+
+CASED_TEXT = ("Paris is the capital of France . the city of paris in Texas is small . a Café in "
+              "Paris serves café and crème . Émile drank a cafe in Paris")
+CASED_PROBES = ["Paris is not paris.", "Émile drank a Café, in Texas!", "crème and CAFÉ",
+                "the cafe serves café"]
+
+
+def save_cased_bert(folder, strip_accents=None):
+    """A cased BERT (``do_lower_case=False``; accents kept unless ``strip_accents``), its
+    vocabulary holding both cases and accented and plain forms."""
+    words = sorted(set(CASED_TEXT.split()) | {"Cafe", "creme", "Emile", ".", ",", "!"})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s", "##é"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    tok = transformers.BertTokenizerFast.from_pretrained(folder, do_lower_case=False,
+                                                         strip_accents=strip_accents)
+    torch.manual_seed(3)
+    net = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=len(tokens), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=48))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    net.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def bertlite_ids(model: Pretrained, text: str) -> list[int]:
+    return model.vocab[["<cls>", *model.tokenize(text), "<sep>"]]
+
+
+@pytest.mark.parametrize("strip_accents", [None, True], ids=["accents-kept", "accents-stripped"])
+def test_cased_import_keeps_case_and_round_trips(backend, tmp_path, strip_accents):
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "cased"
+    tok = save_cased_bert(folder, strip_accents)
+    model = bertlite.from_hf(folder, backend=backend)
+    assert not model.tokenizer.lowercase
+    assert model.metadata["tokenizer"]["lowercase"] is False
+    assert model.metadata["tokenizer"]["strip_accents"] is bool(strip_accents)
+    paris, lower = model.vocab[model.tokenize("Paris")], model.vocab[model.tokenize("paris")]
+    assert paris != lower and model.vocab.unk not in paris + lower
+    cafe, plain = model.tokenize("Café"), model.tokenize("Cafe")
+    assert (cafe == plain) is bool(strip_accents)
+    for text in CASED_PROBES:
+        assert bertlite_ids(model, text) == tok(text)["input_ids"], text
+    enc = tok(*CASED_PROBES[:2], return_tensors="np")
+    ours = all_position_outputs(model, enc["input_ids"], enc["token_type_ids"])
+    assert_same_outputs(ours, hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
+    # HF -> bertlite -> HF: the same weights, outputs and tokenization
+    out = model.to_hf(str(tmp_path / "again"))
+    before, after = load_file(str(folder / "model.safetensors")), \
+        load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert_same_outputs(hf_outputs(out, enc["input_ids"], enc["token_type_ids"]),
+                        hf_outputs(folder, enc["input_ids"], enc["token_type_ids"]))
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    for text in CASED_PROBES:
+        assert again(text)["input_ids"] == tok(text)["input_ids"], text
+    # a bertlite checkpoint records the normalisation and loads the same tokenizer
+    model.save(str(tmp_path / "ck"))
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["tokenizer"] == {"kind": "wordpiece", "lowercase": False,
+                                 "strip_accents": bool(strip_accents),
+                                 "special_names": {"<pad>": "[PAD]", "<unk>": "[UNK]",
+                                                   "<cls>": "[CLS]", "<sep>": "[SEP]",
+                                                   "<mask>": "[MASK]"}}
+    loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
+    assert loaded.tokenizer == model.tokenizer and not loaded.tokenizer.lowercase
+    for text in CASED_PROBES:
+        assert bertlite_ids(loaded, text) == tok(text)["input_ids"], text
+    from bertlite.hf import export_checkpoint
+
+    exported = transformers.AutoTokenizer.from_pretrained(
+        export_checkpoint(tmp_path / "ck", tmp_path / "from-ck"))
+    assert [exported(t)["input_ids"] for t in CASED_PROBES] == \
+        [tok(t)["input_ids"] for t in CASED_PROBES]
+
+
+def test_cased_data_pipeline_keeps_the_case(backend, tmp_path):
+    """A cased tokenizer's corpus is read as it is (in memory and prepared), the word
+    vocabulary's still lowercased; train(init=cased) continues pretraining on it."""
+    from bertlite.data.loader import prepare_data
+    from bertlite.data.prepared import PreparedBatches, open_data
+
+    save_cased_bert(tmp_path / "cased")
+    vocab = bertlite.from_hf(tmp_path / "cased", backend=backend).vocab
+    corpus = tmp_path / "wiki.train.tokens"
+    corpus.write_text(" \n" + "\n".join([CASED_TEXT] * 30) + "\n", encoding="utf-8")
+    examples, _ = prepare_data(corpus, 32, vocab=vocab, cache=False)
+    prepared = open_data(corpus, format="wikitext", max_len=32, vocab=vocab)
+    _, words = prepare_data(corpus, 32, min_freq=1, cache=False)
+    assert "Paris" not in words and "paris" in words  # the book's vocabulary lowercases
+    for tokens in (examples.tokens, next(iter(PreparedBatches(prepared, 64, seed=0))).tokens):
+        for word in ("Paris", "paris", "Café", "café", "Émile"):
+            assert (tokens == vocab[word]).any(), word
+    result = bertlite.train(backend, data=corpus, format="wikitext", init=tmp_path / "cased",
+                            num_steps=2, batch_size=4, max_len=32, plot=None, progress=False,
+                            verbose=False)
+    assert len(result.history.mlm_loss) == 2 and np.isfinite(result.history.mlm_loss).all()
+    assert not result.tokenizer.lowercase and result.vocab == vocab
+    assert result.tokenize("Paris") != result.tokenize("paris")
+    result.save(str(tmp_path / "ck"))
+    loaded = bertlite.load(tmp_path / "ck", backend=backend.name)
+    np.testing.assert_allclose(loaded.encode("Paris is small"), result.encode("Paris is small"),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(loaded.encode("Paris is small"), loaded.encode("paris is small"))
+
+
+def test_tokenizer_record_is_checked(tmp_path):
+    from bertlite.checkpoint_schema import check_config_json, check_tokenizer_agrees
+
+    uncased = WordPieceTokenizer.from_vocab(["<unk>", "<pad>", "<mask>", "<cls>", "<sep>", "a"])
+    meta = {"format": 2, "model": BERTConfig(vocab_size=10).to_dict()}
+    check_config_json({**meta, "tokenizer": {"kind": "wordpiece", "lowercase": False,
+                                             "strip_accents": False}}, tmp_path)
+    with pytest.raises(CheckpointError, match="'lowercase' must be true or false"):
+        check_config_json({**meta, "tokenizer": {"kind": "wordpiece", "lowercase": "no",
+                                                 "strip_accents": False}}, tmp_path)
+    with pytest.raises(CheckpointError, match="records the tokenizer normalisation"):
+        check_tokenizer_agrees({"kind": "wordpiece", "lowercase": False, "strip_accents": False},
+                               uncased, "ck")
+    with pytest.raises(CheckpointError, match="'special_names' must be an object"):
+        check_config_json({**meta, "tokenizer": {"kind": "wordpiece", "lowercase": True,
+                                                 "strip_accents": False,
+                                                 "special_names": {"<mask>": ""}}}, tmp_path)
+    check_tokenizer_agrees({"kind": "wordpiece", "lowercase": True, "strip_accents": False,
+                            "special_names": {"<mask>": "[MASK]"}}, uncased, "ck")
+    assert uncased.special_names == {"<mask>": "[MASK]"}
+    with pytest.raises(CheckpointError, match="there is no tokenizer.json"):
+        check_tokenizer_agrees({"kind": "wordpiece", "lowercase": True, "strip_accents": False},
+                               None, "ck")
+
+
+def test_cased_and_uncased_tokenizers_never_share_cached_data(tmp_path):
+    """The same pieces with another normalisation are another tokenizer: other digest, other
+    cache entry, other examples."""
+    import tokenizers
+
+    from bertlite.data.loader import prepare_data
+
+    tokens = ["<unk>", "<pad>", "<mask>", "<cls>", "<sep>",
+              *sorted(set(CASED_TEXT.split()) | set(CASED_TEXT.lower().split()))]
+    uncased = WordPieceTokenizer.from_vocab(tokens)
+    cased = WordPieceTokenizer.from_vocab(tokens, normalizer=tokenizers.normalizers.BertNormalizer(
+        lowercase=False, strip_accents=False))
+    assert uncased.lowercase and not cased.lowercase and cased != uncased
+    assert cased.digest() != uncased.digest()
+    corpus = tmp_path / "wiki.train.tokens"
+    corpus.write_text("\n".join([CASED_TEXT] * 20) + "\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    low, _ = prepare_data(corpus, 32, vocab=uncased.to_vocab(), cache_dir=cache)
+    kept, _ = prepare_data(corpus, 32, vocab=cased.to_vocab(), cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    assert not (low.tokens == uncased.to_vocab()["Paris"]).any()
+    assert (kept.tokens == cased.to_vocab()["Paris"]).any()

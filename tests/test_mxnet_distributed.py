@@ -60,7 +60,7 @@ WORKER = textwrap.dedent("""
     rank = distributed.rank()
     np.savez(out / f"weights-{rank}.npz", **result.backend.state_dict(result.model))
     (out / f"rank-{rank}.json").write_text(json.dumps({
-        "rank": rank, "workers": distributed.num_workers(),
+        "rank": rank, "workers": distributed.world_size(),
         "main": result.backend.is_main_process(), "printed": printed.getvalue(),
         "writes": writes, "mlm": result.history.mlm_loss, "nsp": result.history.nsp_loss,
         "env": {k: os.environ.get(k) for k in ("DMLC_ROLE", "DMLC_NUM_WORKER",

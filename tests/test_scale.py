@@ -18,9 +18,10 @@ from bertlite.backend import Backend
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch, BatchIterator, load_data_wiki
 from bertlite.errors import BackendError, DataError
-from bertlite.memory import estimate_memory
+from bertlite.memory import SavedTensors, estimate_memory
 from bertlite.optim import OptimizerSettings
 from bertlite.params import init_params
+from bertlite.registry import get_backend
 from bertlite.trainer import History, NonFiniteLossError, summary_lines
 from conftest import skip_unless_backend
 
@@ -240,6 +241,7 @@ def test_skip_nonfinite_leaves_model_and_optimizer_as_they_were(backend, batches
     bad = [float(x) for x in backend.train_step(model, opt, _poisoned(data[1], 15), 0.01,
                                                 **options)]
     assert not np.isfinite(bad).all()
+    assert opt.nonfinite_skips == 1  # both backends' optimizer wrappers count the skips
     after, state_after = backend.state_dict(model), backend.optimizer_state(opt)
     assert all(np.array_equal(after[k], weights[k]) for k in weights)
     assert all(np.array_equal(state_after[k], state[k]) for k in state)
@@ -280,6 +282,22 @@ def test_memory_check_counts_the_micro_batch(backend_name, backend, batches, mon
         _run(backend_name, config="tiny", batch_size=128, num_steps=1)
     result = _run(backend_name, config="tiny", batch_size=128, num_steps=1, accumulate=8)
     assert len(result.history.mlm_loss) == 1
+
+
+def test_memory_check_counts_the_backends_saved_tensors(backend_name, backend, batches,
+                                                       monkeypatch):
+    """The estimate counts the activations that the backend says its step saves."""
+    config = BERTConfig.from_preset("tiny", batches[1], max_len=32)
+    own = estimate_memory(config, 128, 32, saved_tensors=backend.saved_tensors()).total
+    heavy_terms = SavedTensors(block_scores=300)
+    heavy = estimate_memory(config, 128, 32, saved_tensors=heavy_terms).total
+    assert heavy > own
+    monkeypatch.setattr(backend, "free_memory", lambda devices: (own + heavy) // 2)
+    monkeypatch.setattr(backend, "saved_tensors", lambda: heavy_terms)
+    with pytest.raises(MemoryError):
+        _run(backend_name, config="tiny", batch_size=128, num_steps=1)
+    with pytest.raises(ValueError, match="block_scores must be an integer >= 0"):
+        SavedTensors(block_scores=-1)
 
 
 def test_cli_passes_the_scaling_options(monkeypatch, capsys):
@@ -382,8 +400,11 @@ def test_memory_estimate_matches_measured_peak(spec):
     batch_size, max_len, precision = (spec.pop(k) for k in ("batch_size", "max_len",
                                                               "precision"))
     config = BERTConfig(max_len=max_len, **spec)
-    device = estimate_memory(config, batch_size, max_len, precision=precision).total
-    estimate = estimate_memory(config, batch_size, max_len, precision=precision, host=True).total
+    terms = get_backend("torch").saved_tensors()  # the torch backend's activation terms
+    device = estimate_memory(config, batch_size, max_len, precision=precision,
+                             saved_tensors=terms).total
+    estimate = estimate_memory(config, batch_size, max_len, precision=precision, host=True,
+                               saved_tensors=terms).total
     assert device <= estimate  # a GPU's memory does not hold the host's dropout masks
     print(f"estimate {estimate / 2**20:.1f} MiB, measured {measured['plain'] / 2**20:.1f} MiB "
           f"plain, {measured['cpu'] / 2**20:.1f} MiB on the CPU path")

@@ -4,12 +4,14 @@ running unchanged on ``bertlite.backends.torch``, torch devices."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
 import pytest
 from helpers import make_batch, tiny_config
 
+from bertlite.backend import INFO_KEYS
 from bertlite.config import BERTConfig
 from bertlite.errors import DeviceError
 from bertlite.loss import bert_loss_numpy
@@ -250,14 +252,16 @@ def test_weight_decay_groups(torch_backend):
     model = torch_backend.build_model(tiny_config(), torch_backend.parse_devices("cpu"))
     optimizer = torch_backend.create_optimizer(model, OptimizerSettings(optimizer="adamw",
                                                                  weight_decay=0.05))
-    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(optimizer, torch_step.TorchOptimizer)
+    assert isinstance(optimizer.optimizer, torch.optim.AdamW)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert "mlm.ln.weight" in no_decay["param_names"]
     assert "encoder.blks.0.attention.W_q.bias" in no_decay["param_names"]
     assert "encoder.pos_embedding" in decay["param_names"]
     assert "mlm.decoder.weight" in decay["param_names"]
-    assert isinstance(torch_backend.create_optimizer(model, OptimizerSettings()), torch.optim.Adam)
+    plain = torch_backend.create_optimizer(model, OptimizerSettings()).optimizer
+    assert isinstance(plain, torch.optim.Adam) and not isinstance(plain, torch.optim.AdamW)
 
 
 def test_forward_restores_the_mode_and_needs_no_grad(torch_backend):
@@ -288,9 +292,11 @@ def test_seed_fixes_dropout(torch_backend):
 
 def test_info(torch_backend):
     info = torch_backend.info()
-    assert info["torch"] == torch.__version__
-    assert info["num_threads"] == torch.get_num_threads()
-    assert isinstance(info["cuda_available"], bool)
+    assert tuple(info) == INFO_KEYS
+    assert info["framework"] == "torch" and info["version"] == torch.__version__
+    assert info["threads"].startswith(f"{torch.get_num_threads()} (")
+    assert isinstance(info["build"]["cuda_available"], bool)
+    assert info["distributed"] == "no (one process)" or "WORLD_SIZE" in os.environ
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -355,6 +361,27 @@ def book_cells(path):
 
 
 @pytest.mark.slow
+def test_parse_devices_joins_no_process_group():
+    """Under torchrun's environment parse_devices only parses; the trainer joins the process
+    group with setup_processes (before, parse_devices joined it and waited for the other
+    rank here)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    code = ("import torch.distributed as dist; from bertlite.registry import get_backend; "
+            "be = get_backend('torch'); d = be.parse_devices('cpu'); "
+            "print(d, be.describe_devices(d), dist.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split("\n")[0]
+    assert out == "[device(type='cpu')] [device(type='cpu')] x 2 processes False"
+
+
 def test_the_books_pytorch_tab_runs_unchanged(wikitext_train_dir, monkeypatch, capsys):
     if not CHAPTER.is_file():
         pytest.skip(f"the book chapter is not at {CHAPTER}")

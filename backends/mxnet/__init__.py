@@ -6,7 +6,7 @@ threads per core; on machines without hyperthreading (most cloud VMs) that is ha
 When ``mxnet`` is not imported yet and neither ``MXNET_OMP_MAX_THREADS`` nor
 ``OMP_NUM_THREADS`` is set, importing this package sets ``MXNET_OMP_MAX_THREADS`` to the number
 of physical cores this process may run on (MXNet reads it once, when it loads). Set either
-variable yourself to choose; ``MXNetBackend().info()["omp_threads"]`` reports the choice.
+variable yourself to choose; ``MXNetBackend().info()["threads"]`` reports the choice.
 """
 
 import os as _os

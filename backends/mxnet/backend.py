@@ -15,6 +15,7 @@ from bertlite.backend import Backend
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.errors import BackendError
+from bertlite.memory import SavedTensors
 from bertlite.optim import OptimizerSettings
 from bertlite.params import check_state_dict
 
@@ -23,7 +24,13 @@ from . import step as _step
 from .devices import num_gpus, parse_devices
 from .model import BERTModel
 
-__all__ = ["MXNetBackend"]
+__all__ = ["SAVED_TENSORS", "MXNetBackend"]
+
+#: the tensors this backend's training step saves for backward (:mod:`bertlite.memory`):
+#: counted as for the book's model (the torch backend's terms). Not calibrated against MXNet's
+#: own memory: its hybridized graph plans its buffers itself (static_alloc), so take the
+#: estimate as an order of magnitude here.
+SAVED_TENSORS = SavedTensors()
 
 
 def _as_mx(array: onp.ndarray, ctx: mx.Context) -> Any:
@@ -94,8 +101,9 @@ class MXNetBackend(Backend):
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         """accumulate: any positive integer; precision: float32 anywhere, bf16 on the CPU,
         fp16 on GPUs (both on the fast path only); skip_nonfinite: yes."""
+        super().check_train_options(devices, accumulate=accumulate, precision=precision,
+                                    skip_nonfinite=skip_nonfinite)
         try:
-            _step.check_accumulate(accumulate)
             _step.check_precision(precision, list(devices))
             if precision != "float32" and not self.fast:
                 raise ValueError(f"precision={precision!r} rewrites the fast path's compiled "
@@ -129,6 +137,11 @@ class MXNetBackend(Backend):
         return _step.loss_and_grads(model, batch)
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """As an MXNet worker among several, connect to the distributed kvstore
+        (:func:`.distributed.setup`)."""
+        distributed.setup(devices[0] if devices else None)
+
     def is_main_process(self) -> bool:
         """Worker 0 of a distributed kvstore (connecting to it on first use), else True."""
         return distributed.rank() == 0
@@ -137,7 +150,10 @@ class MXNetBackend(Backend):
         return distributed.any_process(flag)
 
     def num_replicas(self, devices: Sequence[Any]) -> int:
-        return max(1, len(devices)) * distributed.num_workers()
+        return max(1, len(devices)) * distributed.world_size()
+
+    def saved_tensors(self) -> SavedTensors:
+        return SAVED_TENSORS
 
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """The least free memory of the GPUs among ``devices``; None on the CPU."""
@@ -157,10 +173,11 @@ class MXNetBackend(Backend):
             "framework": "mxnet",
             "version": mx.__version__,
             "numpy": onp.__version__,
-            "features": {f: features.is_enabled(f) for f in wanted if f in features},
+            "devices": [str(d) for d in parse_devices(None)],
             "gpus": num_gpus(),
-            "omp_threads": _omp_threads(),
+            "threads": _omp_threads(),
             "distributed": _describe_distributed(),
+            "build": {"features": {f: features.is_enabled(f) for f in wanted if f in features}},
         }
 
 

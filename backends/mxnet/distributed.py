@@ -11,14 +11,14 @@ running (``python -m bertlite.launch`` starts them all on this machine) -- train
   that the kvstore sums over the workers (and over each worker's devices) are the gradient of
   the global batch, and the update equals one process training on the whole batch;
 * the losses returned to the core are the global batch's: the workers' shares summed through
-  the same kvstore (:func:`allreduce_sum`, on int keys of their own, as the Trainer's);
+  the same kvstore (:func:`all_reduce_sum`, on int keys of their own, as the Trainer's);
 * only ``kv.rank == 0`` prints, plots and writes checkpoints.
 
 ``BERTLITE_MXNET_KVSTORE`` picks the kvstore type: ``dist_sync`` (the default: gradients summed
 on the servers through CPU memory) or ``dist_device_sync`` (summed on a worker's GPUs first).
 Asynchronous kvstores (``dist_async``) are refused: their updates are not those of one process.
-The launcher is :mod:`bertlite.launch`; any other (MXNet's ``tools/launch.py``, a cluster
-scheduler) works the same when it sets the ``DMLC_*`` variables.
+The launcher is :mod:`.launch` (``python -m bertlite.launch``); any other (MXNet's
+``tools/launch.py``, a cluster scheduler) works the same when it sets the ``DMLC_*`` variables.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 
 from bertlite.errors import DeviceError
 
-__all__ = ["DIST_TYPES", "LOSS_KEY", "FLAG_KEY", "allreduce_sum", "any_process",
-           "env_kvstore_type", "get_kvstore", "is_distributed", "num_workers", "rank"]
+__all__ = ["DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "all_reduce_sum", "any_process",
+           "env_kvstore_type", "get_kvstore", "is_distributed", "prepare_trainer", "rank",
+           "setup", "world_size"]
 
 #: the kvstore types whose update equals the single-process update
 DIST_TYPES = ("dist_sync", "dist_device_sync")
@@ -76,6 +77,7 @@ def env_kvstore_type() -> str | None:
 
 
 def is_distributed() -> bool:
+    """Whether the environment makes this process one of several training together."""
     return env_kvstore_type() is not None
 
 
@@ -152,12 +154,22 @@ def _close() -> None:
     check_call(_LIB.MXKVStoreFree(handle))
 
 
+def setup(device: Any) -> None:
+    """Join the other workers when the environment asks for several processes: create the
+    distributed kvstore (connecting to the scheduler). Idempotent; the trainer calls it once,
+    after choosing the devices (``device`` is unused: a worker's kvstore serves all of its
+    devices)."""
+    get_kvstore()
+
+
 def rank() -> int:
+    """This worker's rank (0 in one process)."""
     kv = get_kvstore()
     return 0 if kv is None else int(kv.rank)
 
 
-def num_workers() -> int:
+def world_size() -> int:
+    """How many workers train together (1 in one process)."""
     kv = get_kvstore()
     return 1 if kv is None else int(kv.num_workers)
 
@@ -192,10 +204,14 @@ def _init_key(kv: Any, key: int, size: int) -> None:
         _initialized_keys.add(key)
 
 
-def allreduce_sum(values: Any, key: int = LOSS_KEY) -> Any:
+def all_reduce_sum(values: Any) -> Any:
     """A 1-d float32 array summed over the workers (through the kvstore's servers); returned
     as a new array on the CPU, asynchronously (no host synchronization). In one process the
     array itself."""
+    return _all_reduce_sum(values, LOSS_KEY)
+
+
+def _all_reduce_sum(values: Any, key: int) -> Any:
     kv = get_kvstore()
     if kv is None:
         return values
@@ -214,7 +230,7 @@ def any_process(flag: bool) -> bool:
         return flag
     import mxnet as mx
 
-    total = allreduce_sum(mx.np.array([1.0 if flag else 0.0], dtype="float32"), FLAG_KEY)
+    total = _all_reduce_sum(mx.np.array([1.0 if flag else 0.0], dtype="float32"), FLAG_KEY)
     return bool(float(total[0]) > 0)
 
 

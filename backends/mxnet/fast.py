@@ -11,9 +11,10 @@ loss imperatively (:func:`.loss.shard_loss`).
 values at every token, but queries, attention output, add & norm and the feed-forward network
 at ``<cls>`` and the ``pred_positions`` only -- a fixed ``(batch, 1 + preds)`` set of rows, so
 the graph keeps static shapes. Same loss and gradients as the full computation (to float32
-round-off) at about two thirds of the encoder's work. Tracing the core's ``bert_loss`` in the
-same graph makes reshaping the ``(batch * preds, vocab)`` logits free instead of two copies of
-the largest tensor of the step.
+round-off) at about two thirds of the encoder's work. Tracing the per-row cross-entropies
+(:func:`.loss.output_row_losses`) and the core's ``bert_loss`` in the same graph makes reshaping
+the ``(batch * preds, vocab)`` logits free instead of two copies of the largest tensor of the
+step.
 
 Mixed precision (:func:`low_precision_dense`) runs the ``Dense`` layers' matrix products in
 bfloat16 (CPU, oneDNN) or float16 (GPU), as MXNet AMP's lists do (``FullyConnected`` is the
@@ -37,7 +38,7 @@ from mxnet.gluon import nn
 from bertlite.dropout_ahead import MasksAhead
 from bertlite.loss import bert_loss
 
-from .loss import MXNetLossOps, _StaticLastAxis
+from .loss import output_row_losses
 from .model import BERTModel, _parameter, flat_masks, row
 
 __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
@@ -95,11 +96,9 @@ class PretrainingLoss(nn.HybridBlock):
                              f"masks, got {len(masks)}")
         mlm_Y_hat, nsp_Y_hat = sparse_forward(self.net, F, tokens, segments, valid_lens,
                                               pred_positions, masks)
-        if F is mx.symbol:
-            mlm_Y_hat = _StaticLastAxis(mlm_Y_hat, self.vocab_size)
-        return bert_loss(MXNetLossOps(F), mlm_Y_hat, mlm_labels, mlm_weights, nsp_Y_hat,
-                         nsp_labels, mlm_weight_total=mlm_weight_total,
-                         num_examples=num_examples)
+        return bert_loss(*output_row_losses(F, mlm_Y_hat, nsp_Y_hat, mlm_weights, mlm_labels,
+                                            nsp_labels, self.vocab_size),
+                         mlm_weight_total=mlm_weight_total, num_examples=num_examples)
 
 
 def sparse_masks(masks: Sequence[onp.ndarray], pred_positions: onp.ndarray

@@ -53,9 +53,9 @@ from . import distributed
 from .fast import loss_graph, shard_masks
 from .loss import _get_batch_loss_bert, shard_loss
 
-__all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_accumulate",
-           "check_precision", "clip_grad_norm", "create_optimizer", "load_optimizer_state",
-           "loss_and_grads", "optimizer_state", "shard_losses", "split_batch", "train_step"]
+__all__ = ["MXNetOptimizer", "PRECISION_PLANS", "PrecisionPlan", "TorchAdam", "check_precision",
+           "clip_grad_norm", "create_optimizer", "load_optimizer_state", "loss_and_grads",
+           "optimizer_state", "shard_losses", "split_batch", "train_step"]
 
 #: torch.nn.utils.clip_grad_norm_'s epsilon
 CLIP_EPSILON = 1e-6
@@ -97,10 +97,13 @@ class TorchAdam(mx.optimizer.Optimizer):
 
 
 class MXNetOptimizer:
-    """What ``MXNetBackend.create_optimizer`` returns: a ``gluon.Trainer`` running
-    :class:`TorchAdam`, the settings, and the canonical name of every trainer index."""
+    """What ``MXNetBackend.create_optimizer`` returns (the mirror of torch's
+    ``TorchOptimizer``): a ``gluon.Trainer`` running :class:`TorchAdam` (:attr:`optimizer` is
+    the TorchAdam), the settings, the canonical name of every trainer index, and the step's own
+    state: the float16 loss scale and how many steps a non-finite loss skipped."""
 
-    def __init__(self, net, settings: OptimizerSettings) -> None:
+    def __init__(self, model, settings: OptimizerSettings) -> None:
+        net = model
         devices = list(net.devices) or next(iter(net.collect_params().values())).list_ctx()
         params = net.canonical_parameters()
         for name, param in params.items():
@@ -121,6 +124,8 @@ class MXNetOptimizer:
         distributed.prepare_trainer(self.trainer)
         #: float16 loss scale (dynamic) and the updates since it last changed
         self.loss_scale, self.good_steps = INITIAL_LOSS_SCALE, 0
+        #: steps whose non-finite loss skipped the update (``skip_nonfinite``)
+        self.nonfinite_skips = 0
         by_param = {param.name: name for name, param in params.items()}
         self.index_to_name = {i: by_param[p.name] for i, p in enumerate(self.trainer._params)}
         self.name_to_index = {n: i for i, n in self.index_to_name.items()}
@@ -129,8 +134,8 @@ class MXNetOptimizer:
         return f"<MXNetOptimizer {self.settings.optimizer} on {self.devices}>"
 
 
-def create_optimizer(net, settings: OptimizerSettings) -> MXNetOptimizer:
-    return MXNetOptimizer(net, settings)
+def create_optimizer(model, settings: OptimizerSettings) -> MXNetOptimizer:
+    return MXNetOptimizer(model, settings)
 
 
 def split_batch(batch: Batch | Sequence[Any], devices: Sequence[mx.Context]) -> list[list[Any]]:
@@ -193,11 +198,9 @@ PRECISION_PLANS = {
 
 
 def check_precision(precision: str, devices: Sequence[mx.Context]) -> PrecisionPlan:
-    """The plan of ``precision`` on ``devices``; ValueError naming what works otherwise."""
-    plan = PRECISION_PLANS.get(precision)
-    if plan is None:
-        raise ValueError(f"precision must be one of {tuple(PRECISION_PLANS)}, got "
-                         f"{precision!r}")
+    """The plan of ``precision`` (one of :data:`bertlite.backend.PRECISIONS`) on ``devices``;
+    ValueError naming what works when these devices cannot run it."""
+    plan = PRECISION_PLANS[precision]  # one of PRECISIONS: bertlite.options checks the value
     if plan.device_type is not None:
         wrong = [str(d) for d in devices if d.device_type != plan.device_type]
         if wrong:
@@ -224,12 +227,6 @@ def _cpu_computes_bfloat16() -> bool:
     except mx.base.MXNetError:
         return False
     return True
-
-
-def check_accumulate(accumulate: Any) -> int:
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
-    return accumulate
 
 
 # -- one step -----------------------------------------------------------------------------------
@@ -330,10 +327,9 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     and one update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays,
     still computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
     process: the loss is the sum over all of them)."""
-    accumulate = check_accumulate(accumulate)
     devices = opt.devices
     plan = check_precision(precision, devices)
-    rank, workers = distributed.rank(), distributed.num_workers()
+    rank, workers = distributed.rank(), distributed.world_size()
     mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
     parts = sharding.step_pieces(num_rows, accumulate=accumulate, num_devices=len(devices),
                                  rank=rank, num_processes=workers)
@@ -373,10 +369,11 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     mlm = _sum_on(mlm_parts, devices[0]) if mlm_parts else zero
     nsp = _sum_on(nsp_parts, devices[0]) if nsp_parts else zero
     if workers > 1:
-        total = distributed.allreduce_sum(mnp.stack([mlm, nsp]))
+        total = distributed.all_reduce_sum(mnp.stack([mlm, nsp]))
         mlm, nsp = total[0], total[1]
     if skip_nonfinite and not _finite(mlm, nsp):
         _zero_grads(params)
+        opt.nonfinite_skips += 1
         return mlm, nsp
     opt.trainer.set_learning_rate(lr)
     _update(net, opt, scale)
@@ -410,34 +407,34 @@ def _step_count(opt: MXNetOptimizer) -> int:
     return max((max(c.values()) for c in counts.values() if c), default=0)
 
 
-def optimizer_state(opt: MXNetOptimizer) -> dict[str, onp.ndarray]:
+def optimizer_state(optimizer: MXNetOptimizer) -> dict[str, onp.ndarray]:
     """``"<canonical>.exp_avg"``, ``"<canonical>.exp_avg_sq"`` (zeros before the first step)
     and ``"step"`` as numpy arrays, from the first device's updater."""
-    states = opt.trainer._updaters[0].states
+    states = optimizer.trainer._updaters[0].states
     arrays: dict[str, onp.ndarray] = {}
-    for index, name in opt.index_to_name.items():
-        param = opt.trainer._params[index]
+    for index, name in optimizer.index_to_name.items():
+        param = optimizer.trainer._params[index]
         if index in states:
             exp_avg, exp_avg_sq = (s.asnumpy() for s in states[index])
         else:
             exp_avg = exp_avg_sq = onp.zeros(param.shape, dtype=onp.float32)
         arrays[f"{name}.exp_avg"] = exp_avg.astype(onp.float32)
         arrays[f"{name}.exp_avg_sq"] = exp_avg_sq.astype(onp.float32)
-    arrays["step"] = onp.asarray(_step_count(opt), dtype=onp.int64)
+    arrays["step"] = onp.asarray(_step_count(optimizer), dtype=onp.int64)
     return arrays
 
 
-def load_optimizer_state(opt: MXNetOptimizer, arrays: dict[str, onp.ndarray]) -> None:
+def load_optimizer_state(optimizer: MXNetOptimizer, arrays: dict[str, onp.ndarray]) -> None:
     """Restore :func:`optimizer_state`'s arrays on every device's updater."""
-    missing = [f"{n}.{k}" for n in opt.name_to_index for k in ("exp_avg", "exp_avg_sq")
+    missing = [f"{n}.{k}" for n in optimizer.name_to_index for k in ("exp_avg", "exp_avg_sq")
                if f"{n}.{k}" not in arrays]
     if missing or "step" not in arrays:
         raise ValueError(f"optimizer state lacks {(missing + ['step'])[:5]}"
                          if "step" not in arrays else f"optimizer state lacks {missing[:5]}")
     step = int(onp.asarray(arrays["step"]))
-    for updater, ctx in zip(opt.trainer._updaters, opt.devices):
-        for name, index in opt.name_to_index.items():
-            shape = opt.trainer._params[index].shape
+    for updater, ctx in zip(optimizer.trainer._updaters, optimizer.devices):
+        for name, index in optimizer.name_to_index.items():
+            shape = optimizer.trainer._params[index].shape
             state = []
             for key in ("exp_avg", "exp_avg_sq"):
                 value = onp.asarray(arrays[f"{name}.{key}"], dtype=onp.float32)
@@ -447,7 +444,7 @@ def load_optimizer_state(opt: MXNetOptimizer, arrays: dict[str, onp.ndarray]) ->
                 state.append(mx.nd.array(value, ctx=ctx, dtype="float32"))
             updater.states[index] = tuple(state)
             updater.states_synced[index] = True
-        device_counts = opt.optimizer._all_index_update_counts.setdefault(ctx.device_id, {})
-        for index in opt.name_to_index.values():
+        device_counts = optimizer.optimizer._all_index_update_counts.setdefault(ctx.device_id, {})
+        for index in optimizer.name_to_index.values():
             device_counts[index] = step
-    opt.optimizer.num_update = step
+    optimizer.optimizer.num_update = step

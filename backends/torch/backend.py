@@ -14,6 +14,7 @@ from bertlite.backend import Backend
 from bertlite.config import BERTConfig
 from bertlite.data.loader import Batch
 from bertlite.errors import DeviceError
+from bertlite.memory import SavedTensors
 from bertlite.optim import OptimizerSettings
 from bertlite.params import check_state_dict, parameter_shapes
 
@@ -21,6 +22,22 @@ from . import distributed
 from . import step as _step
 from .devices import parse_devices
 from .model import BERTModel
+
+#: the tensors this backend's training step saves for backward (:mod:`bertlite.memory`): the
+#: book's model with dropout on, as GPUs run it. Calibration (``tests/test_scale.py``): on the
+#: CPU the estimate's total was within 5% of the measured growth of peak RSS over two training
+#: steps (float32, dropout on) for ten small configurations (hidden 32-256, 1-8 layers, length
+#: 32-256, vocabulary 1,000-50,000), and for one in bf16; when the step changes, rerun those
+#: tests. The float32 CPU fast path (no padding, a sparse last layer, the MLM decoder fused
+#: with its loss) needs 10-40% less. Not counted: the allocator's overhead (glibc keeps freed
+#: blocks resident, another 10-40% of peak RSS here; CUDA's caching allocator and context),
+#: the data pipeline and the framework. High without dropout, whose fused attention keeps no
+#: (length x length) matrices, and every prediction slot counts as used (real batches pad
+#: about a third of them).
+SAVED_TENSORS = SavedTensors(block_hidden=8, block_ffn=1, block_hidden_float32=2,
+                             block_float32=4, block_scores=3, embedding_hidden_float32=1,
+                             head_hidden=3, head_vocab_float32=1,
+                             backward_head_vocab_float32=1, backward_scores=2, backward_ffn=1)
 
 
 class TorchBackend(Backend):
@@ -40,11 +57,8 @@ class TorchBackend(Backend):
     # -- devices and randomness ---------------------------------------------------------------
     def parse_devices(self, spec: str | Sequence[Any] | None) -> list[torch.device]:
         """Under torchrun (``WORLD_SIZE`` > 1) this process's one device, ``cuda:LOCAL_RANK``
-        by default, and the process group is joined here."""
-        devices = distributed.local_device(spec is not None, parse_devices(spec))
-        if distributed.env_world() is not None:
-            distributed.setup(devices[0])
-        return devices
+        by default; the process group is joined by :meth:`setup_processes`."""
+        return distributed.local_device(spec is not None, parse_devices(spec))
 
     def describe_devices(self, devices: Sequence[Any]) -> str:
         text = str(list(devices))
@@ -62,11 +76,11 @@ class TorchBackend(Backend):
         ``DistributedDataParallel`` under torchrun."""
         devices = parse_devices(list(devices)) if devices else [torch.device("cpu")]
         model = BERTModel.from_config(config, seed=0, fast=self.fast).to(devices[0])
-        if distributed.env_world() is not None:
+        if distributed.is_distributed():
             if len(devices) > 1:
                 raise DeviceError(f"under torchrun every process trains on one device, got "
                                   f"{devices}")
-            distributed.setup(devices[0])
+            self.setup_processes(devices)  # DDP needs the process group (idempotent)
             return distributed.wrap(model, devices[0]).train()
         if len(devices) > 1:
             if any(d.type != "cuda" for d in devices):
@@ -88,10 +102,10 @@ class TorchBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module, settings: OptimizerSettings
-                         ) -> torch.optim.Optimizer:
+                         ) -> _step.TorchOptimizer:
         return _step.create_optimizer(model, settings)
 
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+    def train_step(self, model: nn.Module, optimizer: _step.TorchOptimizer, batch: Batch,
                    lr: float, *, accumulate: int = 1, precision: str = "float32",
                    skip_nonfinite: bool = False, seed: int = 0, step: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,17 +117,22 @@ class TorchBackend(Backend):
                             precision: str = "float32", skip_nonfinite: bool = False) -> None:
         super().check_train_options(devices, accumulate=accumulate, precision=precision,
                                     skip_nonfinite=skip_nonfinite)
-        for device in devices or [torch.device("cpu")]:
-            _step.check_precision(precision, device)
+        _step.check_precision(precision, list(devices) or [torch.device("cpu")])
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    def optimizer_state(self, optimizer: _step.TorchOptimizer) -> dict[str, np.ndarray]:
         return _step.optimizer_state(optimizer)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+    def load_optimizer_state(self, optimizer: _step.TorchOptimizer,
                              arrays: dict[str, np.ndarray]) -> None:
         _step.load_optimizer_state(optimizer, arrays)
 
     # -- several processes and memory --------------------------------------------------------
+    def setup_processes(self, devices: Sequence[Any]) -> None:
+        """Under torchrun, join the process group on this process's device (NCCL for CUDA,
+        Gloo for the CPU; :func:`.distributed.setup`)."""
+        if distributed.is_distributed():
+            distributed.setup(torch.device(devices[0]) if devices else torch.device("cpu"))
+
     def is_main_process(self) -> bool:
         return distributed.rank() == 0
 
@@ -122,6 +141,9 @@ class TorchBackend(Backend):
 
     def num_replicas(self, devices: Sequence[Any]) -> int:
         return max(1, len(devices)) * distributed.world_size()
+
+    def saved_tensors(self) -> SavedTensors:
+        return SAVED_TENSORS
 
     def free_memory(self, devices: Sequence[Any]) -> int | None:
         """The least free memory of the CUDA devices (``torch.cuda.mem_get_info``); None on
@@ -160,14 +182,39 @@ class TorchBackend(Backend):
     def info(self) -> dict[str, Any]:
         cuda = torch.cuda.is_available()
         return {
-            "torch": torch.__version__,
-            "cuda_build": torch.version.cuda,
-            "cuda_available": cuda,
+            "framework": "torch",
+            "version": torch.__version__,
+            "numpy": np.__version__,
             "devices": [str(d) for d in parse_devices(None)],
-            "device_names": ([torch.cuda.get_device_name(i)
-                              for i in range(torch.cuda.device_count())] if cuda else ["cpu"]),
-            "num_threads": torch.get_num_threads(),
-            "num_interop_threads": torch.get_num_interop_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpus": torch.cuda.device_count() if cuda else 0,
+            "threads": _threads(),
+            "distributed": _describe_distributed(),
+            "build": {
+                "cuda": torch.version.cuda,
+                "cuda_available": cuda,
+                "device_names": ([torch.cuda.get_device_name(i)
+                                  for i in range(torch.cuda.device_count())] if cuda
+                                 else ["cpu"]),
+                "num_interop_threads": torch.get_num_interop_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            },
         }
+
+
+def _threads() -> str:
+    """How many threads torch's CPU operators use, and what set that number."""
+    where = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in
+             os.environ else "torch's default")
+    return f"{torch.get_num_threads()} ({where})"
+
+
+def _describe_distributed() -> str:
+    """What the environment asks for, without joining anything."""
+    try:
+        info = distributed.env_world()
+    except Exception as err:  # a broken environment is reported, not fatal
+        return f"misconfigured ({err})"
+    if info is None:
+        return "no (one process)"
+    return (f"rank {info.rank} of {info.world_size}, rendezvous "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")

@@ -29,6 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bertlite.errors import DeviceError
 
+__all__ = ["WorldInfo", "all_reduce_sum", "any_process", "env_world", "is_distributed",
+           "is_initialized", "local_device", "rank", "setup", "world", "world_size", "wrap"]
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -56,7 +59,13 @@ def env_world() -> WorldInfo | None:
     return WorldInfo(rank, world_size, local_rank)
 
 
+def is_distributed() -> bool:
+    """Whether the environment makes this process one of several training together."""
+    return env_world() is not None
+
+
 def is_initialized() -> bool:
+    """Whether this process has joined a process group of several."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -70,11 +79,13 @@ def world() -> WorldInfo | None:
 
 
 def rank() -> int:
+    """This process's rank (0 in one process)."""
     info = world()
     return info.rank if info else 0
 
 
 def world_size() -> int:
+    """How many processes train together (1 in one process)."""
     info = world()
     return info.world_size if info else 1
 
@@ -178,11 +189,11 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
         find_unused_parameters=False)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over the processes (in place), or as it is in one process."""
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the processes (in place), or as it is in one process."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def any_process(flag: bool) -> bool:

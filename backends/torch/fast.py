@@ -6,13 +6,14 @@ time. ``BERTModel.fast`` (default True; ``TorchBackend(fast=False)``) is the one
 * packing: the position-wise layers run on the valid tokens only; attention runs per group
   of examples of similar length, each padded to its longest (:mod:`.packing`);
 * a sparse last layer: given ``output_rows`` (the positions the loss reads, which
-  :func:`.step.batch_loss` passes), the last layer computes its queries, output projection
+  :func:`.loss.batch_loss` passes), the last layer computes its queries, output projection
   and FFN only there and at ``<cls>`` (:func:`.packing.select`), every token still a key;
 * hand-written backward passes (:class:`Projections`, :class:`.kernels.Attention`,
   :class:`Output`, :class:`.kernels.FFN`) that allocate and copy as little as they can; dense
   layers as oneDNN matmuls with the bias (and ReLU) in their epilogue;
-* the MLM decoder fused with its cross-entropy (:class:`DecoderLogits`), a chunked
-  cross-entropy for other logits, dropout masks from 16-bit random numbers (:mod:`.kernels`).
+* the MLM decoder fused with its cross-entropy (:func:`decoder_cross_entropy`), a chunked
+  cross-entropy for other logits (:func:`cross_entropy`: the per-row values the core's loss
+  takes, :mod:`.loss`), dropout masks from 16-bit random numbers (:mod:`.kernels`).
 
 Nothing that the loss reads changes: padded positions never reach a valid one (their keys get
 no attention weight). The encodings of padded positions, which no loss reads, are returned as
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,6 @@ from .kernels import (
     dropout,
     keep_mask,
     linear,
-    linear_reference,
     mkldnn_linear,
     scale_keep,
     uses_keep_mask,
@@ -171,71 +171,31 @@ class Unpack(torch.autograd.Function):
 
 
 
-class DecoderLogits:
-    """The MLM decoder's logits, not computed yet (:func:`decode`): what
-    :func:`bertlite.loss.bert_loss` does with them (``shape``, ``reshape`` to ``(-1, vocab)``,
-    :func:`cross_entropy`) runs the decoder and the cross-entropy together
-    (:class:`.kernels.DecoderCrossEntropy`); anything else computes them (:meth:`materialize`)."""
-
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-        self.hidden, self.weight, self.bias = hidden, weight, bias
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.hidden.shape[0], self.weight.shape[0]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.hidden.device
-
-    def dim(self) -> int:
-        return 2
-
-    def float(self) -> DecoderLogits:
-        return self
-
-    def reshape(self, *shape: Any) -> DecoderLogits | torch.Tensor:
-        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        if shape in ((-1, self.shape[1]), tuple(self.shape)):
-            return self
-        return self.materialize().reshape(shape)
-
-    def materialize(self) -> torch.Tensor:
-        """The logits as a tensor."""
-        return linear_reference(self.hidden, self.weight, self.bias)
-
-
-
-def cross_entropy(logits: torch.Tensor | DecoderLogits, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row softmax cross-entropy (``reduction="none"``) of ``(n, classes)`` logits and
-    integer labels: fused with the decoder for :class:`DecoderLogits`; the chunked
-    :class:`.kernels.CrossEntropy` for float32 CPU logits that need a gradient; else
-    ``F.cross_entropy``."""
+    integer labels: the chunked :class:`.kernels.CrossEntropy` for float32 CPU logits that need
+    a gradient; else ``F.cross_entropy``."""
     labels = labels.long()
-    if isinstance(logits, DecoderLogits):
-        return DecoderCrossEntropy.apply(logits.hidden, logits.weight, logits.bias,
-                                         labels.reshape(-1))
     if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
             and logits.shape[1] > 2 and logits.requires_grad and torch.is_grad_enabled()):
         return CrossEntropy.apply(logits, labels)
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def decode(mlm: MaskLM, rows: torch.Tensor) -> torch.Tensor | DecoderLogits:
-    """The MLM head's logits of encodings ``(rows, hidden)`` for a loss: :class:`DecoderLogits`
-    (the decoder then runs fused with the cross-entropy) where the kernels run."""
+def decoder_cross_entropy(mlm: MaskLM, rows: torch.Tensor, labels: torch.Tensor
+                          ) -> torch.Tensor:
+    """Per-row cross-entropy of the MLM head's float32 logits of encodings ``(rows, hidden)``
+    and ``(rows,)`` labels: where the kernels run, the decoder fused with the cross-entropy
+    (:class:`.kernels.DecoderCrossEntropy`, the logits never held whole); else the head's
+    logits and :func:`cross_entropy`."""
+    labels = labels.long().reshape(-1)
     if not (FUSED_LINEAR and rows.device.type == "cpu" and torch.is_grad_enabled()
             and rows.dtype == mlm.decoder.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
-        return mlm.decode(rows)
+        return cross_entropy(mlm.decode(rows).float(), labels)
     hidden = mlm.ln(linear(rows, mlm.dense.weight, mlm.dense.bias,
                            activation=mlm.activation))
-    return DecoderLogits(hidden, mlm.decoder.weight, mlm.decoder.bias)
+    return DecoderCrossEntropy.apply(hidden, mlm.decoder.weight, mlm.decoder.bias, labels)
 
 
 # -- the packed forward -----------------------------------------------------------------------

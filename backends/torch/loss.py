@@ -1,4 +1,12 @@
-"""The core loss (:func:`bertlite.loss.bert_loss`) on torch tensors, and the book's helper."""
+"""The torch side of the loss seam: per-row cross-entropies, handed to the core's formula.
+
+:func:`row_losses` computes what :func:`bertlite.loss.bert_loss` takes -- one cross-entropy
+per MLM prediction slot with its weight, one per NSP example, in float32 -- with plain torch
+ops (``BERTModel.fast`` off) or the fast path's kernels (:mod:`.fast`: the MLM decoder fused
+with its cross-entropy, only at slots of non-zero weight); the core forms the loss from them.
+:func:`batch_loss` is the per-batch loss of training, :func:`_get_batch_loss_bert` the book's
+helper.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +14,74 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from bertlite.loss import bert_loss
+from bertlite.loss import RowLosses, bert_loss
 
 from . import fast
 
-
-class TorchLossOps:
-    """The tensor operations :func:`bertlite.loss.bert_loss` needs, in torch; ``fast``: the
-    cross-entropy of :func:`.fast.cross_entropy` (fused kernels where they run)."""
-
-    def __init__(self, fast: bool = True) -> None:
-        self.fast = fast
-
-    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-row cross-entropy; labels of any integer type (torch needs int64)."""
-        if self.fast:
-            return fast.cross_entropy(logits, labels)
-        return F.cross_entropy(logits, labels.long(), reduction="none")
-
-    @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1)
-
-    @staticmethod
-    def sum(x: torch.Tensor) -> torch.Tensor:
-        return x.sum()
+__all__ = ["_get_batch_loss_bert", "batch_loss", "plain_cross_entropy", "row_losses"]
 
 
-OPS = TorchLossOps(fast=True)
-PLAIN_OPS = TorchLossOps(fast=False)
+def plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of ``(n, classes)`` logits, labels of any integer type."""
+    return F.cross_entropy(logits, labels.long(), reduction="none")
+
+
+def _cross_entropy(net: nn.Module):
+    """The per-row cross-entropy of ``net``: the fast path's where ``net.fast`` is on."""
+    return fast.cross_entropy if getattr(net, "fast", False) else plain_cross_entropy
+
+
+def row_losses(model: nn.Module, batch: Any,
+               masks: list[dict[str, torch.Tensor]] | None = None) -> RowLosses:
+    """The per-row float32 cross-entropies of a batch (a ``step.TorchBatch``) for
+    :func:`bertlite.loss.bert_loss` (logits are cast before the cross-entropy, so under
+    autocast too).
+
+    With the fast path on (``BERTModel.fast``, the one switch) on the CPU, only the prediction
+    slots of non-zero weight are rows (a third of the slots are padding in WikiText-2): the
+    model's last layer runs only there and at ``<cls>``, and the decoder fused with the
+    cross-entropy (:func:`.fast.decoder_cross_entropy`). The loss is the same, since padded
+    slots have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the
+    book's path: the model on all slots, then the cross-entropy.
+
+    ``masks``: the batch's dropout masks (``step.dropout_masks``), passed to the model.
+    """
+    extra = {"masks": masks} if masks else {}
+    net = model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) \
+        else model
+    if (not net.fast or isinstance(model, nn.DataParallel)
+            or batch.pred_positions.device.type != "cpu"):
+        _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
+                                        batch.pred_positions, **extra)
+        cross_entropy = _cross_entropy(net)
+        mlm_Y_hat = mlm_Y_hat.float()
+        return RowLosses(cross_entropy(mlm_Y_hat.reshape(-1, mlm_Y_hat.shape[-1]),
+                                       batch.mlm_labels.reshape(-1)),
+                         batch.mlm_weights.reshape(-1),
+                         cross_entropy(nsp_Y_hat.float(), batch.nsp_labels.reshape(-1)))
+    weights = batch.mlm_weights.reshape(-1)
+    used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
+    rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
+    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
+    encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
+                                       output_rows=rows, **extra)
+    mlm_ce = fast.decoder_cross_entropy(net.mlm, encoded_rows,
+                                        batch.mlm_labels.reshape(-1).index_select(0, used))
+    return RowLosses(mlm_ce, weights.index_select(0, used),
+                     fast.cross_entropy(nsp_Y_hat.float(), batch.nsp_labels.reshape(-1)))
+
+
+def batch_loss(model: nn.Module, batch: Any, *, mlm_weight_total: Any = None,
+               num_examples: Any = None, masks: list[dict[str, torch.Tensor]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mlm_loss, nsp_loss, loss)`` of a batch: :func:`bertlite.loss.bert_loss` of its
+    :func:`row_losses`. A part of a larger batch passes that batch's ``mlm_weight_total`` and
+    ``num_examples`` (:func:`bertlite.sharding.normalizers`)."""
+    return bert_loss(*row_losses(model, batch, masks), mlm_weight_total=mlm_weight_total,
+                     num_examples=num_examples)
 
 
 def _get_batch_loss_bert(net: torch.nn.Module, loss: Any, vocab_size: int,
@@ -45,13 +91,13 @@ def _get_batch_loss_bert(net: torch.nn.Module, loss: Any, vocab_size: int,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The book's helper: ``(mlm_l, nsp_l, l)`` of one batch, with the core loss.
 
-    ``loss`` is accepted for the book's signature only: the per-example cross-entropy of
-    :func:`bertlite.loss.bert_loss` is used whatever its reduction, so padded prediction slots
-    (weight 0) never count (the book's mean-reduced ``nn.CrossEntropyLoss`` masks nothing).
-    Under ``nn.DataParallel`` the wrapper is called on the whole batch.
+    ``loss`` is accepted for the book's signature only: the per-example cross-entropy is used
+    whatever its reduction, so padded prediction slots (weight 0) never count (the book's
+    mean-reduced ``nn.CrossEntropyLoss`` masks nothing). Under ``nn.DataParallel`` the wrapper
+    is called on the whole batch.
     """
-    ops = OPS if getattr(getattr(net, "module", net), "fast", False) else PLAIN_OPS
+    cross_entropy = _cross_entropy(getattr(net, "module", net))
     _, mlm_Y_hat, nsp_Y_hat = net(tokens_X, segments_X, valid_lens_x.reshape(-1),
                                   pred_positions_X)
-    return bert_loss(ops, mlm_Y_hat.reshape(-1, vocab_size), mlm_Y, mlm_weights_X, nsp_Y_hat,
-                     nsp_y)
+    return bert_loss(cross_entropy(mlm_Y_hat.reshape(-1, vocab_size), mlm_Y.reshape(-1)),
+                     mlm_weights_X.reshape(-1), cross_entropy(nsp_Y_hat, nsp_y.reshape(-1)))

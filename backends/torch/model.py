@@ -339,7 +339,7 @@ class BERTModel(nn.Module):
 
         With ``output_rows`` (indices ``example * length + position``; no ``pred_positions``)
         ``encoded_X`` is the ``(rows, hidden)`` encodings at those positions only: it is how
-        :func:`.step.batch_loss` asks for the predicted positions. On the fast path
+        :func:`.loss.batch_loss` asks for the predicted positions. On the fast path
         (:mod:`.fast`) the last layer then computes only those and the ``<cls>`` ones: the
         loss is the same (padded positions, which no loss reads, get zeros there).
 

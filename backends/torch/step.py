@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,18 +15,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bertlite import sharding
-from bertlite.backend import PRECISIONS
 from bertlite.data.loader import Batch
 from bertlite.dropout import mask_scale
 from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
-from bertlite.loss import bert_loss
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
-from . import distributed, fast
+from . import distributed
 from .kernels import Keeps
-from .loss import OPS, PLAIN_OPS
+from .loss import batch_loss
 from .model import BERTModel
 
 
@@ -96,94 +94,81 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
                                                                  for p in params)
 
 
-def create_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """``torch.optim.Adam`` / ``AdamW`` implementing ``settings``: biases and LayerNorm
-    parameters get no weight decay; each group carries its canonical ``param_names``; the clip
-    norm is kept as ``optimizer.clip_norm`` (``None``: no clipping)."""
-    decay, no_decay = [], []
-    for name, param in named_parameters(model):
-        (no_decay if is_no_decay(name) else decay).append((name, param))
-    groups = []
-    for members, weight_decay in ((decay, settings.weight_decay), (no_decay, 0.0)):
-        if members:
-            groups.append({"params": [p for _, p in members],
-                           "param_names": [n for n, _ in members],
-                           "weight_decay": weight_decay})
-    params = [p for _, p in named_parameters(model)]
-    fast = {"fused": True} if _fused_supported(params) else {"foreach": True}
-    cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    optimizer = cls(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                    weight_decay=settings.weight_decay, **fast)
-    optimizer.clip_norm = settings.clip_norm
-    return optimizer
+class TorchOptimizer:
+    """What ``TorchBackend.create_optimizer`` returns (the mirror of MXNet's
+    ``MXNetOptimizer``): ``torch.optim.Adam`` / ``AdamW`` implementing ``settings`` as
+    :attr:`optimizer` -- biases and LayerNorm parameters without weight decay, each group with
+    its canonical ``param_names`` -- and the step's own state beside it: the clip norm
+    (``None``: no clipping), the fp16 ``GradScaler`` (made on first use) and how many steps a
+    non-finite loss skipped. Checkpoints hold only the torch optimizer's state."""
+
+    def __init__(self, model: nn.Module, settings: OptimizerSettings) -> None:
+        decay, no_decay = [], []
+        for name, param in named_parameters(model):
+            (no_decay if is_no_decay(name) else decay).append((name, param))
+        groups = []
+        for members, weight_decay in ((decay, settings.weight_decay), (no_decay, 0.0)):
+            if members:
+                groups.append({"params": [p for _, p in members],
+                               "param_names": [n for n, _ in members],
+                               "weight_decay": weight_decay})
+        params = [p for _, p in named_parameters(model)]
+        fast = {"fused": True} if _fused_supported(params) else {"foreach": True}
+        cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+        self.settings = settings
+        self.optimizer: torch.optim.Optimizer = cls(
+            groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+            weight_decay=settings.weight_decay, **fast)
+        self.clip_norm: float | None = settings.clip_norm
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        #: steps whose non-finite loss skipped the update (``skip_nonfinite``)
+        self.nonfinite_skips = 0
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"<TorchOptimizer {self.settings.optimizer} clip_norm={self.clip_norm}>"
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def create_optimizer(model: nn.Module, settings: OptimizerSettings) -> TorchOptimizer:
+    return TorchOptimizer(model, settings)
+
+
+def _set_lr(optimizer: TorchOptimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _clip(optimizer: torch.optim.Optimizer) -> None:
-    clip_norm = getattr(optimizer, "clip_norm", None)
-    if clip_norm is not None:
+def _clip(optimizer: TorchOptimizer) -> None:
+    if optimizer.clip_norm is not None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-
-
-# -- one step ------------------------------------------------------------------------------------
-
-def batch_loss(model: nn.Module, batch: TorchBatch, *, mlm_weight_total: Any = None,
-               num_examples: Any = None, masks: list[dict[str, torch.Tensor]] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mlm_loss, nsp_loss, loss)`` of a batch with :func:`bertlite.loss.bert_loss`, in
-    float32 (logits are cast before the loss, so under autocast too). A part of a larger batch
-    passes that batch's ``mlm_weight_total`` and ``num_examples``.
-
-    With the fast path on (``BERTModel.fast``, the one switch) on the CPU, the MLM head runs
-    only at prediction slots of non-zero weight (a third of the slots are padding in
-    WikiText-2), the model's last layer only there and at ``<cls>``, and the decoder fused
-    with the cross-entropy (:func:`.fast.decode`): the loss is the same, since padded slots
-    have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the book's
-    path: the model on all slots, the plain cross-entropy.
-
-    ``masks``: the batch's dropout masks (:func:`dropout_masks`), passed to the model.
-    """
-    extra = {"masks": masks} if masks else {}
-    net = unwrap(model)
-    if (not net.fast or isinstance(model, nn.DataParallel)
-            or batch.pred_positions.device.type != "cpu"):
-        _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                        batch.pred_positions, **extra)
-        return bert_loss(OPS if net.fast else PLAIN_OPS, mlm_Y_hat.float(), batch.mlm_labels,
-                         batch.mlm_weights, nsp_Y_hat.float(), batch.nsp_labels,
-                         mlm_weight_total=mlm_weight_total, num_examples=num_examples)
-    weights = batch.mlm_weights.reshape(-1)
-    used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
-    rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
-    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
-    encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                       output_rows=rows, **extra)
-    mlm_Y_hat = fast.decode(net.mlm, encoded_rows)
-    return bert_loss(OPS, mlm_Y_hat.float(), batch.mlm_labels.reshape(-1).index_select(0, used),
-                     weights.index_select(0, used), nsp_Y_hat.float(), batch.nsp_labels,
-                     mlm_weight_total=mlm_weight_total, num_examples=num_examples)
+        torch.nn.utils.clip_grad_norm_(params, optimizer.clip_norm, foreach=True)
 
 
 # -- mixed precision -----------------------------------------------------------------------------
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Raise :class:`bertlite.errors.BackendError` when ``device`` cannot train in
-    ``precision``."""
-    device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise BackendError(f"precision='fp16' needs a CUDA GPU (float16 with loss scaling by "
-                           f"torch.amp.GradScaler); this run is on {device}: use "
-                           "precision='bf16' on the CPU, or float32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BackendError(f"precision='bf16' is not supported by {device} "
-                           f"({torch.cuda.get_device_name(device)}); use precision='fp16'")
+def check_precision(precision: str, devices: Sequence[torch.device]) -> None:
+    """Raise :class:`bertlite.errors.BackendError` when ``devices`` cannot train in
+    ``precision`` (one of :data:`bertlite.backend.PRECISIONS`, checked by
+    :mod:`bertlite.options`)."""
+    for device in map(torch.device, devices):
+        if precision == "fp16" and device.type != "cuda":
+            raise BackendError(f"precision='fp16' needs a CUDA GPU (float16 with loss scaling "
+                               f"by torch.amp.GradScaler); this run is on {device}: use "
+                               "precision='bf16' on the CPU, or float32")
+        if precision == "bf16" and device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported():
+            raise BackendError(f"precision='bf16' is not supported by {device} "
+                               f"({torch.cuda.get_device_name(device)}); use precision='fp16'")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -194,14 +179,13 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def grad_scaler(optimizer: torch.optim.Optimizer, precision: str) -> Any:
+def grad_scaler(optimizer: TorchOptimizer, precision: str) -> torch.amp.GradScaler | None:
     """The optimizer's ``torch.amp.GradScaler`` for fp16 (made on first use), else None."""
     if precision != "fp16":
         return None
-    scaler = getattr(optimizer, "grad_scaler", None)
-    if scaler is None:
-        scaler = optimizer.grad_scaler = torch.amp.GradScaler("cuda")
-    return scaler
+    if optimizer.grad_scaler is None:
+        optimizer.grad_scaler = torch.amp.GradScaler("cuda")
+    return optimizer.grad_scaler
 
 
 # -- one step ------------------------------------------------------------------------------------
@@ -261,12 +245,12 @@ def _parts(batch: Batch, accumulate: int, rank: int, world_size: int
     return [(rows, 1.0) if rows.stop > rows.start else (slice(0, 1), 0.0) for rows in parts]
 
 
-def _skip_update(optimizer: torch.optim.Optimizer) -> None:
+def _skip_update(optimizer: TorchOptimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
-    optimizer.nonfinite_skips = getattr(optimizer, "nonfinite_skips", 0) + 1
+    optimizer.nonfinite_skips += 1
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, lr: float, *,
+def train_step(model: nn.Module, optimizer: TorchOptimizer, batch: Batch, lr: float, *,
                accumulate: int = 1, precision: str = "float32", skip_nonfinite: bool = False,
                seed: int = 0, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One update at learning rate ``lr`` with dropout on, from the global ``batch``; returns
@@ -286,12 +270,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     update, counts ``optimizer.nonfinite_skips`` and returns non-finite losses. Without it there
     is no host synchronization on one device.
     """
-    if accumulate < 1:
-        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if not model.training:
         model.train()
     device = model_device(model)
-    check_precision(precision, device)
+    check_precision(precision, [device])  # the device's part; the value: bertlite.options
     ddp = isinstance(model, DistributedDataParallel)
     info = distributed.world() if ddp else None
     rank, world_size = (info.rank, info.world_size) if info else (0, 1)
@@ -325,16 +307,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     if ddp and not skip_nonfinite:
         distributed.all_reduce_sum(total)
     if scaler is not None:
-        if getattr(optimizer, "clip_norm", None) is not None:
-            scaler.unscale_(optimizer)
+        if optimizer.clip_norm is not None:
+            scaler.unscale_(optimizer.optimizer)
         _clip(optimizer)
         _set_lr(optimizer, lr)
-        scaler.step(optimizer)
+        scaler.step(optimizer.optimizer)
         scaler.update()
     else:
         _clip(optimizer)
         _set_lr(optimizer, lr)
-        optimizer.step()
+        optimizer.optimizer.step()
     return total[0], total[1]
 
 
@@ -363,7 +345,7 @@ def loss_and_grads(model: nn.Module, batch: Batch) -> tuple[float, float, dict[s
 
 # -- optimizer state -----------------------------------------------------------------------------
 
-def _named_optimizer_params(optimizer: torch.optim.Optimizer
+def _named_optimizer_params(optimizer: TorchOptimizer
                             ) -> Iterator[tuple[str, torch.Tensor, dict]]:
     for group in optimizer.param_groups:
         names = group.get("param_names")
@@ -374,7 +356,7 @@ def _named_optimizer_params(optimizer: torch.optim.Optimizer
             yield name, param, group
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+def optimizer_state(optimizer: TorchOptimizer) -> dict[str, np.ndarray]:
     """``"<name>.exp_avg"``, ``"<name>.exp_avg_sq"`` per parameter and the 0-d ``"step"``
     (zeros and step 0 before the first update)."""
     arrays: dict[str, np.ndarray] = {}
@@ -392,7 +374,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray]
+def load_optimizer_state(optimizer: TorchOptimizer, arrays: dict[str, np.ndarray]
                          ) -> None:
     """Restore what :func:`optimizer_state` returned (step 0 clears the state)."""
     named = list(_named_optimizer_params(optimizer))

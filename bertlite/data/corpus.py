@@ -98,14 +98,17 @@ def _paragraph_lines(text: str | bytes) -> list:
     return [line.strip() for line in lines if sep in line]
 
 
-def read_wiki(path: str | os.PathLike) -> list[list[str]]:
-    """Paragraphs of a WikiText split, each a list of lowercased sentences (the book's rules).
+def read_wiki(path: str | os.PathLike, lowercase: bool = True) -> list[list[str]]:
+    """Paragraphs of a WikiText split, each a list of lowercased sentences (the book's rules;
+    ``lowercase=False`` keeps the case, for a cased tokenizer).
 
     A line is a paragraph when it splits on ``' . '`` into at least two sentences. Unlike the
     book, the paragraphs are not shuffled here: the order is the file's, randomness comes later
     from an explicit seed.
     """
-    paragraphs = [line.split(" . ") for line in _paragraph_lines(read_text(path).lower())]
+    text = read_text(path)
+    paragraphs = [line.split(" . ") for line in _paragraph_lines(text.lower() if lowercase
+                                                                  else text)]
     if not paragraphs:
         raise _no_paragraph(path)
     return paragraphs
@@ -168,8 +171,9 @@ def tokenize_corpus(paragraphs: Sequence[Sequence[str]]) -> TokenizedCorpus:
                                                            dtype=np.int64))
 
 
-def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
-    """The words of a WikiText-format file: ``tokenize_corpus(read_wiki(path))``, faster.
+def read_corpus(path: str | os.PathLike, lowercase: bool = True) -> TokenizedCorpus:
+    """The words of a WikiText-format file: ``tokenize_corpus(read_wiki(path, lowercase))``,
+    faster (``lowercase=False``: the words as they are, for a cased tokenizer).
 
     The text is split as bytes, and only its distinct words are decoded and lowercased (the
     same words: lowercasing neither makes nor breaks a space or a ``' . '``), unless they hold
@@ -194,8 +198,8 @@ def read_corpus(path: str | os.PathLike) -> TokenizedCorpus:
     index = np.insert(index, line_ends, len(distinct) - 1)
     decoded = b"\n".join(distinct).decode("utf-8")  # \n: in no word, and uncased
     if _STR_ONLY_SPACE.search(decoded):
-        return tokenize_corpus(read_wiki(path))
-    types, codes = _type_codes(decoded.lower().split("\n"))
+        return tokenize_corpus(read_wiki(path, lowercase))
+    types, codes = _type_codes((decoded.lower() if lowercase else decoded).split("\n"))
     codes = codes[index]
     # sentences per line: the sentence ends up to each line's end, minus those up to the last
     sentence_ends = np.flatnonzero(codes < 0)

@@ -281,14 +281,17 @@ def _line_number(path: Path, start: int, index: int) -> int:
 
 def read_paragraphs(path: Path, format: str, start: int = 0, end: int = -1, *,
                     field_name: str = "text", skip_bad_lines: bool = False,
-                    stats: ReadStats | None = None) -> Iterator[list[str]]:
+                    stats: ReadStats | None = None, lowercase: bool = True
+                    ) -> Iterator[list[str]]:
     """The paragraphs of ``path[start:end]`` in a format (see the module's docstring); only
-    those of two or more sentences, which NSP can use."""
+    those of two or more sentences, which NSP can use. ``lowercase=False`` keeps the case (for
+    a cased tokenizer)."""
     stats = stats if stats is not None else ReadStats()
     reader = {"wikitext": _wikitext, "lines": _sentence_lines, "text": _running_text,
               "jsonl": _jsonl}[format]
     kwargs = {"field_name": field_name, "skip_bad_lines": skip_bad_lines} \
         if format == "jsonl" else {}
+    kwargs["lowercase"] = lowercase
     for paragraph in reader(path, start, end, stats, **kwargs):
         stats.documents += 1
         if len(paragraph) >= 2 or format == "wikitext":  # the book keeps every ' . ' line
@@ -296,19 +299,20 @@ def read_paragraphs(path: Path, format: str, start: int = 0, end: int = -1, *,
             yield paragraph
 
 
-def _wikitext(path: Path, start: int, end: int, stats: ReadStats) -> Iterator[list[str]]:
+def _wikitext(path: Path, start: int, end: int, stats: ReadStats, lowercase: bool = True
+              ) -> Iterator[list[str]]:
     # the book's rules, as read_wiki: lowercase, strip, lines holding ' . ' split on it
     for _, text in _text_blocks(path, start, end, stats):
-        for line in text.lower().split("\n"):
+        for line in (text.lower() if lowercase else text).split("\n"):
             if " . " in line:
                 yield line.strip().split(" . ")
 
 
-def _sentence_lines(path: Path, start: int, end: int, stats: ReadStats
-                    ) -> Iterator[list[str]]:
+def _sentence_lines(path: Path, start: int, end: int, stats: ReadStats,
+                    lowercase: bool = True) -> Iterator[list[str]]:
     paragraph: list[str] = []
     for line in _lines(path, start, end, stats):
-        sentence = normalize_sentence(line)
+        sentence = normalize_sentence(line, lowercase)
         if sentence:
             paragraph.append(sentence)
         elif not line.strip() and paragraph:
@@ -318,11 +322,13 @@ def _sentence_lines(path: Path, start: int, end: int, stats: ReadStats
         yield paragraph
 
 
-def _sentences_of(text: str) -> list[str]:
-    return [s for s in map(normalize_sentence, split_sentences(" ".join(text.split()))) if s]
+def _sentences_of(text: str, lowercase: bool = True) -> list[str]:
+    return [s for s in (normalize_sentence(x, lowercase)
+                        for x in split_sentences(" ".join(text.split()))) if s]
 
 
-def _running_text(path: Path, start: int, end: int, stats: ReadStats) -> Iterator[list[str]]:
+def _running_text(path: Path, start: int, end: int, stats: ReadStats, lowercase: bool = True
+                  ) -> Iterator[list[str]]:
     block: list[str] = []
     size = 0
     for line in _lines(path, start, end, stats):
@@ -332,14 +338,14 @@ def _running_text(path: Path, start: int, end: int, stats: ReadStats) -> Iterato
             if size < MAX_PARAGRAPH_CHARS:
                 continue
         if block:
-            yield _sentences_of(" ".join(block))
+            yield _sentences_of(" ".join(block), lowercase)
             block, size = [], 0
     if block:
-        yield _sentences_of(" ".join(block))
+        yield _sentences_of(" ".join(block), lowercase)
 
 
 def _jsonl(path: Path, start: int, end: int, stats: ReadStats, *, field_name: str,
-           skip_bad_lines: bool) -> Iterator[list[str]]:
+           skip_bad_lines: bool, lowercase: bool = True) -> Iterator[list[str]]:
     for index, line in enumerate(_lines(path, start, end, stats)):
         if not line.strip():
             continue
@@ -355,7 +361,7 @@ def _jsonl(path: Path, start: int, end: int, stats: ReadStats, *, field_name: st
                 problem = f"has a {type(record[field_name]).__name__} in {field_name!r}, " \
                           "not a string"
         if problem is None:
-            yield _sentences_of(record[field_name])
+            yield _sentences_of(record[field_name], lowercase)
             continue
         where = f"{path} line {_line_number(path, start, index)}"
         if not skip_bad_lines:
@@ -367,10 +373,10 @@ def _jsonl(path: Path, start: int, end: int, stats: ReadStats, *, field_name: st
 
 
 def chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_name: str,
-            skip_bad_lines: bool, stats: ReadStats) -> Iterator[list]:
+           skip_bad_lines: bool, stats: ReadStats, lowercase: bool = True) -> Iterator[list]:
     """The paragraphs of a task, in chunks of about ``chunk_bytes`` characters: lists of
     sentence lists, or for ``wikitext`` the paragraph lines as bytes (see
-    :func:`tokenize_chunk`)."""
+    :func:`tokenize_chunk`, which lowercases them unless ``lowercase`` is False)."""
     chunk: list = []
     size = 0
     if fmt == "wikitext":
@@ -382,7 +388,8 @@ def chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_na
                 chunk, size = [], 0
     else:
         for paragraph in read_paragraphs(Path(path), fmt, start, end, field_name=field_name,
-                                         skip_bad_lines=skip_bad_lines, stats=stats):
+                                         skip_bad_lines=skip_bad_lines, stats=stats,
+                                         lowercase=lowercase):
             chunk.append(paragraph)
             size += sum(map(len, paragraph)) + 3 * len(paragraph)
             if size >= chunk_bytes:
@@ -392,10 +399,11 @@ def chunks(path: str, fmt: str, start: int, end: int, chunk_bytes: int, field_na
         yield chunk
 
 
-def tokenize_chunk(chunk: list) -> TokenizedCorpus:
+def tokenize_chunk(chunk: list, lowercase: bool = True) -> TokenizedCorpus:
     """The words of a chunk. WikiText lines (bytes) are coded as
     :func:`bertlite.data.corpus.read_corpus` codes a file: split as bytes, only the distinct
-    words decoded and lowercased, the same words as the book's rules give."""
+    words decoded and lowercased (unless ``lowercase`` is False: a cased tokenizer's), the
+    same words as the book's rules give."""
     if not chunk or not isinstance(chunk[0], bytes):
         return tokenize_corpus(chunk)
     text = b"\n".join(chunk).replace(b" . ", f" {_BOUNDARY} ".encode())
@@ -411,9 +419,10 @@ def tokenize_chunk(chunk: list) -> TokenizedCorpus:
     index = np.insert(index, line_ends, len(distinct) - 1)
     decoded = b"\n".join(distinct).decode("utf-8")
     if _STR_ONLY_SPACE.search(decoded):  # whitespace only str.split() knows: the book's way
-        return tokenize_corpus([line.decode("utf-8").lower().strip().split(" . ")
-                                for line in chunk])
-    types, codes = _type_codes(decoded.lower().split("\n"))
+        lines = (line.decode("utf-8") for line in chunk)
+        return tokenize_corpus([(line.lower() if lowercase else line).strip().split(" . ")
+                                for line in lines])
+    types, codes = _type_codes((decoded.lower() if lowercase else decoded).split("\n"))
     codes = codes[index]
     sentence_ends = np.flatnonzero(codes < 0)
     line_end_at = line_ends + np.arange(len(line_ends))

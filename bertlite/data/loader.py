@@ -87,7 +87,9 @@ def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_fr
             return hit
     _log.info("%s: preparing the data (tokens, vocabulary, examples)%s", path.name,
               f"; cached for the next run in {cache_file.parent}" if cache_file else "")
-    corpus = read_corpus(path)
+    # the book's words and bertlite's WordPiece read the text lowercased, a cased tokenizer as is
+    lowercase = not isinstance(tokenizer, WordPieceTokenizer) or tokenizer.lowercase
+    corpus = read_corpus(path, lowercase)
     type_ids = None  # the vocabulary's id of each distinct word, where built from the corpus
     if vocab is None:
         if tokenizer == "wordpiece":

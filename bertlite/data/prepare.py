@@ -62,6 +62,7 @@ from bertlite.data.shards import (
 )
 from bertlite.data.tokenizer import (
     DEFAULT_WORDPIECE_VOCAB_SIZE,
+    LOWERCASE,
     TOKENIZER_KINDS,
     WordPieceTokenizer,
 )
@@ -112,7 +113,7 @@ def _count_task(task: dict[str, Any]) -> tuple[dict[str, int], ReadStats]:
     counts: Counter[str] = Counter()
     num = 0
     for num, chunk in enumerate(chunks(stats=stats, **task["read"]), 1):
-        corpus = tokenize_chunk(chunk)
+        corpus = tokenize_chunk(chunk, task["read"].get("lowercase", True))
         del chunk
         counts.update(dict(zip(corpus.types, corpus.counts().tolist())))
         save_words(out / f"words-{index:05d}-{num - 1:03d}.npz", corpus)
@@ -131,7 +132,7 @@ def _task_corpora(task: dict[str, Any], stats: ReadStats) -> Iterator[TokenizedC
             yield load_words(out / f"words-{index:05d}-{sub:03d}.npz")
         return
     for chunk in chunks(stats=stats, **task["read"]):
-        yield tokenize_chunk(chunk)
+        yield tokenize_chunk(chunk, task["read"].get("lowercase", True))
 
 
 def _drop_words(out: Path, index: int) -> None:
@@ -296,13 +297,17 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
     part_of = parse_part(part)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     workers = min(workers, workers_within(memory_mb, chunk_bytes))  # the budget bounds them
+    lowercase = True  # the book's words and bertlite's WordPiece; a cased BERT's keeps the case
     if vocab is not None:
         tokenizer = "word" if vocab.tokenizer is None else vocab.tokenizer.kind
+        lowercase = vocab.tokenizer is None or vocab.tokenizer.lowercase
     settings = {"format": fmt, "max_len": max_len, "seed": int(seed), "min_freq": min_freq,
                 "tokenizer": tokenizer, "whole_word_mask": bool(whole_word_mask),
                 "jsonl_field": jsonl_field, "skip_bad_lines": bool(skip_bad_lines),
                 "chunk_bytes": chunk_bytes,
                 "vocab": None if vocab is None else file_digest_of_tokens(vocab)}
+    if not lowercase:  # only then: the keys of earlier preparations stay as they were
+        settings["lowercase"] = False
     if tokenizer == "wordpiece":
         settings.update(wordpiece_vocab_size=wordpiece_vocab_size,
                         wordpiece_sample_mb=wordpiece_sample_mb)
@@ -324,7 +329,7 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
     tasks = [{"index": i, "out": str(out), "settings": settings,
               "read": {"path": t["path"], "fmt": fmt, "start": t["start"], "end": t["end"],
                        "chunk_bytes": chunk_bytes, "field_name": jsonl_field,
-                       "skip_bad_lines": bool(skip_bad_lines)}}
+                       "skip_bad_lines": bool(skip_bad_lines), "lowercase": lowercase}}
              for i, t in enumerate(plan["tasks"])]
     _ensure_vocab(out, key, tasks, settings, vocab, workers)
     mine = [t for t in tasks if part_of is None or t["index"] % part_of[1] == part_of[0]]
@@ -340,10 +345,15 @@ def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = No
 
 
 def file_digest_of_tokens(vocab: Vocab) -> str:
-    """A digest of a given vocabulary's tokens (part of the cache key)."""
+    """A digest of a given vocabulary's tokens and, unless bertlite's lowercasing, its
+    tokenizer's normalisation (part of the cache key)."""
     import hashlib
+    import json
 
-    return hashlib.sha1("\n".join(vocab.idx_to_token).encode()).hexdigest()[:20]
+    text = "\n".join(vocab.idx_to_token)
+    if vocab.tokenizer is not None and vocab.tokenizer.normalization != LOWERCASE:
+        text += "\n" + json.dumps(vocab.tokenizer.normalization, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 def _plan(out: Path, key: str, files: list[Path], fmt: str, settings: dict[str, Any],

@@ -163,10 +163,11 @@ def open_data(data: str | os.PathLike, *, format: str | None = None, max_len: in
         if made["max_len"] != max_len:
             raise DataError(f"{data} was prepared with max_len={made['max_len']}, this run has "
                             f"max_len={max_len}; use the same max_len or prepare it again")
-        if vocab is not None and prepared.vocab != vocab:
-            raise DataError(f"{data} was prepared with another vocabulary than the training "
-                            "data's; prepare it with `bertlite prepare ... --vocab-from "
-                            "TRAINING_FOLDER`")
+        if vocab is not None and (prepared.vocab != vocab or (
+                vocab.tokenizer is not None and prepared.vocab.tokenizer != vocab.tokenizer)):
+            raise DataError(f"{data} was prepared with another vocabulary (or normalisation) "
+                            "than the training data's; prepare it with `bertlite prepare ... "
+                            "--vocab-from TRAINING_FOLDER`")
         return prepared
     options = {} if wordpiece_vocab_size is None else \
         {"wordpiece_vocab_size": wordpiece_vocab_size}

@@ -67,12 +67,13 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def basic_words(sentence: str) -> list[str]:
-    """BERT's basic tokens of a sentence: lowercased words, each punctuation mark and each CJK
-    character a token of its own; numbers keep their inner dots and commas (``3.14``)."""
-    return _TOKEN.findall(sentence.lower())
+def basic_words(sentence: str, lowercase: bool = True) -> list[str]:
+    """BERT's basic tokens of a sentence: lowercased words (as they are for a cased tokenizer,
+    ``lowercase=False``), each punctuation mark and each CJK character a token of its own;
+    numbers keep their inner dots and commas (``3.14``)."""
+    return _TOKEN.findall(sentence.lower() if lowercase else sentence)
 
 
-def normalize_sentence(sentence: str) -> str:
+def normalize_sentence(sentence: str, lowercase: bool = True) -> str:
     """A sentence as the space-separated basic tokens the pipeline splits on."""
-    return " ".join(basic_words(sentence))
+    return " ".join(basic_words(sentence, lowercase))

@@ -10,6 +10,12 @@ is unchanged: a
 WordPiece tokenizer becomes a :class:`~bertlite.data.vocab.Vocab` (:meth:`to_vocab`) that
 carries it (``vocab.tokenizer``).
 
+The normalisation is the tokenizer's own (its ``normalizer``): bertlite's WordPiece lowercases,
+as the book's pipeline does; a tokenizer imported from a cased ``transformers`` model
+(``do_lower_case=False``) keeps the case, and its accents as it was configured
+(:attr:`WordPieceTokenizer.normalization`), and the data pipeline then reads the corpus without
+lowercasing it (:attr:`WordPieceTokenizer.lowercase`).
+
 ``tokenizers`` is an optional dependency (``pip install "bertlite[wordpiece]"``), imported only
 when a WordPiece tokenizer is trained or loaded.
 """
@@ -17,6 +23,7 @@ when a WordPiece tokenizer is trained or loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,8 +55,32 @@ def _hf() -> Any:
     return tokenizers
 
 
-def _as_words(words: str | Sequence[str]) -> list[str]:
-    return words.lower().split() if isinstance(words, str) else [str(w) for w in words]
+#: bertlite's own normalisation (the book's ``lower()``): what a tokenizer without one records
+LOWERCASE = {"lowercase": True, "strip_accents": False}
+
+
+def _as_words(words: str | Sequence[str], lowercase: bool = True) -> list[str]:
+    if isinstance(words, str):
+        return (words.lower() if lowercase else words).split()
+    return [str(w) for w in words]
+
+
+def normalization_of(normalizer: dict[str, Any] | None) -> dict[str, bool]:
+    """``{"lowercase": bool, "strip_accents": bool}`` of a ``tokenizer.json`` normalizer (a
+    ``Lowercase``, a ``BertNormalizer``, ``StripAccents``, a ``Sequence`` of them, or none)."""
+    parts = (normalizer or {}).get("normalizers", [normalizer or {}])
+    lowercase = strip = False
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "Lowercase":
+            lowercase = True
+        elif kind == "StripAccents":
+            strip = True
+        elif kind == "BertNormalizer":
+            lowercase = lowercase or bool(part.get("lowercase", True))
+            accents = part.get("strip_accents")  # None: as lowercase (BERT's rule)
+            strip = strip or bool(part.get("lowercase", True) if accents is None else accents)
+    return {"lowercase": lowercase, "strip_accents": strip}
 
 
 class WordPieceTokenizer:
@@ -64,6 +95,10 @@ class WordPieceTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
+        self.normalization = normalization_of(json.loads(tokenizer.to_str()).get("normalizer"))
+        #: the names an imported tokenizer gave the special tokens bertlite calls ``<pad>`` ...
+        #: (``{"<mask>": "[MASK]", ...}``; empty for bertlite's own), which export writes back
+        self.special_names: dict[str, str] = {}
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.idx_to_token: list[str] = [""] * len(vocab)
         for token, idx in vocab.items():
@@ -110,16 +145,20 @@ class WordPieceTokenizer:
         return cls.from_vocab(raw.get_vocab(with_added_tokens=False))
 
     @classmethod
-    def from_vocab(cls, vocab: dict[str, int] | Sequence[str]) -> WordPieceTokenizer:
-        """A tokenizer of a WordPiece vocabulary (token -> id, or tokens in id order)."""
+    def from_vocab(cls, vocab: dict[str, int] | Sequence[str], *, normalizer: Any = None,
+                   pre_tokenizer: Any = None) -> WordPieceTokenizer:
+        """A tokenizer of a WordPiece vocabulary (token -> id, or tokens in id order), which
+        lowercases and splits on whitespace, or uses the ``tokenizers`` ``normalizer`` and
+        ``pre_tokenizer`` given (an imported BERT's, say: cased, splitting off punctuation)."""
         hf = _hf()
         if not isinstance(vocab, dict):
             vocab = {t: i for i, t in enumerate(vocab)}
         tok = hf.Tokenizer(hf.models.WordPiece(
             vocab=dict(vocab), unk_token="<unk>", continuing_subword_prefix=CONTINUATION,
             max_input_chars_per_word=MAX_WORD_CHARS))
-        tok.normalizer = hf.normalizers.Lowercase()
-        tok.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
+        tok.normalizer = normalizer if normalizer is not None else hf.normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizer if pre_tokenizer is not None \
+            else hf.pre_tokenizers.WhitespaceSplit()
         tok.decoder = hf.decoders.WordPiece(prefix=CONTINUATION, cleanup=False)
         tok.add_special_tokens(list(WORDPIECE_SPECIALS))  # "<mask>" in a text is one token
         return cls(tok)
@@ -132,9 +171,25 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return len(self.idx_to_token)
 
+    @property
+    def lowercase(self) -> bool:
+        """Whether this tokenizer lowercases (bertlite's own do; a cased BERT's does not): the
+        data pipeline reads a corpus for it lowercased or as it is."""
+        return self.normalization["lowercase"]
+
+    @property
+    def normalizer(self) -> Any:
+        """The ``tokenizers`` normalizer (what export writes into ``tokenizer.json``)."""
+        return self._tok.normalizer
+
+    @property
+    def pre_tokenizer(self) -> Any:
+        return self._tok.pre_tokenizer
+
     def encode(self, words: str | Sequence[str]) -> list[str]:
-        """The pieces of words (a string is lowercased and split on spaces)."""
-        words = _as_words(words)
+        """The pieces of words (a string is split on spaces, lowercased first when the
+        tokenizer lowercases)."""
+        words = _as_words(words, self.lowercase)
         if not words:
             return []
         return list(self._tok.encode(words, is_pretokenized=True,
@@ -142,7 +197,7 @@ class WordPieceTokenizer:
 
     def encode_ids(self, words: str | Sequence[str]) -> list[int]:
         """The ids of the pieces of words."""
-        words = _as_words(words)
+        words = _as_words(words, self.lowercase)
         if not words:
             return []
         return list(self._tok.encode(words, is_pretokenized=True, add_special_tokens=False).ids)
@@ -211,16 +266,22 @@ class WordPieceTokenizer:
             raise DataError(f"{path}: {err}") from None
 
     def digest(self) -> str:
-        """A short fingerprint of the vocabulary (what the data cache keys on)."""
-        return hashlib.sha1("\n".join(self.idx_to_token).encode()).hexdigest()[:16]
+        """A short fingerprint of the vocabulary and, unless it is bertlite's lowercasing, the
+        normalisation (what the data cache keys on)."""
+        text = "\n".join(self.idx_to_token)
+        if self.normalization != LOWERCASE:
+            text += "\n" + json.dumps(self.normalization, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, WordPieceTokenizer) and self.idx_to_token == other.idx_to_token
+        return isinstance(other, WordPieceTokenizer) and self.idx_to_token == \
+            other.idx_to_token and self.normalization == other.normalization
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"WordPieceTokenizer(vocab_size={self.vocab_size})"
+        cased = "" if self.lowercase else ", cased"
+        return f"WordPieceTokenizer(vocab_size={self.vocab_size}{cased})"
 
 
 def check_tokenizer_kind(tokenizer: Any) -> None:
