@@ -28,6 +28,14 @@ computes. Targets (torch): bertlite >= 2x the book's step and >= 60% of the peak
 (``BERTConfig.from_preset("tiny", V, flavor="bert")``: GELU, embedding LayerNorm, epsilon
 1e-12, tied decoder), interleaved with the book's flavour in every round, and prints their
 step-time ratio (median of the per-round ratios); target (torch): at most 1.10.
+
+``--against REV`` steps this tree's bertlite against bertlite at git revision ``REV`` (its
+``bertlite/`` and ``backends/`` exported by ``git archive`` to a temporary folder that the
+other process imports first), in turn, on the same batch (dropout 0.2 on), and prints them and
+their speed ratios instead of the tables above (repeat ``--against`` for several revisions;
+``--corpus sample``: the quick start's corpus instead of WikiText-2)::
+
+    python benchmarks/bench_step.py --against fe14bed^1 --corpus sample --repeats 9
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,11 +71,15 @@ TINY = {"num_hiddens": 128, "ffn_num_hiddens": 256, "num_layers": 2}
 # ----------------------------------------------------------------------------- worker side
 
 
-def load_batch(data_dir: Path, batch_size: int, max_len: int):
-    """The first batch of the validation split and the vocabulary size."""
+def load_batch(data_dir: Path, batch_size: int, max_len: int, corpus: str = "wikitext-2"):
+    """The first batch of the validation split (``corpus="sample"``: of the sample corpus's
+    training split, as the quick start reads it) and the vocabulary size."""
     from bertlite.data import load_data_wiki
 
-    batches, vocab = load_data_wiki(batch_size, max_len, data_dir=data_dir, split="valid")
+    if corpus == "sample":
+        batches, vocab = load_data_wiki(batch_size, max_len, corpus="sample", cache=False)
+    else:
+        batches, vocab = load_data_wiki(batch_size, max_len, data_dir=data_dir, split="valid")
     return next(iter(batches)), len(vocab)
 
 
@@ -246,7 +260,9 @@ def serve(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    batch, vocab_size = load_batch(args.data_dir, args.batch_size, args.max_len)
+    batch, vocab_size = load_batch(args.data_dir, args.batch_size, args.max_len, args.corpus)
+    if impl.startswith("bertlite@"):  # another revision's, imported first (Server)
+        impl = "bertlite"
     if impl == "book":
         step, executed = (_torch_book if backend == "torch" else _mxnet_book)(batch, vocab_size)
     elif impl == BERT_FLAVOUR:
@@ -284,15 +300,18 @@ def serve(args) -> None:
 class Server:
     """One implementation's process, stepped by the driver."""
 
-    def __init__(self, backend: str, impl: str, args) -> None:
+    def __init__(self, backend: str, impl: str, args, pythonpath: Path | None = None) -> None:
         self.name = impl
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", f"{backend}:{impl}",
                "--data-dir", str(args.data_dir), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--max-len", str(args.max_len)]
+               "--max-len", str(args.max_len), "--corpus", args.corpus]
         # MXNet's CPU operators take their thread count from the environment at import
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
                "MPLBACKEND": "Agg", **(MALLOC_ADVICE if impl.endswith(ADVISED) else {})}
+        if pythonpath is not None:  # another revision's bertlite, found before this tree's
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath),
+                                                 *filter(None, [env.get("PYTHONPATH")])])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.times, self.cpu = [], []
@@ -323,6 +342,25 @@ class Server:
         return reply
 
 
+def export_revision(rev: str, folder: Path) -> Path:
+    """``bertlite/`` and ``backends/`` of git revision ``rev`` as an importable ``bertlite``
+    package (backends at ``bertlite/backends``, as the installed layout has them) under
+    ``folder``; the folder to put first on ``PYTHONPATH``."""
+    repo = M.REPO
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "bertlite", "backends"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        sys.exit(f"--against {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    raw = folder / "raw"
+    raw.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(raw)], input=archive.stdout, check=True)
+    site = folder / "site"
+    site.mkdir()
+    shutil.move(str(raw / "bertlite"), site / "bertlite")
+    shutil.move(str(raw / "backends"), site / "bertlite" / "backends")
+    return site
+
+
 def measure(backend: str, args) -> dict:
     """Start every implementation of ``backend``, step them in turn, return the figures."""
     impls = list(IMPLS[backend])
@@ -330,7 +368,11 @@ def measure(backend: str, args) -> dict:
         impls += [impl + ADVISED for impl in IMPLS[backend]]
     if args.flavors:
         impls.append(BERT_FLAVOUR)
-    servers = [Server(backend, impl, args) for impl in impls]
+    paths: dict[str, Path | None] = {}
+    if args.against:
+        impls = ["bertlite", *(f"bertlite@{rev}" for rev in args.against)]
+        paths.update(zip(impls[1:], args.against_paths))
+    servers = [Server(backend, impl, args, paths.get(impl)) for impl in impls]
     try:
         ready = [s.read() for s in servers]  # they warm up concurrently
         peak = 0.0
@@ -356,8 +398,34 @@ def measure(backend: str, args) -> dict:
             "warmup": args.warmup, "machine": M.describe(args.threads)}
 
 
+def report_against(results: list[dict], file=None) -> str:
+    """``--against``: this tree's step and the other revision's, and their ratio."""
+    out = []
+    for res in results:
+        b, n = res["batch"]
+        (name, mine), (other_name, other) = list(res["results"].items())[:2]
+        out.append(f"\nTraining step, {res['backend']}: batch {b} x {n}, tiny config, dropout "
+                   f"0.2; machine: {M.machine_line(res['machine'])}")
+        rows = []
+        for label, r in res["results"].items():
+            cpu = sorted(r["cpu_s"])[len(r["cpu_s"]) // 2]
+            rows.append([label, f"{b / r['median']:.0f}", f"{r['median']:.3f}",
+                         f"{r['best']:.3f}", f"{100 * r['spread']:.0f}%", f"{cpu:.3f}",
+                         f"{other['median'] / r['median']:.3f}x"])
+        out.append(M.table(["implementation", "pairs/s", "s/step", "best s", "IQR",
+                            "CPU s/step", f"speed vs {other_name}"], rows))
+        out.append(f"medians of {len(mine['times'])} rounds after {res['warmup']} warm-up "
+                   "steps, stepped in turn (the order rotating every round); CPU: process time "
+                   "of the step, all threads")
+    text = "\n".join(out)
+    print(text, file=file or sys.stdout)
+    return text
+
+
 def report(results: list[dict], file=None) -> str:
     """The tables of :func:`measure`'s results, printed and returned as text."""
+    if results and any(name.startswith("bertlite@") for name in results[0]["results"]):
+        return report_against(results, file)
     out = []
     for res in results:
         peak, flops = res["peak_gflops"], res["flops"]
@@ -446,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavors", action="store_true",
                         help="also time bertlite with standard BERT's flavour (same sizes) and "
                              "print its step-time ratio to the book flavour's")
+    parser.add_argument("--against", metavar="REV", action="append",
+                        help="step this tree's bertlite against git revision REV's, in turn "
+                             "(repeat for several; ratios against the first)")
+    parser.add_argument("--corpus", choices=("wikitext-2", "sample"), default="wikitext-2",
+                        help="the batch's corpus: WikiText-2's validation split (default) or "
+                             "the sample corpus (the quick start's)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -453,13 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args)
         return 0
-    if not (args.data_dir / "wiki.valid.tokens").is_file():
+    if args.corpus == "wikitext-2" and not (args.data_dir / "wiki.valid.tokens").is_file():
         sys.exit(f"WikiText-2 not found: {args.data_dir} has no wiki.valid.tokens "
-                 "(use --data-dir)")
+                 "(use --data-dir, or --corpus sample)")
     results = []
-    for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
-        print(f"  step: {backend} ...", file=sys.stderr, flush=True)
-        results.append(measure(backend, args))
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        args.against_paths = [export_revision(rev, Path(tmp) / str(i))
+                              for i, rev in enumerate(args.against or [])]
+        for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
+            print(f"  step: {backend} ...", file=sys.stderr, flush=True)
+            results.append(measure(backend, args))
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -344,18 +344,32 @@ def _row_range(row_start: int, rows: int) -> range:
     return range(row_start, row_start + int(rows))
 
 
+def mask_scale(p: float) -> float:
+    """What a kept element is multiplied by, ``1 / keep_probability(p)``: a backend that takes
+    bool masks (:func:`encoder_masks` with ``dtype=bool``) scales them by its float32 value,
+    which gives :func:`scaled_mask`'s values exactly."""
+    return 1.0 / keep_probability(p)
+
+
 def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows: int,
                   length: int, dtype: Any = np.float32) -> list[dict[str, np.ndarray]]:
     """The scaled masks of every dropout of the encoder for the global examples ``row_start ..
     row_start + rows - 1`` of a batch padded to ``length``: per layer, ``"attention"``
     ``(rows, num_heads, length, length)`` (batch-major, then heads, as both backends lay out
     the attention weights) and ``"addnorm1"``, ``"addnorm2"`` ``(rows, length, num_hiddens)``.
-    Empty when ``config.dropout`` is 0."""
+    ``dtype=bool``: the keep masks (:func:`keep_mask`, a quarter of float32's memory) for a
+    backend that scales by :func:`mask_scale` only the elements it reads. Empty when
+    ``config.dropout`` is 0."""
     if config.dropout == 0:
         return []
     length = _check_uint("length", length)
     shapes = {"attention": (config.num_heads, length, length),
               "addnorm1": (length, config.num_hiddens), "addnorm2": (length, config.num_hiddens)}
+    if np.dtype(dtype) == np.dtype(bool):
+        return [{kind: keep_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
+                                 rows, shape)
+                 for kind, shape in shapes.items()}
+                for layer in range(config.num_layers)]
     return [{kind: scaled_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
                                rows, shape, dtype=dtype)
              for kind, shape in shapes.items()}

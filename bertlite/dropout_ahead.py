@@ -26,8 +26,8 @@ Masks = list[list[dict[str, np.ndarray]]]
 
 
 def _draw(config: BERTConfig, seed: int, step: int, rows: tuple[tuple[int, int], ...],
-          length: int) -> Masks:
-    return [encoder_masks(config, seed, step, start, stop - start, length)
+          length: int, dtype: str = "float32") -> Masks:
+    return [encoder_masks(config, seed, step, start, stop - start, length, dtype)
             for start, stop in rows]
 
 
@@ -42,14 +42,15 @@ class MasksAhead:
         self._pid = os.getpid()
 
     def get(self, config: BERTConfig, seed: int, step: int, pieces: Sequence[slice],
-            length: int) -> Masks:
+            length: int, dtype: Any = np.float32) -> Masks:
         """The masks of every piece (its global rows ``pieces[i]``) at ``(seed, step)``,
-        as :func:`bertlite.dropout.encoder_masks` gives them; empty lists when
-        ``config.dropout`` is 0 (and nothing drawn ahead)."""
+        as :func:`bertlite.dropout.encoder_masks` gives them (``dtype``: float32, scaled, or
+        bool keep masks); empty lists when ``config.dropout`` is 0 (and nothing drawn
+        ahead)."""
         rows = tuple((int(s.start), int(s.stop)) for s in pieces)
         if config.dropout == 0:
             return [[] for _ in rows]
-        key = (config, seed, step, rows, length)
+        key = (config, seed, step, rows, length, np.dtype(dtype).name)
         future, self._future = self._future, None
         if future is not None and self._key == key and self._pid == os.getpid():
             masks = future.result()
@@ -57,6 +58,6 @@ class MasksAhead:
             masks = _draw(*key)
         if self._pool is None or self._pid != os.getpid():  # a forked child: a pool of its own
             self._pool, self._pid = ThreadPoolExecutor(1, "bertlite-masks-ahead"), os.getpid()
-        self._key = (config, seed, step + 1, rows, length)
+        self._key = (config, seed, step + 1, rows, length, np.dtype(dtype).name)
         self._future = self._pool.submit(_draw, *self._key)
         return masks

@@ -36,10 +36,12 @@ from .kernels import (
     CrossEntropy,
     DecoderCrossEntropy,
     DropoutAdd,
+    Keeps,
     dropout,
     keep_mask,
     linear,
     mkldnn_linear,
+    scale_keep,
     uses_keep_mask,
 )
 from .packing import (
@@ -201,7 +203,8 @@ def decoder_cross_entropy(mlm: MaskLM, rows: torch.Tensor, labels: torch.Tensor
 def group_keeps(keep: torch.Tensor, packing: Packing, queries: Packing | None = None
                 ) -> list[torch.Tensor]:
     """Every attention group's ``(size * heads, queries, keys)`` elements of a full-shape
-    attention dropout mask ``keep`` ``(batch, heads, length, length)``: its examples, their
+    attention dropout mask ``keep`` ``(batch, heads, length, length)``, of its dtype (a bool
+    keep mask is gathered before it is scaled, :func:`.kernels.scale_keep`): its examples, their
     query positions (with ``queries``, :func:`select`'s; padded query slots read position 0,
     their outputs are dropped) and the group's keys."""
     keeps, first = [], 0
@@ -222,11 +225,12 @@ def group_keeps(keep: torch.Tensor, packing: Packing, queries: Packing | None = 
 
 
 def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
-              queries: Packing | None = None, keep: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              queries: Packing | None = None, keep: torch.Tensor | None = None,
+              keep_scale: float | None = None) -> torch.Tensor:
     """Self-attention of packed rows ``(tokens, hidden)``; with ``queries`` (:func:`select`)
     only for those rows, every row a key. ``keep``: the full-shape dropout mask of the
-    attention weights (:func:`group_keeps`), else one drawn here when training."""
+    attention weights (:func:`group_keeps`; a bool one with its ``keep_scale``), else one drawn
+    here when training."""
     num_heads = mha.num_heads
     scale = 1.0 / math.sqrt(X.shape[-1] // num_heads)
     bias = mha.W_q.bias
@@ -245,8 +249,8 @@ def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
     p = mha.dropout.p
     keeps: list[torch.Tensor | None] = [None] * num_groups
     if keep is not None:
-        keeps = [k.to(X.dtype) for k in group_keeps(keep, packing,
-                                                    None if queries is packing else queries)]
+        keeps = [scale_keep(k, keep_scale, X.dtype)
+                 for k in group_keeps(keep, packing, None if queries is packing else queries)]
     elif uses_keep_mask(p, mha.training):  # all groups' dropout masks drawn at once
         shapes = [(size * num_heads, m, n) for (size, m, _), (_, n, _)
                   in zip(queries.groups, packing.groups)]
@@ -258,13 +262,15 @@ def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
 
 
 def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor,
-             keep: torch.Tensor | None = None, layout: Packing | None = None) -> torch.Tensor:
+             keep: torch.Tensor | None = None, layout: Packing | None = None,
+             keep_scale: float | None = None) -> torch.Tensor:
     """``ln(dropout(Y) + X)`` on rows, the dropout and the residual addition in one pass.
-    ``keep``: the full-shape ``(batch, length, hidden)`` dropout mask, whose elements at the
-    ``layout``'s rows apply; else one drawn here when training."""
+    ``keep``: the full-shape ``(batch, length, hidden)`` dropout mask (a bool one with its
+    ``keep_scale``), whose elements at the ``layout``'s rows apply; else one drawn here when
+    training."""
     if keep is not None:
         rows = keep.reshape(-1, keep.shape[-1]).index_select(0, layout.padded_rows)
-        return addnorm.ln(DropoutAdd.apply(X, Y, rows.to(Y.dtype)))
+        return addnorm.ln(DropoutAdd.apply(X, Y, scale_keep(rows, keep_scale, Y.dtype)))
     p = addnorm.dropout.p
     if not uses_keep_mask(p, addnorm.training):
         return addnorm.ln(F.dropout(Y, p, addnorm.training) + X)
@@ -276,18 +282,21 @@ def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
           ) -> torch.Tensor:
     """The encoder block on packed rows ``(tokens, hidden)``; with ``queries``
     (:func:`select`) it returns those rows only. ``keeps``: its full-shape dropout masks by
-    site (one layer of :func:`bertlite.dropout.encoder_masks`)."""
+    site (one layer of :func:`bertlite.dropout.encoder_masks`: scaled, or bool in a
+    :class:`.kernels.Keeps`, whose elements are scaled once gathered)."""
     keeps = keeps or {}
-    Y = attention(blk.attention, X, packing, queries, keeps.get("attention"))
+    scale = keeps.scale if isinstance(keeps, Keeps) else None
+    keeps = dict(keeps)  # the masks as stored (a Keeps' get would scale the whole mask)
+    Y = attention(blk.attention, X, packing, queries, keeps.get("attention"), scale)
     if queries is not None:
         X = X.index_select(0, queries.inputs)
     layout = packing if queries is None else queries
-    Y = add_norm(blk.addnorm1, X, Y, keeps.get("addnorm1"), layout)
+    Y = add_norm(blk.addnorm1, X, Y, keeps.get("addnorm1"), layout, scale)
     ffn = blk.ffn
     return add_norm(blk.addnorm2, Y, FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
                                                ffn.dense2.weight, ffn.dense2.bias,
                                                ffn.activation),
-                    keeps.get("addnorm2"), layout)
+                    keeps.get("addnorm2"), layout, scale)
 
 
 def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,

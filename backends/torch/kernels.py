@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -317,6 +318,33 @@ def dropout(X: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if round(p * 65536) == 0:
         return X
     return X * keep_mask(X.shape, p, X.dtype)
+
+
+def scale_keep(keep: torch.Tensor, scale: float | None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """A dropout mask as ``dtype``: a bool keep mask times ``scale`` (kept elements
+    ``scale``, float32 like :func:`bertlite.dropout.scaled_mask`'s), or a mask already scaled
+    (``scale`` None) as it is."""
+    if scale is None:
+        return keep.to(dtype)
+    return keep.to(torch.float32).mul_(scale).to(dtype)
+
+
+class Keeps(dict):
+    """One layer's dropout masks by site as bool keep masks (the core's
+    :func:`bertlite.dropout.encoder_masks` with ``dtype=bool``: a quarter of float32's memory
+    and copies). ``get(kind)`` gives the whole float32 scaled mask, which is what the plain
+    model multiplies by; the fast path reads the bool mask (``self[kind]``) and scales only the
+    elements it gathers (:func:`scale_keep` with :attr:`scale`). Same values either way."""
+
+    def __init__(self, keeps: dict[str, torch.Tensor], scale: float) -> None:
+        super().__init__(keeps)
+        #: float32 ``1 / keep_probability`` (:func:`bertlite.dropout.mask_scale`), as a float
+        self.scale = float(np.float32(scale))
+
+    def get(self, kind: str, default: Any = None) -> Any:
+        keep = super().get(kind)
+        return default if keep is None else scale_keep(keep, self.scale)
 
 
 class DropoutAdd(torch.autograd.Function):

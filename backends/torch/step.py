@@ -16,12 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bertlite import sharding
 from bertlite.data.loader import Batch
+from bertlite.dropout import mask_scale
 from bertlite.dropout_ahead import MasksAhead
 from bertlite.errors import BackendError
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
+from .kernels import Keeps
 from .loss import batch_loss
 from .model import BERTModel
 
@@ -199,22 +201,27 @@ _AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def dropout_masks(model: BERTModel, seed: int, step: int, pieces: list[slice], length: int
                   ) -> list[list[dict[str, np.ndarray]]]:
     """Per piece (global rows ``pieces[i]`` of a batch padded to ``length``), the dropout masks
-    at ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`, host arrays): those of one
-    process with the whole batch, whatever the split; the next step's are drawn while this one
-    computes (:class:`bertlite.dropout_ahead.MasksAhead`). Empty lists when the model has no
-    dropout."""
+    at ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`, host bool keep masks: a quarter
+    of float32's memory, scaled where they apply, :func:`_on`): those of one process with the
+    whole batch, whatever the split; the next step's are drawn while this one computes
+    (:class:`bertlite.dropout_ahead.MasksAhead`). Empty lists when the model has no dropout."""
     if model.config.dropout == 0:
         return [[] for _ in pieces]
     ahead = _AHEAD.get(model)
     if ahead is None:
         ahead = _AHEAD[model] = MasksAhead()
-    return ahead.get(model.config, seed, step, pieces, length)
+    return ahead.get(model.config, seed, step, pieces, length, dtype=bool)
 
 
-def _on(device: torch.device, masks: list[dict[str, np.ndarray]]
+def _on(device: torch.device, masks: list[dict[str, np.ndarray]], p: float
         ) -> list[dict[str, torch.Tensor]]:
-    return [{site: torch.from_numpy(m).to(device) for site, m in layer.items()}
-            for layer in masks]
+    """The host masks as tensors on ``device``: bool keep masks (:func:`dropout_masks`) in
+    :class:`.kernels.Keeps` (the plain model gets them scaled, the fast path scales only the
+    elements it gathers); scaled float masks as they are."""
+    layers = [{site: torch.from_numpy(m).to(device) for site, m in layer.items()}
+              for layer in masks]
+    return [Keeps(layer, mask_scale(p)) if any(m.dtype == torch.bool for m in layer.values())
+            else layer for layer in layers]
 
 
 def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int = 1
@@ -286,7 +293,7 @@ def train_step(model: nn.Module, optimizer: TorchOptimizer, batch: Batch, lr: fl
                 mlm_l, nsp_l, l = batch_loss(
                     model, to_tensors(_rows(batch, rows), device),
                     mlm_weight_total=mlm_weight_total, num_examples=num_examples,
-                    masks=_on(device, masks[i]))
+                    masks=_on(device, masks[i], unwrap(model).config.dropout))
             values = torch.stack((mlm_l.detach(), nsp_l.detach())) * factor
             if skip_nonfinite:
                 if ddp:
