@@ -57,6 +57,9 @@ class SavedTensors:
     backward_scores: int = 2
     #: ... and of the FFN's hidden activation (per token, x ffn_num_hiddens)
     backward_ffn: int = 1
+    #: bytes per element of the dropout masks drawn on the host (bertlite.dropout) as the
+    #: backend takes them: 4 for float32 masks, 1 for bool keep masks
+    host_mask_bytes: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -120,11 +123,13 @@ def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
     mlm_head = preds * (terms.head_hidden * h * act + 4 * v * terms.head_vocab_float32)
     saved = config.num_layers * per_block + embeddings + mlm_head
     if host and config.dropout > 0:
-        # dropout masks are drawn on the host at the full shape in float32 (bertlite.dropout):
+        # dropout masks are drawn on the host at the full shape (bertlite.dropout), in the
+        # backend's dtype (terms.host_mask_bytes):
         # the next step's, drawn ahead while this step computes (bertlite.dropout_ahead), and
         # in mixed precision this step's too (the activations count their half-precision copy)
         copies = 1 if precision == "float32" else 2
-        saved += copies * config.num_layers * (scores + 2 * tokens * h) * 4
+        saved += (copies * config.num_layers * (scores + 2 * tokens * h)
+                  * terms.host_mask_bytes)
     # The peak comes in backward, on top of what is saved: either at the MLM head or, once
     # the head's tensors are freed, in a block.
     backward = max(preds * v * 4 * terms.backward_head_vocab_float32,
