@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in sections:
         ns = argparse.Namespace(data_dir=args.data_dir, repeats=5 if args.quick else 8,
                                 warmup=2, threads=2, batch_size=512, max_len=64,
-                                malloc_advice=not args.quick)
+                                malloc_advice=not args.quick, flavors=False, against=[],
+                                against_paths=[], corpus="wikitext-2")
         for attempt in range(args.repeat):
             results = []
             for backend in bench_step.BACKENDS:

@@ -122,9 +122,6 @@ SIGNATURES_DIFFER = {
     # MXNet computes the loss over a list of devices (its model lives on all of them); a
     # torch model is on one device (or wrapped in DataParallel/DDP)
     ("step", "loss_and_grads"): "devices",
-    # the book's MXNet tab names the model and trainer net/opt; renaming them would rewrite
-    # the step's body (the loss and dropout-mask code other work edits)
-    ("step", "train_step"): "names",
 }
 
 

@@ -313,7 +313,7 @@ def _update(net, opt: MXNetOptimizer, scale: float | None) -> bool:
     return True
 
 
-def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate: int = 1,
+def train_step(model, optimizer: MXNetOptimizer, batch: Batch, lr: float, *, accumulate: int = 1,
                precision: str = "float32", skip_nonfinite: bool = False, seed: int = 0,
                step: int = 0) -> tuple[Any, Any]:
     """Forward with dropout, the core loss per piece of the batch, backward, one update at
@@ -327,23 +327,23 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
     and one update follows. Returns the whole batch's ``(mlm_loss, nsp_loss)`` as 0-d arrays,
     still computing unless ``skip_nonfinite`` (which waits for them to decide, the same in every
     process: the loss is the sum over all of them)."""
-    devices = opt.devices
+    devices = optimizer.devices
     plan = check_precision(precision, devices)
     rank, workers = distributed.rank(), distributed.world_size()
     mlm_weight_total, num_rows = sharding.normalizers(batch.mlm_weights)
     parts = sharding.step_pieces(num_rows, accumulate=accumulate, num_devices=len(devices),
                                  rank=rank, num_processes=workers)
-    params = _trained_params(net)
+    params = _trained_params(model)
     if len(parts) > 1 and any(p.grad_req != "add" for p in params):
         for p in params:  # once: later steps zero the gradients instead
             p.grad_req = "add"
     if any(p.grad_req == "add" for p in params):
-        net.collect_params().zero_grad()
-    scale = opt.loss_scale if plan.loss_scaling else None
+        model.collect_params().zero_grad()
+    scale = optimizer.loss_scale if plan.loss_scaling else None
     length = batch.tokens.shape[1]
-    sparse = net.config.dropout > 0 and loss_graph(net, plan.dtype, True) is not None
+    sparse = model.config.dropout > 0 and loss_graph(model, plan.dtype, True) is not None
     every_piece = [rows for pieces in parts for rows in pieces]
-    masks = shard_masks(net, seed, step, every_piece, length,
+    masks = shard_masks(model, seed, step, every_piece, length,
                         batch.pred_positions if sparse else None)
     mlm_parts, nsp_parts, used = [], [], set()
     for pieces in parts:
@@ -354,7 +354,7 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
                    for rows, ctx in zip(pieces, part_devices)] for a in batch]
         part_masks, masks = masks[:len(pieces)], masks[len(pieces):]
         with autograd.record():
-            mlm_ls, nsp_ls, ls = shard_losses(net, shards, mlm_weight_total, num_rows, plan,
+            mlm_ls, nsp_ls, ls = shard_losses(model, shards, mlm_weight_total, num_rows, plan,
                                               part_masks)
             if scale is not None:
                 ls = [l * scale for l in ls]
@@ -373,10 +373,10 @@ def train_step(net, opt: MXNetOptimizer, batch: Batch, lr: float, *, accumulate:
         mlm, nsp = total[0], total[1]
     if skip_nonfinite and not _finite(mlm, nsp):
         _zero_grads(params)
-        opt.nonfinite_skips += 1
+        optimizer.nonfinite_skips += 1
         return mlm, nsp
-    opt.trainer.set_learning_rate(lr)
-    _update(net, opt, scale)
+    optimizer.trainer.set_learning_rate(lr)
+    _update(model, optimizer, scale)
     return mlm, nsp
 
 
