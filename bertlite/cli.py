@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -378,7 +379,6 @@ def _status(args: argparse.Namespace) -> None:
     and the data step's own line (read from the cache, or being prepared); not with
     ``pretrain --no-progress`` or ``evaluate --json`` (nor where no backend is chosen: the
     error says so at once)."""
-    import logging
     import os
 
     backend = getattr(args, "backend", None) or os.environ.get("BERTLITE_BACKEND")
@@ -393,11 +393,24 @@ def _status(args: argparse.Namespace) -> None:
     else:
         return
     print(f"bertlite {args.command}: {what} ...", file=sys.stderr, flush=True)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StatusHandler()
     handler.setFormatter(logging.Formatter(f"bertlite {args.command}: %(message)s"))
     data_log = logging.getLogger("bertlite.data.loader")
+    for old in [h for h in data_log.handlers if isinstance(h, _StatusHandler)]:
+        data_log.removeHandler(old)  # main() called again in one process: one status line
     data_log.addHandler(handler)
     data_log.setLevel(logging.INFO)
+
+
+class _StatusHandler(logging.Handler):
+    """The data pipeline's status lines to whatever ``sys.stderr`` is when they are written
+    (not the stream of the first call: ``main`` may run many times in one process)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's contract: never raise from emit
+            self.handleError(record)
 
 
 def _for_cli(err: Exception, args: argparse.Namespace) -> str:

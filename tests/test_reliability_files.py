@@ -303,12 +303,24 @@ def test_non_finite_weights_are_refused_at_save_and_at_load(tmp_path, format1, v
         ckpt.read_checkpoint(format1)
 
 
-def test_format1_checkpoints_load_and_resume(backend_name, format1):
+#: the sample corpus's lines when the format-1 fixture was written (articles were appended
+#: since; resuming needs the same data, which a resume checks)
+FORMAT1_SAMPLE_LINES = 953
+
+
+def test_format1_checkpoints_load_and_resume(backend_name, format1, tmp_path):
     model = bertlite.load(format1, backend=backend_name)
     assert model.config.num_hiddens == 8 and len(model.vocab) == model.config.vocab_size
     assert model.encode("the game").shape[-1] == 8
+    sample = Path(bertlite.__file__).parent / "data" / "sample" / "wiki.train.tokens"
+    then = tmp_path / "sample-then"
+    then.mkdir()
+    lines = sample.read_text(encoding="utf-8").splitlines(keepends=True)
+    (then / "wiki.train.tokens").write_text("".join(lines[:FORMAT1_SAMPLE_LINES]),
+                                            encoding="utf-8")
+    run = {**RUN, "corpus": str(then)}  # a folder: the book's settings, as the fixture had
     result = bertlite.train(backend_name, num_steps=3, checkpoint_dir=format1.parent,
-                            resume=True, **RUN)
+                            resume=True, **run)
     assert result.history.step == [1, 2, 3]
     new = ckpt.read_checkpoint(format1.parent / "step-000003", with_trainer=True)
     assert new["meta"]["format"] == ckpt.FORMAT_VERSION and new["trainer_state"]["step"] == 3

@@ -18,6 +18,8 @@ pipeline, so a WikiText corpus of one shard gives exactly the examples of
 
 from __future__ import annotations
 
+import errno
+import functools
 import multiprocessing
 import os
 import time
@@ -278,6 +280,25 @@ def _ensure_vocab(out: Path, key: str, tasks: list[dict[str, Any]], settings: di
     write_json(done, {"key": key, "size": len(vocab), "sha1": file_sha1(out / VOCAB_FILE)})
 
 
+def _disk_full_is_data_error(fn: Any) -> Any:
+    """A full disk or a file-size limit anywhere in ``prepare`` (shards, kept words, the
+    pool, the manifest; in this process or a worker) as one clear error: every file is written
+    atomically, so nothing half-written is left under its name, and a rerun resumes."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            out = kwargs.get("out", args[1] if len(args) > 1 else None)
+            where = err.filename or (f"into {out}" if out else "the prepared folder")
+            raise DataError(f"cannot write {where}: {err.strerror or err}; free some space and "
+                            "run the same command again (it resumes)") from None
+    return wrapper
+
+
+@_disk_full_is_data_error
 def prepare(corpus: str | os.PathLike | list, out: str | os.PathLike | None = None, *,
             format: str | None = None, max_len: int = 64, seed: int = 0, min_freq: int = 5,
             tokenizer: str = "word",
