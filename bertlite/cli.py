@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from bertlite.cli_status import status_line
 from bertlite.config import PRESETS
 
 _FORMATS = ("wikitext", "lines", "text", "jsonl")
@@ -374,45 +374,6 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace) -> None:
-    """A line on stderr at once, before the slow part (framework import, data preparation),
-    and the data step's own line (read from the cache, or being prepared); not with
-    ``pretrain --no-progress`` or ``evaluate --json`` (nor where no backend is chosen: the
-    error says so at once)."""
-    import os
-
-    backend = getattr(args, "backend", None) or os.environ.get("BERTLITE_BACKEND")
-    if args.command == "pretrain" and not args.no_progress and backend:
-        source = (f"the data {args.data}" if getattr(args, "data", None)
-                  else f"the {args.corpus} corpus ({args.split} split)")
-        what = f"starting {backend}, reading {source}"
-    elif args.command == "prepare" and not args.merge:
-        what = f"reading {', '.join(args.corpus) or 'the corpus'}"
-    elif args.command == "evaluate" and not args.json:
-        what = f"loading {args.checkpoint}, reading its {args.split} split"
-    else:
-        return
-    print(f"bertlite {args.command}: {what} ...", file=sys.stderr, flush=True)
-    handler = _StatusHandler()
-    handler.setFormatter(logging.Formatter(f"bertlite {args.command}: %(message)s"))
-    data_log = logging.getLogger("bertlite.data.loader")
-    for old in [h for h in data_log.handlers if isinstance(h, _StatusHandler)]:
-        data_log.removeHandler(old)  # main() called again in one process: one status line
-    data_log.addHandler(handler)
-    data_log.setLevel(logging.INFO)
-
-
-class _StatusHandler(logging.Handler):
-    """The data pipeline's status lines to whatever ``sys.stderr`` is when they are written
-    (not the stream of the first call: ``main`` may run many times in one process)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            print(self.format(record), file=sys.stderr, flush=True)
-        except Exception:  # noqa: BLE001 - logging's contract: never raise from emit
-            self.handleError(record)
-
-
 def _for_cli(err: Exception, args: argparse.Namespace) -> str:
     """The error in a CLI user's words: ``--backend`` where the API's words say ``backend=``,
     and, where a checkpoint's framework is missing, the installed one that can run it."""
@@ -447,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bertlite.signals import TrainingInterrupted
 
     try:
-        _status(args)
+        status_line(args)
         return {"pretrain": _pretrain, "prepare": _prepare, "encode": _encode,
                 "evaluate": _evaluate, "plan": _plan, "info": _info, "export-hf": _export_hf,
                 "import-hf": _import_hf}[args.command](args)
