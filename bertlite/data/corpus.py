@@ -65,15 +65,22 @@ def _read_checked(path: str | os.PathLike) -> bytes:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read corpus file {path}: {err.strerror or err}") from None
-    if b"\x00" in raw:
-        raise DataError(f"corpus file {path} looks binary (it contains NUL bytes); "
-                        "give a WikiText-format text file")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"corpus file {path} is not UTF-8 text (byte {err.start}: "
-                        f"{raw[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
+    check_text(raw, path)
     return raw
+
+
+def check_text(data: bytes, path: str | os.PathLike, offset: int = 0) -> None:
+    """Refuse bytes of a corpus file (``data``, read at byte ``offset`` of ``path``) that are
+    not UTF-8 text, saying where and what to do: the one check of whole files and of the
+    streaming readers' blocks."""
+    if b"\x00" in data:
+        raise DataError(f"corpus file {path} looks binary (a NUL byte at byte "
+                        f"{offset + data.index(0)}); give a text file")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"corpus file {path} is not UTF-8 text (byte {offset + err.start}: "
+                        f"{data[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -36,6 +36,7 @@ from bertlite.data.corpus import (
     TokenizedCorpus,
     _paragraph_lines,
     _type_codes,
+    check_text,
     tokenize_corpus,
 )
 from bertlite.data.sentences import normalize_sentence, split_sentences
@@ -201,7 +202,7 @@ def _raw_blocks(path: Path, start: int, end: int, stats: ReadStats
                 if not block:
                     if data:
                         stats.bytes += len(data)
-                        _check(data, path, pos - len(data))
+                        check_text(data, path, pos - len(data))
                         yield pos - len(data), data
                     return
                 pos += len(block)
@@ -214,23 +215,12 @@ def _raw_blocks(path: Path, start: int, end: int, stats: ReadStats
                     carry = data
                     continue
                 stats.bytes += cut
-                _check(data[:cut], path, pos - len(data))
+                check_text(data[:cut], path, pos - len(data))
                 yield pos - len(data), data[:cut]
                 carry = data[cut:]
     except (OSError, EOFError) as err:  # a damaged .gz, say
         raise DataError(f"cannot read {path}: {err}; is it a valid (compressed) text file?"
                         ) from None
-
-
-def _check(data: bytes, path: Path, offset: int) -> None:
-    if b"\x00" in data:
-        raise DataError(f"{path} looks binary (a NUL byte near byte {offset + data.index(0)}); "
-                        "give a text file")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {offset + err.start}: "
-                        f"{data[err.start:err.start + 4]!r}); re-encode it as UTF-8") from None
 
 
 def _text_blocks(path: Path, start: int, end: int, stats: ReadStats
