@@ -3,6 +3,11 @@ configurations and model builds through the Backend interface (no framework impo
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,3 +66,26 @@ def build(backend: Any, config: BERTConfig | None = None, devices: Any = None, s
     model = backend.build_model(config, devices)
     backend.load_state_dict(model, init_params(config, seed))
     return model
+
+
+def run_launch_job(args: list[str], cwd: Path, timeout: int = 240
+                   ) -> subprocess.CompletedProcess:
+    """``python -m bertlite.launch ARGS`` (an MXNet dist_sync job on 127.0.0.1) in its own
+    process group, killed whole (scheduler, server, workers) if it outlives ``timeout``
+    seconds; the launcher's own timeout is 30 s shorter so that it reports first."""
+    import pytest
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}
+    env.pop("MXNET_OMP_MAX_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "bertlite.launch", "--timeout",
+                             str(timeout - 30), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the job did not end in {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -14,23 +14,20 @@ weights can be compared element by element.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_launch_job
 
 from conftest import skip_unless_backend
 
 SMALL = dict(num_hiddens=32, ffn_num_hiddens=64, num_heads=2, num_layers=2, dropout=0.2,
              max_len=32)
 STEPS, BATCH, SEED, LR = 10, 15, 7, 0.1
-#: seconds a multi-process job may take
-JOB_TIMEOUT = 240
 TESTS = Path(__file__).resolve().parent
 
 
@@ -150,23 +147,6 @@ MX_WORKER = textwrap.dedent("""
 """)
 
 
-def _run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m bertlite.launch ARGS`` in its own process group, killed whole if it
-    outlives the timeout."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}
-    env.pop("MXNET_OMP_MAX_THREADS", None)
-    env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bertlite.launch", "--timeout",
-                             str(JOB_TIMEOUT - 30), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the job did not end in {JOB_TIMEOUT} s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -174,7 +154,7 @@ def _run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_mxnet_two_kvstore_workers_train_like_one_process(mx_reference, tmp_path, accumulate):
     script = tmp_path / "worker.py"
     script.write_text(MX_WORKER)
-    job = _run_job(["--workers", "2", "--", sys.executable, str(script), str(TESTS),
+    job = run_launch_job(["--workers", "2", "--", sys.executable, str(script), str(TESTS),
                     str(tmp_path), str(accumulate)], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     for rank in (0, 1):

@@ -6,17 +6,14 @@ exit status."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_launch_job
 
 from bertlite import launch
 from conftest import skip_unless_backend
@@ -73,23 +70,6 @@ def _mxnet_only():
     skip_unless_backend("mxnet")
 
 
-def run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m bertlite.launch ARGS`` in its own process group, killed whole (scheduler,
-    server, workers) if it outlives the timeout."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}
-    env.pop("MXNET_OMP_MAX_THREADS", None)
-    env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bertlite.launch", "--timeout",
-                             str(JOB_TIMEOUT - 30), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the job did not end in {JOB_TIMEOUT} s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def single_process(**options):
@@ -129,7 +109,7 @@ def test_two_workers_train_like_one_process(tmp_path, accumulate):
     script.write_text(WORKER)
     options = {**OPTIONS, "accumulate": accumulate, "plot": str(tmp_path / "loss.png"),
                "checkpoint_dir": str(tmp_path / "ckpt")}
-    job = run_job(["--workers", "2", "--", sys.executable, str(script), str(tmp_path),
+    job = run_launch_job(["--workers", "2", "--", sys.executable, str(script), str(tmp_path),
                    json.dumps(options)], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -165,7 +145,7 @@ def test_the_documented_cli_launch(tmp_path):
     summary, one checkpoint. (The presets train with dropout, whose masks depend on how the
     batch is divided, so this run is not compared with one process: the test above is.)"""
     ckpt = tmp_path / "ckpt"
-    job = run_job(["--workers", "2", "--", sys.executable, "-m", "bertlite", "pretrain",
+    job = run_launch_job(["--workers", "2", "--", sys.executable, "-m", "bertlite", "pretrain",
                    "--backend", "mxnet", "--corpus", "sample", "--batch-size", "16",
                    "--max-len", "32", "--steps", "3", "--seed", "5", "--no-plot",
                    "--no-progress", "--checkpoint-dir", str(ckpt)], tmp_path)
@@ -182,7 +162,7 @@ def test_the_documented_cli_launch(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_worker_fails_the_job(tmp_path):
-    job = run_job(["--workers", "2", "--", sys.executable, "-c", "import sys; sys.exit(3)"],
+    job = run_launch_job(["--workers", "2", "--", sys.executable, "-c", "import sys; sys.exit(3)"],
                   tmp_path)
     assert job.returncode == 3
     assert "a worker exited with status 3" in job.stderr
@@ -205,7 +185,7 @@ def test_a_worker_failing_alone_ends_the_job(tmp_path):
 
     saboteur = threading.Thread(target=replace_folder_once_training, daemon=True)
     saboteur.start()
-    job = run_job(["--workers", "2", "--", sys.executable, "-m", "bertlite", "pretrain",
+    job = run_launch_job(["--workers", "2", "--", sys.executable, "-m", "bertlite", "pretrain",
                    "--backend", "mxnet", "--corpus", "sample", "--batch-size", "8",
                    "--max-len", "32", "--steps", "8", "--no-progress", "--checkpoint-dir",
                    str(ck), "--checkpoint-every", "1", "--plot", str(out / "loss.png")],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_launch_job
 from test_dropout_parallel import (
     LR,
     SEED,
@@ -21,7 +22,6 @@ from test_dropout_parallel import (
     STEPS,
     TESTS,
     _free_port,
-    _run_job,
     assert_same_run,
 )
 
@@ -181,7 +181,7 @@ def test_mxnet_kvstore_workers_read_their_share_and_train_like_one(folder, mx_re
                                                                    tmp_path, accumulate):
     script = tmp_path / "worker.py"
     script.write_text(MX_WORKER)
-    job = _run_job(["--workers", "2", "--", sys.executable, str(script), str(TESTS),
+    job = run_launch_job(["--workers", "2", "--", sys.executable, str(script), str(TESTS),
                     str(folder), str(tmp_path), str(accumulate)], tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     runs = [dict(np.load(tmp_path / f"rank-{rank}.npz")) for rank in (0, 1)]
