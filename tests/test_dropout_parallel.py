@@ -14,14 +14,13 @@ weights can be compared element by element.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_launch_job
+from helpers import free_port, gloo_rank_env, run_launch_job
 
 from conftest import skip_unless_backend
 
@@ -187,18 +186,9 @@ def test_torch_resume_is_exact(torch_reference):
     assert_exact_resume("torch", torch_reference)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_rank(rank: int, world_size: int, port: int, out: str, accumulate: int) -> None:
     """One DDP rank (gloo on 127.0.0.1, the environment torchrun sets): :func:`run_steps`."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    os.environ.update(gloo_rank_env(rank, world_size, port))
     import torch
 
     torch.set_num_threads(1)
@@ -210,7 +200,7 @@ def _ddp_rank(rank: int, world_size: int, port: int, out: str, accumulate: int) 
 def test_torch_two_ddp_processes_train_like_one(torch_reference, tmp_path, accumulate):
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_ddp_rank, args=(2, _free_port(), str(tmp_path), accumulate), nprocs=2,
+    tmp.spawn(_ddp_rank, args=(2, free_port(), str(tmp_path), accumulate), nprocs=2,
               join=True)
     for rank in (0, 1):
         assert_same_run(dict(np.load(tmp_path / f"rank-{rank}.npz")), torch_reference)

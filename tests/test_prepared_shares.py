@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_launch_job
+from helpers import free_port, gloo_rank_env, run_launch_job
 from test_dropout_parallel import (
     LR,
     SEED,
     SMALL,
     STEPS,
     TESTS,
-    _free_port,
     assert_same_run,
 )
 
@@ -128,10 +127,7 @@ def _ddp_rank(rank: int, world_size: int, port: int, folder: str, out: str,
     """One DDP rank (gloo on 127.0.0.1, the environment torchrun sets)."""
     import os
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    os.environ.update(gloo_rank_env(rank, world_size, port))
     import torch
 
     torch.set_num_threads(1)
@@ -144,7 +140,7 @@ def test_torch_ddp_ranks_read_their_share_and_train_like_one(folder, torch_refer
                                                              tmp_path, accumulate):
     import torch.multiprocessing as tmp
 
-    tmp.spawn(_ddp_rank, args=(2, _free_port(), str(folder), str(tmp_path), accumulate),
+    tmp.spawn(_ddp_rank, args=(2, free_port(), str(folder), str(tmp_path), accumulate),
               nprocs=2, join=True)
     runs = [dict(np.load(tmp_path / f"rank-{rank}.npz")) for rank in (0, 1)]
     for run in runs:

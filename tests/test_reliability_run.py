@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port, gloo_rank_env
 
 import bertlite
 from bertlite import checkpoint as ckpt
@@ -453,17 +453,8 @@ def test_signal_without_checkpoint_dir_says_nothing_was_saved(backend_name, tmp_
 
 # -- processes that train together agree on the step to stop at ----------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out: str, options: dict) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    os.environ.update(gloo_rank_env(rank, world_size, port))
     import torch
 
     torch.set_num_threads(1)
@@ -493,7 +484,7 @@ def _spawn(tmp_path: Path, options: dict) -> list[dict]:
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), options), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out), options), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -10,13 +10,13 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port, gloo_rank_env
 
 from conftest import skip_unless_backend
 
@@ -29,12 +29,6 @@ OPTIONS = dict(corpus="sample", config=SMALL, batch_size=16, max_len=32, num_ste
 @pytest.fixture(autouse=True)
 def _torch_only():
     skip_unless_backend("torch")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def poison_batches(step: int, row: int):
@@ -84,11 +78,7 @@ def _worker(rank: int, world_size: int, port: int, out: str, options: dict) -> N
     """One rank: the environment torchrun would set, then bertlite.train as a user calls it
     (or, with ``options["steps"]``, the backend's train_step). Records what this rank printed
     and which files it wrote."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-                       "MPLBACKEND": "Agg"})
+    os.environ.update(gloo_rank_env(rank, world_size, port))
     import torch
 
     torch.set_num_threads(1)
@@ -135,7 +125,7 @@ def _spawn(tmp_path: Path, options: dict, world_size: int = 2) -> list[dict]:
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    mp.spawn(_worker, args=(world_size, _free_port(), str(out), options), nprocs=world_size,
+    mp.spawn(_worker, args=(world_size, free_port(), str(out), options), nprocs=world_size,
              join=True)
     ranks = []
     for rank in range(world_size):
