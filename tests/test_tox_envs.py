@@ -14,7 +14,9 @@ from _tox_envs import Matrix, ToxEnvs
 
 pytest_plugins = ["pytester"]
 
-FRAMEWORKS = {"torch": "standin_torch", "mxnet": "standin_mxnet"}
+#: the backends (named here once: the tests below are backend-neutral, they run in one env)
+TORCH, MXNET = "torch", "mxnet"
+FRAMEWORKS = {TORCH: "standin_torch", MXNET: "standin_mxnet"}
 #: as tox.ini sets it, with a file of its own as test_scale.py has
 NEUTRAL = "py311-torch, test_balanced.py=py311-mxnet"
 
@@ -80,6 +82,7 @@ FILES = {
             _needs_the_other_framework()
         """,
     "test_balanced": """
+        import pytest
         import standin_torch as torch
 
         def test_peak():
@@ -87,6 +90,10 @@ FILES = {
 
         def test_each(backend_name):
             assert backend_name
+
+        @pytest.mark.parametrize("name", ["torch", "mxnet"])
+        def test_by_name(name):
+            assert name
         """,
 }
 
@@ -137,19 +144,19 @@ def test_matrix_reads_what_tox_sets():
     matrix = Matrix.from_environ({"TOX_ENV_NAME": "py311-mxnet",
                                   "BERTLITE_TEST_BACKENDS": " mxnet ,",
                                   "BERTLITE_TEST_NEUTRAL_ENV": NEUTRAL})
-    assert matrix.env == "py311-mxnet" and matrix.backends == ("mxnet",)
+    assert matrix.env == "py311-mxnet" and matrix.backends == (MXNET,)
     assert matrix.neutral_env == "py311-torch"
     assert dict(matrix.neutral_files) == {"test_balanced.py": "py311-mxnet"}
     outside = Matrix.from_environ({})
     assert outside.env == "" and outside.neutral_env == "" and not outside.neutral_files
-    assert set(outside.backends) == {"torch", "mxnet"}
+    assert set(outside.backends) == {TORCH, MXNET}
 
 
 def test_the_torch_env(pytester, monkeypatch):
     """The neutral env: neutral and torch tests run, an mxnet-only file skips whole, a test
     that needs mxnet without naming it fails (the guard), a file named for the other env
     runs only its parametrized tests."""
-    tests, modules = run(pytester, monkeypatch, env_matrix("py311-torch", "torch"),
+    tests, modules = run(pytester, monkeypatch, env_matrix("py311-torch", TORCH),
                          installed="standin_torch")
     assert outcomes(tests) == {
         "test_neutral.py::test_arithmetic": "passed",
@@ -160,6 +167,8 @@ def test_the_torch_env(pytester, monkeypatch):
         "test_lost.py::test_marked": "skipped",
         "test_balanced.py::test_peak": "skipped",
         "test_balanced.py::test_each[torch]": "passed",
+        "test_balanced.py::test_by_name[torch]": "passed",
+        "test_balanced.py::test_by_name[mxnet]": "skipped",
     }
     assert "standin_mxnet is not installed" in modules["test_mxnet_only.py"]
     assert "standin_mxnet is not installed" in tests["test_named.py::test_names_mxnet"][1]
@@ -173,7 +182,7 @@ def test_the_torch_env(pytester, monkeypatch):
 def test_the_mxnet_env(pytester, monkeypatch):
     """The other env (with torch installed, as tox.ini's): neutral and torch-only tests skip
     as backend-neutral, the rest runs, the whole file named for this env too."""
-    tests, modules = run(pytester, monkeypatch, env_matrix("py311-mxnet", "mxnet"),
+    tests, modules = run(pytester, monkeypatch, env_matrix("py311-mxnet", MXNET),
                          installed="standin_torch,standin_mxnet")
     neutral = "backend-neutral: runs in the py311-torch env"
     assert outcomes(tests) == {
@@ -186,6 +195,8 @@ def test_the_mxnet_env(pytester, monkeypatch):
         "test_lost.py::test_marked": "passed",
         "test_balanced.py::test_peak": "passed",
         "test_balanced.py::test_each[mxnet]": "passed",
+        "test_balanced.py::test_by_name[torch]": "passed",
+        "test_balanced.py::test_by_name[mxnet]": "passed",
     }
     assert not modules
     for nodeid in ("test_neutral.py::test_arithmetic", "test_torch_only.py::test_kernel",
@@ -201,6 +212,6 @@ def test_outside_tox_everything_runs(pytester, monkeypatch):
     assert set(outcomes(tests).values()) == {"passed"} and not modules
     assert "test_parametrized.py::test_each_backend[mxnet]" in tests
     assert "test_parametrized.py::test_each_backend[torch]" in tests
-    tests, _ = run(pytester, monkeypatch, env_matrix("", "torch", neutral=""),
+    tests, _ = run(pytester, monkeypatch, env_matrix("", TORCH, neutral=""),
                    installed="standin_torch")
     assert tests["test_lost.py::test_hidden_need"][0] == "skipped"
