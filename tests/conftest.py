@@ -1,116 +1,31 @@
 """Shared fixtures: the backend matrix, the real WikiText-2 data, the book's d2l package; and
-which env of the tox matrix runs the backend-neutral tests (see tox.ini)."""
+which env of the tox matrix runs the backend-neutral tests (tests/_tox_envs.py, tox.ini)."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import inspect
 import os
-import re
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from _tox_envs import Matrix, ToxEnvs, not_installed
 
 from bertlite.registry import BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT_DIR = Path(os.environ.get("BERTLITE_TEST_WIKITEXT",
                                    REPO.parent / "shared" / "data" / "wikitext-2"))
-#: the backends the shared suite is parametrized over (tox sets one per env)
-BACKEND_NAMES = [name.strip() for name in
-                 os.environ.get("BERTLITE_TEST_BACKENDS", ",".join(BUILTIN)).split(",")
-                 if name.strip()]
-#: where set (tox.ini), the env that runs the backend-neutral tests, then any per-file
-#: exceptions: "py311-torch, test_scale.py=py311-mxnet"; the other envs skip them
-_NEUTRAL = [part.strip() for part in os.environ.get("BERTLITE_TEST_NEUTRAL_ENV", "").split(",")
-            if part.strip()]
-NEUTRAL_ENV = next((part for part in _NEUTRAL if "=" not in part), "")
-NEUTRAL_FILES = dict(part.split("=", 1) for part in _NEUTRAL if "=" in part)
+#: this env of the tox matrix (tox.ini): the backends the shared suite is parametrized over
+#: and the env that runs the backend-neutral tests (tests/_tox_envs.py)
+MATRIX = Matrix.from_environ()
+BACKEND_NAMES = list(MATRIX.backends)
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers", "every_env: run in every env of the matrix, although the test names no "
-        "backend (it needs a framework other than the one it is parametrized over, or its result "
-        "depends on what the env installs)")
-
-
-def _uses_backends(item, names: list[str], *, named: bool = True) -> bool:
-    """Whether ``item`` depends on the backends ``names``: parametrized over them (the
-    ``backend``/``backend_name`` fixtures or a parameter naming one), marked ``every_env``, or
-    (``named``) in a module that imports their framework, or naming one (or ``BACKEND_NAMES``)
-    in its source or in a fixture it uses. In doubt a test counts as dependent (two envs run
-    it, never none)."""
-    if "backend_name" in item.fixturenames or item.get_closest_marker("every_env"):
-        return True
-    frameworks = {BUILTIN[name][2] for name in names if name in BUILTIN}
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if any(isinstance(value, str) and value in names for value in params.values()):
-        return True
-    if not named:
-        return False
-    module = getattr(item, "module", None)
-    if module is not None and any(
-            isinstance(value, types.ModuleType) and value.__name__.split(".")[0] in frameworks
-            for value in vars(module).values()):
-        return True
-    words = "|".join(re.escape(word) for word in {*names, *frameworks})
-    pattern = re.compile(rf"""["']({words})["']|BACKEND_NAMES""")
-    functions = [getattr(item, "function", None)]
-    for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
-        functions += [d.func for d in defs if d.baseid]  # not pytest's own fixtures
-    for function in functions:
-        try:
-            if function is not None and pattern.search(inspect.getsource(function)):
-                return True
-        except (OSError, TypeError):
-            return True
-    return False
-
-
-def _neutral_env(item) -> str:
-    """The env that runs ``item`` if it is backend-neutral ("": every env)."""
-    return NEUTRAL_FILES.get(item.path.name, NEUTRAL_ENV)
-
-
-def _is_neutral_env(item) -> bool:
-    return bool(_neutral_env(item)) and os.environ.get("TOX_ENV_NAME") == _neutral_env(item)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Skip the tests that do not depend on this env's backends (core-only, PyTorch-only, ...)
-    where another env is named to run them: that env runs them, once for the whole matrix. In a
-    file named on its own, only the tests parametrized over the backends run in every env (the
-    env named for it has all the rest needs)."""
-    for item in items:
-        where = _neutral_env(item)
-        named = item.path.name not in NEUTRAL_FILES
-        if (where and os.environ.get("TOX_ENV_NAME") != where
-                and not _uses_backends(item, BACKEND_NAMES, named=named)):
-            item.add_marker(pytest.mark.skip(reason=f"backend-neutral: runs in the {where} env "
-                                                    "(BERTLITE_TEST_NEUTRAL_ENV, tox.ini)"))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """The guard that nothing is lost across the matrix: in its neutral env, a test skipped
-    because another env's framework is missing here must count as using that env's backend
-    (else that env skips it as backend-neutral and no env runs it): it fails, naming the fix."""
-    outcome = yield
-    report = outcome.get_result()
-    if not (report.skipped and isinstance(report.longrepr, tuple) and _is_neutral_env(item)):
-        return
-    reason = str(report.longrepr[2])
-    for name in BUILTIN:
-        if (name not in BACKEND_NAMES and f"{BUILTIN[name][2]} is not installed" in reason
-                and not _uses_backends(item, [name])):
-            report.outcome = "failed"
-            report.longrepr = (f"{item.nodeid} needs {name} ({reason}), but the env testing "
-                               f"{name} would skip it as backend-neutral: name the backend in "
-                               "the test or mark it @pytest.mark.every_env")
+    config.pluginmanager.register(ToxEnvs(MATRIX), "bertlite-tox-envs")
 
 
 def framework_installed(name: str) -> bool:
@@ -119,8 +34,7 @@ def framework_installed(name: str) -> bool:
 
 def skip_unless_backend(name: str) -> None:
     if not framework_installed(name):
-        pytest.skip(f"backend {name!r} skipped: {BUILTIN[name][2]} is not installed "
-                    f'(pip install "bertlite[{name}]")', allow_module_level=True)
+        pytest.skip(not_installed(name, BUILTIN[name][2]), allow_module_level=True)
 
 
 @pytest.fixture(params=BACKEND_NAMES)

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from bertlite.data import cache as _cache
+from bertlite.data.batches import MASKING_MODES as MASKING_MODES  # still importable from here
+from bertlite.data.batches import Batch, Gather, ShuffledBatches
 from bertlite.data.corpus import not_a_file, read_corpus, read_wiki, resolve_corpus_file
 from bertlite.data.examples import (
     PretrainingExamples,
     build_examples,
     continuation_mask,
     encode_corpus,
-    mask_tokens,
 )
 from bertlite.data.tokenizer import (
     DEFAULT_WORDPIECE_VOCAB_SIZE,
@@ -28,21 +27,8 @@ from bertlite.data.tokenizer import (
 from bertlite.data.vocab import Vocab, build_corpus_vocab
 from bertlite.errors import DataError
 
-MASKING_MODES = ("static", "dynamic")
 #: says whether the data comes from the cache or is being prepared (the CLI shows it on stderr)
 _log = logging.getLogger(__name__)
-
-
-class Batch(NamedTuple):
-    """One minibatch, fields in the order of the book's ``train_iter``."""
-
-    tokens: np.ndarray          # (B, max_len) int32, masked input
-    segments: np.ndarray        # (B, max_len) int32
-    valid_lens: np.ndarray      # (B,) float32
-    pred_positions: np.ndarray  # (B, max_preds) int32
-    mlm_weights: np.ndarray     # (B, max_preds) float32
-    mlm_labels: np.ndarray      # (B, max_preds) int32
-    nsp_labels: np.ndarray      # (B,) int32
 
 
 def prepare_data(path: str | os.PathLike, max_len: int, *, seed: int = 0, min_freq: int = 5,
@@ -118,77 +104,35 @@ def _tokenizer_settings(tokenizer: str | WordPieceTokenizer, wordpiece_vocab_siz
     return {"kind": "word"}
 
 
-class BatchIterator:
-    """Shuffled minibatches of the examples; each ``iter()`` is a new pass over the data.
-
-    The order of pass ``e`` is a permutation drawn from ``(seed, e)`` alone, so any position
-    of a run (pass, batch) can be reached in O(1): that is how training resumes exactly.
-    With ``masking="dynamic"`` the MLM masks are redrawn for every pass.
-    """
+class BatchIterator(ShuffledBatches):
+    """Shuffled minibatches of the in-memory examples; each ``iter()`` is a new pass over the
+    data (order and resumption: :class:`~bertlite.data.batches.ShuffledBatches`). With
+    ``masking="dynamic"`` the MLM masks of all examples are redrawn for every pass."""
 
     def __init__(self, examples: PretrainingExamples, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, masking: str = "static", vocab_size: int | None = None,
                  mask_id: int | None = None, drop_last: bool = False,
                  continuation: np.ndarray | None = None) -> None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if batch_size > len(examples):
-            raise DataError(f"batch_size {batch_size} is larger than the data "
-                            f"({len(examples)} examples); lower batch_size or use more text")
-        if masking not in MASKING_MODES:
-            raise DataError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
-        if masking == "dynamic" and (vocab_size is None or mask_id is None):
-            raise DataError("dynamic masking needs vocab_size and mask_id")
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.shuffle, self.masking, self.drop_last = shuffle, masking, drop_last
-        self.vocab_size, self.mask_id = vocab_size, mask_id
-        self.continuation = continuation  # whole-word masking when dynamic masks are drawn
-        self.epoch = 0  # the pass the next iter() starts
-
-    def __len__(self) -> int:
-        n = len(self.examples)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.examples)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.examples))
-        return np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.examples))
+        super().__init__(len(examples), batch_size, seed=seed, shuffle=shuffle, masking=masking,
+                         drop_last=drop_last, vocab_size=vocab_size, mask_id=mask_id,
+                         continuation=continuation)
+        self.examples = examples
 
     def pass_arrays(self, epoch: int) -> tuple[np.ndarray, ...]:
         """The seven arrays of the whole data as seen in pass ``epoch`` (before shuffling)."""
         ex = self.examples
         if self.masking == "dynamic":
-            masked, positions, weights, labels = mask_tokens(
-                ex.tokens, ex.segments, ex.valid_lens, vocab_size=self.vocab_size,
-                mask_id=self.mask_id, rng=np.random.default_rng([self.seed, 3, epoch]),
-                continuation=self.continuation)
+            masked, positions, weights, labels = self.redraw_masks(
+                ex.tokens, ex.segments, ex.valid_lens, epoch)
         else:
             masked, positions, weights, labels = (ex.masked_tokens, ex.pred_positions,
                                                   ex.mlm_weights, ex.mlm_labels)
         return (masked, ex.segments, ex.valid_lens, positions, weights, labels, ex.nsp_labels)
 
-    def iter_pass(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of pass ``epoch``, from batch index ``start`` on."""
+    def gatherer(self, epoch: int) -> Gather:
         arrays = self.pass_arrays(epoch)
-        order = self.order(epoch)
-        for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield Batch(*(a[idx] for a in arrays))  # copies: a batch never aliases the data
-
-    def stream(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
-        """Endless ``(pass, batch index, batch)`` from a position on, for step-based training."""
-        while True:
-            for i, batch in enumerate(self.iter_pass(epoch, start), start):
-                yield epoch, i, batch
-            epoch, start = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        return self.iter_pass(epoch)
+        # copies: a batch never aliases the data
+        return lambda index, idx: Batch(*(a[idx] for a in arrays))
 
 
 def load_data_wiki(batch_size: int, max_len: int, *, corpus: str = "wikitext-2",

@@ -1,22 +1,21 @@
 """Training data from a prepared folder (:func:`bertlite.data.prepare.prepare`): the shards
 memory-mapped, minibatches gathered from them without loading the corpus.
 
-The order of pass ``e`` is a permutation drawn from ``(seed, e)`` alone, as in
-:class:`bertlite.data.loader.BatchIterator` (the same permutation: a folder of one shard gives
-the in-memory pipeline's batches), kept as 4 bytes per example (``uint32``) for the pass being
-read; so any position (pass, batch) is reached in O(1) and resumed runs continue exactly.
+The order of pass ``e`` is the in-memory pipeline's (:mod:`bertlite.data.batches`: a
+permutation of ``(seed, e)``, 4 bytes per example for the pass being read), so any position
+(pass, batch) is reached in O(1) and resumed runs continue exactly.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bertlite.data.examples import continuation_mask, mask_tokens
-from bertlite.data.loader import MASKING_MODES, Batch
+from bertlite.data.batches import Batch, Gather, ShuffledBatches
+from bertlite.data.examples import continuation_mask
 from bertlite.data.manifest import read_manifest
 from bertlite.data.prepare import load_folder_vocab
 from bertlite.data.shards import file_sha1, open_shard
@@ -68,26 +67,20 @@ class PreparedData:
         return out
 
 
-class PreparedBatches:
-    """Shuffled minibatches of a prepared folder with the interface of
-    :class:`~bertlite.data.loader.BatchIterator` (``stream``, ``iter_pass``, ``len``). With
-    ``masking="dynamic"`` each batch's masks are redrawn from ``(seed, pass, batch)``."""
+class PreparedBatches(ShuffledBatches):
+    """Shuffled minibatches of a prepared folder, read from its memory maps: the batches of
+    :class:`~bertlite.data.loader.BatchIterator` (the same order and interface; a folder of
+    one shard gives the in-memory pipeline's batches). With ``masking="dynamic"`` each
+    batch's masks are redrawn from ``(seed, pass, batch)``."""
 
     def __init__(self, data: PreparedData, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, masking: str = "static", drop_last: bool = False) -> None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if batch_size > len(data):
-            raise DataError(f"batch_size {batch_size} is larger than the data ({len(data)} "
-                            "examples); lower batch_size or use more text")
-        if masking not in MASKING_MODES:
-            raise DataError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.shuffle, self.masking, self.drop_last = shuffle, masking, drop_last
-        self.continuation = (continuation_mask(data.vocab)
-                             if data.settings.get("whole_word_mask") else None)
-        self.epoch = 0
-        self._order: tuple[int, np.ndarray] | None = None  # the pass whose order is kept
+        super().__init__(len(data), batch_size, seed=seed, shuffle=shuffle, masking=masking,
+                         drop_last=drop_last, vocab_size=len(data.vocab),
+                         mask_id=data.vocab["<mask>"],
+                         continuation=(continuation_mask(data.vocab)
+                                       if data.settings.get("whole_word_mask") else None))
+        self.data = data
         self._share: tuple[int, int, int, Callable[[float], float]] | None = None
 
     def read_share(self, rank: int, num_processes: int, *, accumulate: int = 1,
@@ -119,34 +112,16 @@ class PreparedBatches:
         parts = process_parts(num_rows, accumulate, rank, num_processes)
         return slice(parts[0].start, parts[-1].stop)
 
-    def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.data)
-
     @property
     def digest(self) -> str:
         return self.data.digest
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The example order of pass ``epoch``: the permutation BatchIterator draws."""
-        n = len(self.data)
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        if self._order is None or self._order[0] != epoch:
-            order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.uint64)
-            np.random.default_rng([self.seed, 2, epoch]).shuffle(order)
-            self._order = (epoch, order)
-        return self._order[1]
+    def gatherer(self, epoch: int) -> Gather:
+        return lambda index, idx: self._gather(epoch, index, idx)
 
-    def batch(self, epoch: int, index: int) -> Batch:
-        """Batch ``index`` of pass ``epoch``."""
-        stop = min(len(self.data), (index + 1) * self.batch_size)
-        idx = (self.order(epoch)[index * self.batch_size:stop] if self.shuffle
-               else np.arange(index * self.batch_size, stop))
+    def _gather(self, epoch: int, index: int, idx: np.ndarray) -> Batch:
+        """Batch ``index`` of pass ``epoch``: the records of examples ``idx`` (this process's
+        rows only, after :meth:`read_share`) as a Batch."""
         rows = self._share_rows(len(idx))
         if rows is None:
             rec = self.data.records(idx)
@@ -157,11 +132,8 @@ class PreparedBatches:
         tokens, segments = rec["tokens"].astype(i32), rec["segments"].astype(i32)
         valid_lens = rec["valid_len"].astype(np.float32)
         if self.masking == "dynamic":
-            vocab = self.data.vocab
-            masked, positions, weights, labels = mask_tokens(
-                tokens, segments, valid_lens, vocab_size=len(vocab), mask_id=vocab["<mask>"],
-                rng=np.random.default_rng([self.seed, 3, epoch, index]),
-                continuation=self.continuation)
+            masked, positions, weights, labels = self.redraw_masks(
+                tokens, segments, valid_lens, epoch, index)
         else:
             masked, positions = rec["masked_tokens"].astype(i32), rec["pred_positions"].astype(i32)
             weights, labels = rec["mlm_weights"].astype(np.float32), rec["mlm_labels"].astype(i32)
@@ -171,21 +143,6 @@ class PreparedBatches:
             weights[rows.stop % len(idx), 0] = others  # integers below 2**24: exact
         return Batch(masked, segments, valid_lens, positions, weights, labels,
                      rec["nsp_label"].astype(i32))
-
-    def iter_pass(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        for i in range(start, len(self)):
-            yield self.batch(epoch, i)
-
-    def stream(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, Batch]]:
-        """Endless ``(pass, batch index, batch)`` from a position on."""
-        while True:
-            for i in range(start, len(self)):
-                yield epoch, i, self.batch(epoch, i)
-            epoch, start = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        return self.iter_pass(epoch)
 
 
 def open_data(data: str | os.PathLike, *, format: str | None = None, max_len: int = 64,
