@@ -15,7 +15,8 @@ from bertlite import checkpoint as ckpt
 from bertlite import lock as _lock
 from bertlite.backend import Backend
 from bertlite.config import BERTConfig, resolve_config
-from bertlite.data.loader import BatchIterator, load_data_wiki
+from bertlite.data.batches import ShuffledBatches
+from bertlite.data.loader import load_data_wiki
 from bertlite.data.tokenizer import (
     DEFAULT_WORDPIECE_VOCAB_SIZE,
     WordPieceTokenizer,
@@ -325,7 +326,7 @@ def _prepared_heldout(eval_data: str | os.PathLike, format: str | None, max_len:
     return PreparedBatches(prepared, min(128, len(prepared)), seed=EVAL_SEED, shuffle=False)
 
 
-def _corpus_digest(batches: BatchIterator) -> str:
+def _corpus_digest(batches: ShuffledBatches) -> str:
     """A short fingerprint of the prepared data, so a resume cannot silently switch corpora."""
     import hashlib
 

@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any
 
+from bertlite.data.batches import ShuffledBatches
 from bertlite.data.corpus import resolve_corpus_file
 from bertlite.data.loader import BatchIterator, prepare_data
 from bertlite.errors import DataError
@@ -19,7 +20,7 @@ from bertlite.loss import bert_loss_numpy
 EVAL_SEED = 1234
 
 
-def evaluate_batches(model: Any, batches: BatchIterator, *, max_batches: int | None = None
+def evaluate_batches(model: Any, batches: ShuffledBatches, *, max_batches: int | None = None
                      ) -> dict[str, float]:
     """Metrics of a model (a :class:`bertlite.model.Pretrained`) over one pass of batches.
 

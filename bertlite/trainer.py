@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bertlite.backend import TRAIN_STEP_OPTIONS, Backend, dropout_key
-from bertlite.data.loader import BatchIterator
+from bertlite.data.batches import ShuffledBatches
 from bertlite.optim import OptimizerSettings
 from bertlite.options import check_step_options
 
@@ -92,7 +92,7 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
 
-def train_bert(batches: BatchIterator, backend: Backend, model: Any, optimizer: Any,
+def train_bert(batches: ShuffledBatches, backend: Backend, model: Any, optimizer: Any,
                settings: OptimizerSettings, num_steps: int, *, seed: int = 0,
                state: TrainState | None = None,
                devices_text: str = "", progress: bool = True, max_time: float | None = None,
