@@ -25,8 +25,8 @@ zeros on this path.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -403,7 +403,8 @@ def _sparse_encodings(net: BERTModel, tokens: torch.Tensor, segments: torch.Tens
     return encoded, net.nsp(torch.tanh(net.hidden(cls)))
 
 
-def _as_forward(wrapper: DistributedDataParallel, function, *args):
+def _as_forward(wrapper: DistributedDataParallel, function: Callable[..., Any], *args: Any
+                ) -> Any:
     """``function(wrapper.module, *args)`` called as the wrapper's forward pass: DDP calls the
     module, whose ``forward`` is ``function`` for this call (an instance attribute shadows the
     class's method; removed after)."""
