@@ -49,10 +49,12 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
         "distributed": {"WorldInfo", "env_world", "is_initialized", "local_device", "world",
                         "wrap"},
         # the fast path is each framework's own: torch packs the valid tokens and runs autograd
-        # Functions eagerly (the model's forward(output_rows=) is its sparse last layer) ...
+        # Functions eagerly; the loss takes its sparse last layer one level below the shared
+        # sparse_forward (sparse_encodings: the encodings at the used slots, not the logits, so
+        # that the MLM decoder runs fused with its cross-entropy, decoder_cross_entropy) ...
         "fast": {"Output", "Projections", "Unpack", "add_norm", "attention", "block",
                  "cross_entropy", "decoder_cross_entropy", "encode", "forward", "group_keeps",
-                 "packs", "supported", "unpack"},
+                 "packs", "sparse_encodings", "supported", "unpack"},
         # ... on fused autograd Functions, each with its plain reference
         "kernels": {"CE_CHUNK", "DECODER_CHUNK", "FUSED_LINEAR",  # its kernels' tuning
                     "Attention", "CrossEntropy", "DecoderCrossEntropy", "DropoutAdd", "FFN",
@@ -81,10 +83,11 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
         # the dist_sync kvstore: its types, its keys, the kvstore and the trainer's keys on it
         "distributed": {"DIST_TYPES", "FLAG_KEY", "LOSS_KEY", "SUM_KEY", "env_kvstore_type",
                         "get_kvstore", "prepare_trainer"},
-        # the fast path is one hybridized graph: the loss block with the sparse last layer and
-        # the low-precision casts (static shapes, so masks of fixed rows)
+        # the fast path is one hybridized graph: the loss block around the sparse last layer
+        # (sparse_forward, shared) and the low-precision casts (static shapes, so masks of
+        # fixed rows)
         "fast": {"PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_loss",
-                 "shard_masks", "sparse_forward", "sparse_masks"},
+                 "shard_masks", "sparse_masks"},
         # MXNet's op sets (fast and plain), each kernel beside its reference
         "kernels": {"FAST", "MASK_VALUE", "Ops", "PLAIN", "activation", "activation_reference",
                     "add", "add_positions", "add_positions_reference", "add_reference",
@@ -122,6 +125,10 @@ SIGNATURES_DIFFER = {
     # MXNet computes the loss over a list of devices (its model lives on all of them); a
     # torch model is on one device (or wrapped in DataParallel/DDP)
     ("step", "loss_and_grads"): "devices",
+    # the sparse last layer: MXNet's takes Gluon's F after the model (mx.symbol inside the
+    # compiled loss graph, mx.ndarray imperatively), as its loss.cross_entropy does; otherwise
+    # the same arguments and the same (mlm_Y_hat, nsp_Y_hat)
+    ("fast", "sparse_forward"): "Gluon's F",
 }
 
 
@@ -206,6 +213,14 @@ def test_the_same_signatures(module):
     assert listed <= shared, f"{module}: {sorted(listed - shared)} in SIGNATURES_DIFFER " \
                              "are not shared names"
     assert compared or module in ("backend", "fast", "kernels", "loss", "model")
+
+
+def test_sparse_forward_differs_by_gluons_F_only():
+    """The sparse last layer is one function in both backends: MXNet's adds only Gluon's ``F``
+    after the model (its SIGNATURES_DIFFER entry)."""
+    torch_shape, mxnet_shape = (shape(load(b, "fast").sparse_forward) for b in BACKENDS)
+    assert mxnet_shape[1][0] == "F"
+    assert mxnet_shape[:1] + mxnet_shape[2:] == torch_shape
 
 
 def backend_classes() -> dict[str, type]:

@@ -212,8 +212,8 @@ def test_packed_training_path_equals_the_plain_one(num_layers):
         losses[2].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         with torch.no_grad():
-            encoded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
-                            output_rows=rows)[0]
+            encoded = torch_fast.sparse_encodings(model, tensors.tokens, tensors.segments,
+                                                  tensors.valid_lens, rows)[0]
         results.append(([float(x.detach()) for x in losses], grads, encoded))
     (fast, fast_grads, fast_rows), (plain, plain_grads, plain_rows) = results
     assert fast == pytest.approx(plain, rel=1e-5)
@@ -225,12 +225,47 @@ def test_packed_training_path_equals_the_plain_one(num_layers):
     pad = short * length + int(tensors.valid_lens[short])  # its first padded position
     model.fast = True
     with torch.no_grad():
-        padded = model(tensors.tokens, tensors.segments, tensors.valid_lens,
-                       output_rows=torch.tensor([pad, 0]))[0]
+        padded = torch_fast.sparse_encodings(model, tensors.tokens, tensors.segments,
+                                             tensors.valid_lens, torch.tensor([pad, 0]))[0]
     assert padded[0].abs().sum() == 0 and padded[1].abs().sum() > 0
-    with pytest.raises(ValueError, match="not both"):
-        model(tensors.tokens, tensors.segments, tensors.valid_lens, tensors.pred_positions,
-              output_rows=rows)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_sparse_forward_gives_the_full_forward_outputs(fast, dropout):
+    """fast.sparse_forward (MXNet's function of the same name and meaning) computes the last
+    layer only at <cls> and the predicted positions: the MLM and NSP logits of the model's
+    forward pass, and their gradients, on uneven valid lengths; with dropout, the same masks
+    given to both."""
+    from bertlite.dropout import encoder_masks
+
+    config = tiny_config(dropout=dropout, num_layers=3)
+    model = torch_model.BERTModel.from_config(config, seed=2, fast=fast).train()
+    tensors = torch_step.to_tensors(make_batch(seed=4), torch.device("cpu"))
+    assert torch_fast.packs(model, tensors.tokens, tensors.valid_lens) == fast
+    length = tensors.tokens.shape[1]
+    masks = [{site: torch.from_numpy(m) for site, m in layer.items()}  # none when dropout 0
+             for layer in encoder_masks(config, 3, 0, 0, len(tensors.tokens), length)] or None
+    outputs = []
+    for function in (_forward_outputs, torch_fast.sparse_forward):
+        model.zero_grad()
+        mlm_Y_hat, nsp_Y_hat = function(model, tensors.tokens, tensors.segments,
+                                         tensors.valid_lens, tensors.pred_positions, masks)
+        (mlm_Y_hat.square().mean() + nsp_Y_hat.square().mean()).backward()
+        outputs.append((mlm_Y_hat.detach(), nsp_Y_hat.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (mlm, nsp, grads), (sparse_mlm, sparse_nsp, sparse_grads) = outputs
+    assert sparse_mlm.shape == (8, 3, config.vocab_size) and sparse_nsp.shape == (8, 2)
+    torch.testing.assert_close(sparse_mlm, mlm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_nsp, nsp, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():  # (the key bias's gradient is 0 up to round-off)
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4,
+                                   atol=1e-6 * max(1.0, float(grad.abs().max())), msg=name)
+
+
+def _forward_outputs(model, tokens, segments, valid_lens, pred_positions, masks):
+    """``(mlm_Y_hat, nsp_Y_hat)`` of the model's own (full) forward pass."""
+    return model(tokens, segments, valid_lens, pred_positions, masks=masks)[1:]
 
 
 # -- the backend --------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ compiled graph, with a sparse last layer, and its mixed-precision variants.
 (a plain model, an imperative one, the book's own net) the model's forward pass and the core
 loss imperatively (:func:`.loss.shard_loss`).
 
-:func:`sparse_forward` computes the last encoder block only where the loss reads it: keys and
-values at every token, but queries, attention output, add & norm and the feed-forward network
-at ``<cls>`` and the ``pred_positions`` only -- a fixed ``(batch, 1 + preds)`` set of rows, so
-the graph keeps static shapes. Same loss and gradients as the full computation (to float32
-round-off) at about two thirds of the encoder's work. Tracing the per-row cross-entropies
+:func:`sparse_forward` (torch's function of the same name and meaning, with Gluon's ``F``)
+computes the last encoder block only where the loss reads it: keys and values at every token,
+but queries, attention output, add & norm and the feed-forward network at ``<cls>`` and the
+``pred_positions`` only -- a fixed ``(batch, 1 + preds)`` set of rows, so the graph keeps
+static shapes. Same loss and gradients as the full computation (to float32 round-off) at about
+two thirds of the encoder's work. Tracing the per-row cross-entropies
 (:func:`.loss.output_row_losses`) and the core's ``bert_loss`` in the same graph makes reshaping
 the ``(batch * preds, vocab)`` logits free instead of two copies of the largest tensor of the
 step.
@@ -45,23 +46,25 @@ __all__ = ["PretrainingLoss", "loss_graph", "low_precision_dense", "pretraining_
            "shard_masks", "sparse_forward", "sparse_masks"]
 
 
-def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,
-                   pred_positions: Any, masks: Sequence[Any] = ()) -> tuple[Any, Any]:
+def sparse_forward(model: BERTModel, F: Any, tokens: Any, segments: Any, valid_lens: Any,
+                   pred_positions: Any, masks: Sequence[Any] | None = None) -> tuple[Any, Any]:
     """``(mlm_Y_hat, nsp_Y_hat)`` -- what the pretraining loss reads -- with the last encoder
     block computed only at ``<cls>`` and the ``pred_positions`` (a sparse last layer: every
-    token is still a key). The values of the model's full forward pass (to float32 round-off).
+    token is still a key). The values of the model's full forward pass (to float32 round-off),
+    as torch's ``fast.sparse_forward``.
 
-    ``F`` is ``mx.symbol`` while an enclosing graph is traced (:class:`PretrainingLoss`), or
-    ``mx.ndarray`` on a model that is not hybridized; all four arrays are required
-    (``valid_lens`` ``(batch,)``). ``masks``: the dropout masks (:func:`.model.flat_masks`),
-    the last block's at its rows only (:func:`sparse_masks`); none: ``nn.Dropout``."""
+    ``F`` (Gluon's, the one argument torch's lacks) is ``mx.symbol`` while an enclosing graph is
+    traced (:class:`PretrainingLoss`), or ``mx.ndarray`` on a model that is not hybridized; all
+    four arrays are required (``valid_lens`` ``(batch,)``). ``masks``: the dropout masks
+    (:func:`.model.flat_masks`), the last block's at its rows only (:func:`sparse_masks`);
+    none: ``nn.Dropout``."""
     # rows (B, 1 + P): <cls> (position 0), then the predicted positions
     cls_position = F.np.zeros_like(F.npx.slice(pred_positions, begin=(None, 0), end=(None, 1)))
     rows = F.np.concatenate([cls_position, pred_positions], axis=1)
-    encoder, ops = net.encoder, net.encoder._ops
+    encoder, ops = model.encoder, model.encoder._ops
     X = encoder.embed(F, tokens, segments, _parameter(F, encoder.pos_embedding, tokens))
     blocks = list(encoder.blks)
-    masks = list(masks) or [None] * (3 * len(blocks))
+    masks = list(masks or ()) or [None] * (3 * len(blocks))
     for i, blk in enumerate(blocks[:-1]):
         X = blk(X, valid_lens, *masks[3 * i:3 * i + 3])
     queries = ops.gather_rows(F, X, rows)
@@ -71,9 +74,9 @@ def sparse_forward(net: BERTModel, F: Any, tokens: Any, segments: Any, valid_len
         Y = last.addnorm1(queries, last.attention(queries, X, X, valid_lens, attention),
                           addnorm1)
         queries = last.addnorm2(Y, last.ffn(Y), addnorm2)
-    mlm_Y_hat = net.mlm.decode(
+    mlm_Y_hat = model.mlm.decode(
         F, F.npx.slice(queries, begin=(None, 1, None), end=(None, None, None)))
-    nsp_Y_hat = net.nsp(net.hidden(row(F, queries, 0)))
+    nsp_Y_hat = model.nsp(model.hidden(row(F, queries, 0)))
     return mlm_Y_hat, nsp_Y_hat
 
 

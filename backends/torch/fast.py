@@ -5,9 +5,11 @@ time. ``BERTModel.fast`` (default True; ``TorchBackend(fast=False)``) is the one
 
 * packing: the position-wise layers run on the valid tokens only; attention runs per group
   of examples of similar length, each padded to its longest (:mod:`.packing`);
-* a sparse last layer: given ``output_rows`` (the positions the loss reads, which
-  :func:`.loss.batch_loss` passes), the last layer computes its queries, output projection
-  and FFN only there and at ``<cls>`` (:func:`.packing.select`), every token still a key;
+* a sparse last layer (:func:`sparse_forward`, the same function as MXNet's): the last layer
+  computes its queries, output projection and FFN only at ``<cls>`` and the positions the loss
+  reads (:func:`.packing.select`), every token still a key. The loss (:func:`.loss.row_losses`)
+  calls its lower level, :func:`sparse_encodings`, at the slots of non-zero weight only, to
+  hand the encodings to the decoder fused with the cross-entropy;
 * hand-written backward passes (:class:`Projections`, :class:`.kernels.Attention`,
   :class:`Output`, :class:`.kernels.FFN`) that allocate and copy as little as they can; dense
   layers as oneDNN matmuls with the bias (and ReLU) in their epilogue;
@@ -23,11 +25,13 @@ zeros on this path.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .kernels import (
     FFN,
@@ -300,14 +304,14 @@ def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
 
 
 def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
-           valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None,
+           valid_lens: torch.Tensor, rows: torch.Tensor | None = None,
            masks: Sequence[dict[str, torch.Tensor]] | None = None
            ) -> tuple[torch.Tensor, Packing]:
     """The encodings of the valid tokens only, as packed rows ``(tokens, hidden)``, and where
-    they are (:class:`Packing`; :func:`unpack` makes them a padded batch). With
-    ``output_rows`` (indices ``example * length + position``) the last layer computes only the
-    encodings at those positions and the ``<cls>`` tokens (:func:`select`). ``masks``: the
-    full-shape dropout masks per layer (:meth:`.model.BERTModel.forward`)."""
+    they are (:class:`Packing`; :func:`unpack` makes them a padded batch). With ``rows``
+    (indices ``example * length + position``) the last layer computes only the encodings at
+    those positions and the ``<cls>`` tokens (:func:`select`). ``masks``: the full-shape
+    dropout masks per layer (:meth:`.model.BERTModel.forward`)."""
     encoder = model.encoder
     batch_size, length = tokens.shape
     packing = pack(valid_lens, batch_size, length)
@@ -322,27 +326,91 @@ def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
         X = dropout(encoder.ln(X), encoder.dropout.p, encoder.training)
     last = len(encoder.blks) - 1
     queries = None
-    if output_rows is not None and last >= 0:
-        queries = select(packing, valid_lens, output_rows)
+    if rows is not None and last >= 0:
+        queries = select(packing, valid_lens, rows)
     for i, blk in enumerate(encoder.blks):
         X = block(blk, X, packing, queries if i == last else None, masks[i] if masks else None)
     return X, (packing if queries is None else queries)
 
 
 def forward(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
-            valid_lens: torch.Tensor, output_rows: torch.Tensor | None = None,
-            masks: Sequence[dict[str, torch.Tensor]] | None = None
+            valid_lens: torch.Tensor, masks: Sequence[dict[str, torch.Tensor]] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(encoded_X, cls)`` of :meth:`.model.BERTModel.forward` on the packed path (zeros at
-    padded positions; with ``output_rows``, the ``(rows, hidden)`` encodings there)."""
-    X, packing = encode(model, tokens, segments, valid_lens, output_rows, masks)
-    if output_rows is None:
-        return unpack(X, packing)
-    # the rows of X that hold the positions asked for (padding: none), <cls>
-    index = packing.row_of()[output_rows.reshape(-1)]
-    padding = index < 0
-    encoded_X = X.index_select(0, index.clamp(min=0))
-    if bool(padding.any()):  # a padded position: zeros, as in unpack
-        encoded_X = encoded_X.masked_fill(padding[:, None], 0.0)
-    return encoded_X, X.index_select(0, packing.cls_rows)
+    """``(encoded_X, cls)`` of :meth:`.model.BERTModel.forward` on the packed path: the padded
+    ``(batch, length, hidden)`` encodings (zeros at padded positions) and the ``<cls>`` ones."""
+    return unpack(*encode(model, tokens, segments, valid_lens, None, masks))
 
+
+# -- the sparse last layer --------------------------------------------------------------------
+
+def sparse_forward(model: nn.Module, tokens: torch.Tensor, segments: torch.Tensor,
+                   valid_lens: torch.Tensor, pred_positions: torch.Tensor,
+                   masks: Sequence[dict[str, torch.Tensor]] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mlm_Y_hat, nsp_Y_hat)`` -- what the pretraining loss reads -- with the last encoder
+    block computed only at ``<cls>`` and the ``pred_positions`` (a sparse last layer: every
+    token is still a key): the values of the model's full forward pass (to float32 round-off),
+    as MXNet's ``fast.sparse_forward``.
+
+    ``model``: a :class:`.model.BERTModel`, or one in DistributedDataParallel. ``masks``: the
+    dropout masks of :meth:`.model.BERTModel.forward`. Where the model does not pack
+    (:func:`packs`) the full forward pass computes the encodings. On the packed path a
+    predicted position beyond its example's valid length (which no loss reads) has the
+    encoding zero. The training loss calls :func:`sparse_encodings` instead: it decodes only
+    the slots of non-zero weight, fused with the cross-entropy."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    rows = net.mlm.rows(tokens, pred_positions)
+    encoded, nsp_Y_hat = sparse_encodings(model, tokens, segments, valid_lens, rows, masks)
+    return (net.mlm.decode(encoded).reshape(tokens.shape[0], pred_positions.shape[1], -1),
+            nsp_Y_hat)
+
+
+def sparse_encodings(model: nn.Module, tokens: torch.Tensor, segments: torch.Tensor,
+                     valid_lens: torch.Tensor, rows: torch.Tensor,
+                     masks: Sequence[dict[str, torch.Tensor]] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower level of :func:`sparse_forward`: ``(encodings, nsp_Y_hat)``, the
+    ``(rows, hidden)`` encodings at ``rows`` (indices ``example * length + position``, e.g.
+    :meth:`.model.MaskLM.rows`) and the NSP logits, the last layer computed only at those rows
+    and ``<cls>``. What :func:`.loss.row_losses` calls: the MLM head is left to it (the decoder
+    fused with the cross-entropy, :func:`decoder_cross_entropy`).
+
+    A model in DistributedDataParallel runs this as its wrapper's forward pass, so that DDP
+    prepares its gradient all-reduce as for any forward pass."""
+    if isinstance(model, DistributedDataParallel):
+        return _as_forward(model, _sparse_encodings, tokens, segments, valid_lens, rows, masks)
+    return _sparse_encodings(model, tokens, segments, valid_lens, rows, masks)
+
+
+def _sparse_encodings(net: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,
+                      valid_lens: torch.Tensor, rows: torch.Tensor,
+                      masks: Sequence[dict[str, torch.Tensor]] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    if packs(net, tokens, valid_lens):
+        X, packing = encode(net, tokens, segments, valid_lens, rows, masks)
+        # the rows of X that hold the positions asked for (padding: none), <cls>
+        index = packing.row_of()[rows.reshape(-1)]
+        padding = index < 0
+        encoded = X.index_select(0, index.clamp(min=0))
+        if bool(padding.any()):  # a padded position: zeros, as in unpack
+            encoded = encoded.masked_fill(padding[:, None], 0.0)
+        cls = X.index_select(0, packing.cls_rows)
+    else:
+        encoded_X = net.encoder(tokens, segments, valid_lens, masks)
+        cls = encoded_X[:, 0, :]
+        encoded = encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(0, rows.reshape(-1))
+    # the NSP head of BERTModel.forward: its hidden layer on the <cls> encodings
+    return encoded, net.nsp(torch.tanh(net.hidden(cls)))
+
+
+def _as_forward(wrapper: DistributedDataParallel, function: Callable[..., Any], *args: Any
+                ) -> Any:
+    """``function(wrapper.module, *args)`` called as the wrapper's forward pass: DDP calls the
+    module, whose ``forward`` is ``function`` for this call (an instance attribute shadows the
+    class's method; removed after)."""
+    net = wrapper.module
+    net.forward = lambda *inputs: function(net, *inputs)
+    try:
+        return wrapper(*args)
+    finally:
+        del net.forward

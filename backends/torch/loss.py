@@ -2,8 +2,9 @@
 
 :func:`row_losses` computes what :func:`bertlite.loss.bert_loss` takes -- one cross-entropy
 per MLM prediction slot with its weight, one per NSP example, in float32 -- with plain torch
-ops (``BERTModel.fast`` off) or the fast path's kernels (:mod:`.fast`: the MLM decoder fused
-with its cross-entropy, only at slots of non-zero weight); the core forms the loss from them.
+ops (``BERTModel.fast`` off) or the fast path (:mod:`.fast`: the sparse last layer and the
+MLM decoder fused with its cross-entropy, only at slots of non-zero weight); the core forms the
+loss from them.
 :func:`batch_loss` is the per-batch loss of training, :func:`_get_batch_loss_bert` the book's
 helper.
 """
@@ -42,18 +43,19 @@ def row_losses(model: nn.Module, batch: Any,
 
     With the fast path on (``BERTModel.fast``, the one switch) on the CPU, only the prediction
     slots of non-zero weight are rows (a third of the slots are padding in WikiText-2): the
-    model's last layer runs only there and at ``<cls>``, and the decoder fused with the
+    sparse last layer runs only there and at ``<cls>`` (:func:`.fast.sparse_encodings`, the
+    encodings that :func:`.fast.sparse_forward` decodes), and the decoder is fused with the
     cross-entropy (:func:`.fast.decoder_cross_entropy`). The loss is the same, since padded
     slots have weight 0 in the formula. Otherwise (``fast=False``, GPUs, DataParallel) the
     book's path: the model on all slots, then the cross-entropy.
 
     ``masks``: the batch's dropout masks (``step.dropout_masks``), passed to the model.
     """
-    extra = {"masks": masks} if masks else {}
     net = model.module if isinstance(model, (nn.DataParallel, DistributedDataParallel)) \
         else model
     if (not net.fast or isinstance(model, nn.DataParallel)
             or batch.pred_positions.device.type != "cpu"):
+        extra = {"masks": masks} if masks else {}
         _, mlm_Y_hat, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
                                         batch.pred_positions, **extra)
         cross_entropy = _cross_entropy(net)
@@ -65,9 +67,9 @@ def row_losses(model: nn.Module, batch: Any,
     weights = batch.mlm_weights.reshape(-1)
     used = torch.nonzero(weights).reshape(-1)  # a data-dependent size: fine on the CPU
     rows = net.mlm.rows(batch.tokens, batch.pred_positions).index_select(0, used)
-    # through the (DDP) wrapper, so that DDP sees the forward; the MLM head after it
-    encoded_rows, _, nsp_Y_hat = model(batch.tokens, batch.segments, batch.valid_lens,
-                                       output_rows=rows, **extra)
+    # the (DDP-wrapped) model's sparse last layer; the MLM head after it, fused with its loss
+    encoded_rows, nsp_Y_hat = fast.sparse_encodings(model, batch.tokens, batch.segments,
+                                                    batch.valid_lens, rows, masks or None)
     mlm_ce = fast.decoder_cross_entropy(net.mlm, encoded_rows,
                                         batch.mlm_labels.reshape(-1).index_select(0, used))
     return RowLosses(mlm_ce, weights.index_select(0, used),

@@ -332,33 +332,24 @@ class BERTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor,
                 valid_lens: torch.Tensor | None = None,
                 pred_positions: torch.Tensor | None = None, *,
-                output_rows: torch.Tensor | None = None,
                 masks: Sequence[dict[str, torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(encoded_X, mlm_Y_hat, nsp_Y_hat)`` as the book's ``BERTModel``.
 
-        With ``output_rows`` (indices ``example * length + position``; no ``pred_positions``)
-        ``encoded_X`` is the ``(rows, hidden)`` encodings at those positions only: it is how
-        :func:`.loss.batch_loss` asks for the predicted positions. On the fast path
-        (:mod:`.fast`) the last layer then computes only those and the ``<cls>`` ones: the
-        loss is the same (padded positions, which no loss reads, get zeros there).
-
         ``masks``: the dropout masks of this batch, per layer by site, full-shape
         (:func:`bertlite.dropout.encoder_masks` as tensors on the batch's device), applied
         instead of the dropout modules' draws (the fast path takes its elements from them);
-        how training makes dropout independent of the batch's split."""
-        if output_rows is not None and pred_positions is not None:
-            raise ValueError("give output_rows or pred_positions, not both")
+        how training makes dropout independent of the batch's split. Training on the CPU
+        packs the valid tokens (:func:`.fast.packs`): the same values, zeros at the padded
+        positions. The training loss reads only ``<cls>`` and the predicted positions, through
+        the sparse last layer of :func:`.fast.sparse_forward`."""
         from . import fast  # the fast path, which builds on this module
 
         if fast.packs(self, tokens, valid_lens):
-            encoded_X, cls = fast.forward(self, tokens, segments, valid_lens, output_rows, masks)
+            encoded_X, cls = fast.forward(self, tokens, segments, valid_lens, masks)
         else:
             encoded_X = self.encoder(tokens, segments, valid_lens, masks)
             cls = encoded_X[:, 0, :]
-            if output_rows is not None:
-                encoded_X = encoded_X.reshape(-1, encoded_X.shape[-1]).index_select(
-                    0, output_rows.reshape(-1))
         mlm_Y_hat = None if pred_positions is None else self.mlm(encoded_X, pred_positions)
         # The hidden layer of the NSP classifier, on the '<cls>' token (index 0).
         nsp_Y_hat = self.nsp(torch.tanh(self.hidden(cls)))
