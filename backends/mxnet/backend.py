@@ -43,13 +43,14 @@ __all__ = ["SAVED_TENSORS", "MXNetBackend"]
 #: Calibration (``tests/test_scale.py``: growth of peak RSS over two training steps, float32,
 #: dropout on; MXNet 1.9's CPU storage manager has no pool -- every array comes from malloc and
 #: returns to it, ``MXNET_CPU_MEM_POOL_TYPE`` changes nothing): the plain, imperative path
-#: measured within 0.85-1.18x of the estimate for eight configurations of 130-780 MB (hidden
-#: 32-256, 1-6 layers, length 32-256, vocabulary 1,000-20,000); the fast path, whose last block
-#: is sparse, needs 5-45% less (the more, the fewer the layers). Not counted: the allocator's
-#: overhead (without a fixed mmap threshold glibc keeps freed blocks: +38% of peak RSS on the
-#: plain path, +2% on the fast one), the data pipeline and the framework (a few MB). High
-#: without dropout (no masks, no dropped weights: up to 45% here); every prediction slot counts
-#: as used. Mixed precision is not calibrated: MXNet's bf16 casts around the Dense products and
+#: measured within 0.85-1.18x of the estimate for ten configurations of 120-750 MiB (hidden
+#: 32-256, 1-6 layers, length 32-256, vocabulary 1,000-20,000, one without dropout) and
+#: 0.96-1.01x for three of 18-64 MiB; the fast path, whose last block is sparse, needs 5-45%
+#: less (the more, the fewer the layers). Not counted: the allocator's overhead (without a
+#: fixed mmap threshold glibc keeps freed blocks: +38% of peak RSS on the plain path, +2% on
+#: the fast one), the data pipeline and the framework (a few MiB); every prediction slot counts
+#: as used. Mixed precision is not calibrated (the backend refused bf16 on the CPU measured:
+#: its oneDNN computed no bfloat16 there); MXNet's bf16 casts around the Dense products and
 #: keeps float32 activations, where the estimate halves them.
 SAVED_TENSORS = SavedTensors(block_hidden=20, block_ffn=1, block_hidden_float32=2,
                              block_float32=8, block_scores=4, embedding_hidden_float32=2,
