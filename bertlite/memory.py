@@ -11,8 +11,12 @@ hidden activation; per attention score: softmax output, dropout mask and dropped
 embeddings' output; the MLM head at every prediction slot, with float32 log-probabilities; at
 the backward peak, the gradient of the log-probabilities at the MLM head or, in a block, two
 gradients of the attention scores and one of the FFN's hidden activation, whichever is larger).
-``bertlite plan`` uses them. Calibration and what is not counted: see the torch backend's
-:data:`bertlite.backends.torch.backend.SAVED_TENSORS`.
+``bertlite plan`` uses them. Each backend's terms are calibrated against the peak memory of
+real training steps (``tests/test_scale.py``); how closely, and what is not counted: see
+:data:`bertlite.backends.torch.backend.SAVED_TENSORS` and
+:data:`bertlite.backends.mxnet.backend.SAVED_TENSORS` (MXNet's compiled graph keeps about twice
+the hidden-sized tensors per block and token, and the MLM head's logits beside their
+log-probabilities).
 """
 
 from __future__ import annotations
