@@ -256,17 +256,19 @@ class TreeMemory:
 
 
 def run_worker(script: Path, args: Sequence[str], env: dict[str, str] | None = None,
-               timeout: float | None = None) -> dict[str, Any]:
+               timeout: float | None = None, sample_interval: float = 0.05
+               ) -> dict[str, Any]:
     """Run ``python script *args`` in a subprocess whose last stdout line is JSON; returns it
     with ``wall_s`` (the subprocess's wall time), ``maxrss_mb`` (its largest process's peak
     RSS, from ``RUSAGE_CHILDREN``: exact when it is the first child to finish, else an upper
-    bound) and ``tree_pss_mb`` (the peak PSS of it and its descendants, sampled)."""
+    bound) and ``tree_pss_mb`` (the peak PSS of it and its descendants, sampled every
+    ``sample_interval`` seconds: reading a big process's memory map costs CPU)."""
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore", **(env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    with TreeMemory(proc.pid) as tree:
+    with TreeMemory(proc.pid, sample_interval) as tree:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

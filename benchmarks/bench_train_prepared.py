@@ -1,13 +1,14 @@
 """Training from a prepared folder (memory-mapped shards) against the in-memory path.
 
     nice -n 10 python benchmarks/bench_train_prepared.py FOLDER [--memory-corpus FILE]
-        [--steps 100] [--batch-size 64] [--backend torch]
+        [--steps 100] [--batch-size 64] [--backend torch] [--num-hiddens 128]
 
 Runs, each in a fresh subprocess, alternately (``--rounds``, default 2, so both see the same
 machine load): ``train_bert`` on the batches of FOLDER (:class:`PreparedBatches`) and on the
 in-memory batches of a WikiText-format file (default: WikiText-2's validation split, from
 ``/work/shared/data/wikitext-2``), with the same model (the ``tiny`` preset with the folder's
-vocabulary size in both, so that only the data path differs), batch, seed and steps.
+vocabulary size in both, so that only the data path differs; ``--num-hiddens`` narrows it, since
+with a big folder's vocabulary the output layer dominates the step), batch, seed and steps.
 Reports steps/s from step 10 to the last (data loading included) and the RSS at the last step.
 Targets (issue 17): RSS within 300 MB of the in-memory path, steps/s within 5%.
 """
@@ -55,7 +56,8 @@ def _worker(args: argparse.Namespace) -> None:
         batches = BatchIterator(examples, args.batch_size, seed=0, vocab_size=len(vocab),
                                 mask_id=vocab["<mask>"])
     be = get_backend(args.backend)
-    config = resolve_config("tiny", vocab_size, max_len=64)
+    config = resolve_config("tiny", vocab_size, max_len=64).replace(
+        num_hiddens=args.num_hiddens, ffn_num_hiddens=2 * args.num_hiddens)
     model = be.build_model(config, be.parse_devices(None))
     be.load_state_dict(model, init_params(config, 0))
     settings = OptimizerSettings(lr=1e-4)
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", default="torch")
+    parser.add_argument("--num-hiddens", type=int, default=128,
+                        help="the model's width (tiny: 128; FFN twice that)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--worker", choices=["prepared", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -94,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     M.print_machine(M.describe())
     common = [args.folder, "--memory-corpus", args.memory_corpus, "--steps", str(args.steps),
-              "--batch-size", str(args.batch_size), "--backend", args.backend]
+              "--batch-size", str(args.batch_size), "--backend", args.backend,
+              "--num-hiddens", str(args.num_hiddens)]
     results: dict[str, list[dict]] = {"memory": [], "prepared": []}
     for _ in range(args.rounds):
         for name in ("memory", "prepared"):
-            res = M.run_worker(Path(__file__), [*common, "--worker", name])
+            res = M.run_worker(Path(__file__), [*common, "--worker", name], sample_interval=0.5)
             results[name].append(res)
             print(f"{name}: {json.dumps(res)}", flush=True)
     best = {name: max(runs, key=lambda r: r["steps_per_s"]) for name, runs in results.items()}
