@@ -194,6 +194,35 @@ def test_manifest_and_shard_checks(tmp_path):
         PreparedData(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(os, "preadv"), reason="positional reads need os.preadv (POSIX)")
+def test_positional_reads_equal_the_memory_maps(tmp_path):
+    """Records read with os.preadv (runs of consecutive rows, across shards, in any order) are
+    those of the memory maps; a shard cut short after opening is a clear error."""
+    data = PreparedData(prepare(SAMPLE, tmp_path / "p", max_len=40, shard_bytes=30_000,
+                                workers=1))
+    assert len(data.shards) >= 3
+    n = len(data)
+    first_shard_end = int(data.offsets[1])
+    index = np.concatenate([np.random.default_rng(0).permutation(n)[:300],  # scattered
+                            np.arange(first_shard_end - 5, first_shard_end + 5),  # a boundary
+                            [n - 1, 0, 0]])  # the last, the first twice
+    which = np.searchsorted(data.offsets, index, side="right") - 1
+    read = data.records(index)
+    mapped = data.mapped_records(index, which)
+    assert read.dtype == mapped.dtype and read.tobytes() == mapped.tobytes()
+    assert data.records(np.array([], dtype=np.int64)).shape == (0,)
+    with pytest.raises(IndexError, match="example indices"):
+        data.records(np.array([n]))
+    batches = PreparedBatches(data, 16, seed=3)
+    assert [b.tokens.tolist() for b in list(batches)[:3]]  # reads through the batches too
+    last = data.shards[-1].filename
+    data.close()
+    os.truncate(last, os.path.getsize(last) - 7)
+    with pytest.raises(DataError, match="shorter than its manifest"):
+        data.records(np.array([n - 1]))
+    data.close()
+
+
 def test_bad_corpora(tmp_path):
     single = tmp_path / "single.txt"
     single.write_text("Only one sentence here.\n\nAnother lone one.\n", encoding="utf-8")

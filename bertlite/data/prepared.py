@@ -1,5 +1,11 @@
 """Training data from a prepared folder (:func:`bertlite.data.prepare.prepare`): the shards
-memory-mapped, minibatches gathered from them without loading the corpus.
+memory-mappable numpy files, minibatches gathered from them without loading the corpus.
+
+A batch's records are read with positional reads (``os.preadv``, one per run of consecutive
+rows) where the platform has them, else through the memory maps: pages touched through a
+memory map stay in the process's resident set (with the kernel's read-ahead and fault-around,
+about 200 KB per random row here, 1.2 GB after 100 batches of 64 from a 3 GB corpus), while
+read pages stay in the page cache only, which the kernel reclaims as it needs.
 
 The order of pass ``e`` is the in-memory pipeline's (:mod:`bertlite.data.batches`: a
 permutation of ``(seed, e)``, 4 bytes per example for the pass being read), so any position
@@ -23,6 +29,11 @@ from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
 from bertlite.sharding import process_parts
 
+#: whether records are read with ``os.preadv`` (POSIX) rather than through the memory maps
+POSITIONAL_READS = hasattr(os, "preadv")
+#: shard files open for reading at most at once
+MAX_OPEN_SHARDS = 64
+
 
 class PreparedData:
     """A prepared folder: its manifest (checked, shard digests verified with ``verify``), its
@@ -41,6 +52,7 @@ class PreparedData:
         self.shards = [open_shard(self.folder / s["file"]) for s in self.manifest["shards"]]
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._files: dict[int, int] = {}  # shard -> an open file descriptor (positional reads)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -55,9 +67,34 @@ class PreparedData:
         return str(self.manifest["key"])
 
     def records(self, index: np.ndarray) -> np.ndarray:
-        """The records of global example indices, in that order (read from the memory maps)."""
+        """The records of global example indices, in that order."""
         index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"example indices must be in [0, {len(self)}), got "
+                             f"{index.min()}..{index.max()}")
         which = np.searchsorted(self.offsets, index, side="right") - 1
+        if not POSITIONAL_READS:
+            return self.mapped_records(index, which)
+        out = np.empty(len(index), dtype=self.shards[0].dtype)
+        if not len(index):
+            return out
+        size = out.dtype.itemsize
+        buffer = memoryview(out.view(np.uint8))
+        rows = index - self.offsets[which]
+        # runs of consecutive rows of one shard (an evaluation pass in order): one read each
+        breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(which) != 0)) + 1
+        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)]):
+            shard = int(which[start])
+            mapped = self.shards[shard]
+            read = os.preadv(self._file(shard), [buffer[start * size:stop * size]],
+                             mapped.offset + int(rows[start]) * size)
+            if read != (stop - start) * size:
+                raise DataError(f"{mapped.filename} is shorter than its manifest says (changed "
+                                "or damaged); prepare the corpus again")
+        return out
+
+    def mapped_records(self, index: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """:meth:`records` through the memory maps (``which``: the shard of each index)."""
         if len(self.shards) == 1:
             return self.shards[0][index]
         out = np.empty(len(index), dtype=self.shards[0].dtype)
@@ -65,6 +102,27 @@ class PreparedData:
             rows = which == shard
             out[rows] = self.shards[shard][index[rows] - self.offsets[shard]]
         return out
+
+    def _file(self, shard: int) -> int:
+        fd = self._files.get(shard)
+        if fd is None:
+            if len(self._files) >= MAX_OPEN_SHARDS:  # a corpus of many shards: few fds at once
+                self.close()
+            fd = self._files[shard] = os.open(self.shards[shard].filename,
+                                              os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
+
+    def close(self) -> None:
+        """Close the shard files opened for reading (they reopen when read again)."""
+        files, self._files = getattr(self, "_files", {}), {}
+        for fd in files.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}  # descriptors mean nothing in another process
 
 
 class PreparedBatches(ShuffledBatches):
