@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -69,11 +71,16 @@ def _worker(args: argparse.Namespace) -> None:
         if state.step == args.steps:
             rss.append(_rss_mb())
 
+    # what a step's cost depends on besides the model: predicted tokens and valid tokens
+    sample = [batches.batch(0, i) for i in range(min(20, len(batches)))]
+    mlm_tokens = float(np.mean([b.mlm_weights.sum() for b in sample]))
+    valid_tokens = float(np.mean([b.valid_lens.sum() for b in sample]))
     train_bert(batches, be, model, be.create_optimizer(model, settings), settings, args.steps,
                progress=False, callbacks=[note])
     steady = times[9:]
     print(json.dumps({"steps_per_s": (len(steady) - 1) / (steady[-1] - steady[0]),
                       "rss_mb_at_last_step": rss[0], "vocab": vocab_size,
+                      "mlm_tokens_per_batch": mlm_tokens, "valid_tokens_per_batch": valid_tokens,
                       "examples": batches.num_examples if hasattr(batches, "num_examples")
                       else len(batches.examples), "load": os.getloadavg()[0]}))
 
