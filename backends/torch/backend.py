@@ -23,18 +23,18 @@ from . import step as _step
 from .devices import parse_devices
 from .model import BERTModel
 
-#: the tensors this backend's training step saves for backward (:mod:`bertlite.memory`): the
-#: book's model with dropout on, as GPUs run it. Calibration (``tests/test_scale.py``): on the
-#: CPU the estimate's total was within 5% of the measured growth of peak RSS over two training
-#: steps (float32, dropout on) for ten small configurations (hidden 32-256, 1-8 layers, length
-#: 32-256, vocabulary 1,000-50,000), and for one in bf16, when it was set; the step has changed
-#: since (the 20,000-word case now measures 1.22x the estimate on the plain path), so the test
-#: checks 0.7-1.3x; when the step changes, rerun those tests. The float32 CPU fast path (no padding, a sparse last layer, the MLM decoder fused
-#: with its loss) needs 10-40% less. Not counted: the allocator's overhead (glibc keeps freed
-#: blocks resident, another 10-40% of peak RSS here; CUDA's caching allocator and context),
-#: the data pipeline and the framework. High without dropout, whose fused attention keeps no
-#: (length x length) matrices, and every prediction slot counts as used (real batches pad
-#: about a third of them).
+#: the tensors this backend's training step saves for backward (:mod:`bertlite.memory`): the book's
+#: model with dropout on, as GPUs run it. Calibration (``tests/test_scale.py``): on the CPU the
+#: estimate's total was within 5% of the measured growth of peak RSS over two training steps
+#: (float32, dropout on) for ten small configurations (hidden 32-256, 1-8 layers, length 32-256,
+#: vocabulary 1,000-50,000), and for one in bf16, when it was set; the step has changed since (the
+#: 20,000-word case now measures 1.22x the estimate on the plain path), so the test checks 0.7-1.3x;
+#: when the step changes, rerun those tests. The float32 CPU fast path (no padding, a sparse last
+#: layer, the MLM decoder fused with its loss) needs 10-40% less. Not counted: the allocator's
+#: overhead (glibc keeps freed blocks resident, another 10-40% of peak RSS here; CUDA's caching
+#: allocator and context), the data pipeline and the framework. High without dropout, whose fused
+#: attention keeps no (length x length) matrices, and every prediction slot counts as used (real
+#: batches pad about a third of them).
 SAVED_TENSORS = SavedTensors(block_hidden=8, block_ffn=1, block_hidden_float32=2,
                              block_float32=4, block_scores=3, embedding_hidden_float32=1,
                              head_hidden=3, head_vocab_float32=1,
