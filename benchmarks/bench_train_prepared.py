@@ -57,6 +57,16 @@ def _worker(args: argparse.Namespace) -> None:
         examples, vocab = prepare_data(args.memory_corpus, 64, cache=False)
         batches = BatchIterator(examples, args.batch_size, seed=0, vocab_size=len(vocab),
                                 mask_id=vocab["<mask>"])
+    if args.data_only:  # the data path alone: batches 0..steps-1 of pass 0, no model
+        batches.order(0)  # the pass's order, drawn once a pass (not per batch)
+        start = time.perf_counter()
+        for _, _ in zip(range(args.steps), batches.stream(0, 0)):
+            pass
+        print(json.dumps({"ms_per_batch": 1000 * (time.perf_counter() - start) / args.steps,
+                          "rss_mb_at_last_step": _rss_mb(), "vocab": vocab_size,
+                          "examples": batches.num_examples,
+                          "load": os.getloadavg()[0]}))
+        return
     be = get_backend(args.backend)
     config = resolve_config("tiny", vocab_size, max_len=64).replace(
         num_hiddens=args.num_hiddens, ffn_num_hiddens=2 * args.num_hiddens)
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-hiddens", type=int, default=128,
                         help="the model's width (tiny: 128; FFN twice that)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data-only", action="store_true",
+                        help="time only the batches (no model): ms per batch and RSS per path")
     parser.add_argument("--worker", choices=["prepared", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -106,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     M.print_machine(M.describe())
     common = [args.folder, "--memory-corpus", args.memory_corpus, "--steps", str(args.steps),
               "--batch-size", str(args.batch_size), "--backend", args.backend,
-              "--num-hiddens", str(args.num_hiddens)]
+              "--num-hiddens", str(args.num_hiddens), *(["--data-only"] if args.data_only else [])]
     results: dict[str, list[dict]] = {"memory": [], "prepared": []}
     for _ in range(args.rounds):
         for name in ("memory", "prepared"):
             res = M.run_worker(Path(__file__), [*common, "--worker", name], sample_interval=0.5)
             results[name].append(res)
             print(f"{name}: {json.dumps(res)}", flush=True)
+    if args.data_only:
+        best = {name: min(runs, key=lambda r: r["ms_per_batch"]) for name, runs in results.items()}
+        print(M.table(["data", "ms per batch (best round)", f"RSS MB after {args.steps} batches",
+                       "examples"],
+                      [[name, f"{r['ms_per_batch']:.2f}", f"{r['rss_mb_at_last_step']:.0f}",
+                        r["examples"]] for name, r in best.items()]))
+        return 0
     best = {name: max(runs, key=lambda r: r["steps_per_s"]) for name, runs in results.items()}
     rows = [[name, f"{r['steps_per_s']:.3f}", f"{r['rss_mb_at_last_step']:.0f}",
              f"{r['tree_pss_mb']:.0f}", r["examples"]] for name, r in best.items()]

@@ -195,9 +195,13 @@ def test_manifest_and_shard_checks(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "preadv"), reason="positional reads need os.preadv (POSIX)")
-def test_positional_reads_equal_the_memory_maps(tmp_path):
-    """Records read with os.preadv (runs of consecutive rows, across shards, in any order) are
-    those of the memory maps; a shard cut short after opening is a clear error."""
+def test_positional_reads_equal_the_memory_maps(tmp_path, monkeypatch):
+    """Records read with os.preadv (runs of consecutive rows, across shards, in any order, with
+    read-ahead advice and at most MAX_OPEN_SHARDS files open) are those of the memory maps; a
+    shard cut short after opening is a clear error."""
+    import bertlite.data.prepared as prepared_module
+
+    monkeypatch.setattr(prepared_module, "MAX_OPEN_SHARDS", 2)
     data = PreparedData(prepare(SAMPLE, tmp_path / "p", max_len=40, shard_bytes=30_000,
                                 workers=1))
     assert len(data.shards) >= 3
@@ -207,7 +211,9 @@ def test_positional_reads_equal_the_memory_maps(tmp_path):
                             np.arange(first_shard_end - 5, first_shard_end + 5),  # a boundary
                             [n - 1, 0, 0]])  # the last, the first twice
     which = np.searchsorted(data.offsets, index, side="right") - 1
+    data.will_need(index)
     read = data.records(index)
+    assert len(data._files) <= 2  # the least recently used shard files were closed
     mapped = data.mapped_records(index, which)
     assert read.dtype == mapped.dtype and read.tobytes() == mapped.tobytes()
     assert data.records(np.array([], dtype=np.int64)).shape == (0,)

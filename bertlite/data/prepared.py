@@ -29,10 +29,18 @@ from bertlite.data.vocab import Vocab
 from bertlite.errors import DataError
 from bertlite.sharding import process_parts
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 #: whether records are read with ``os.preadv`` (POSIX) rather than through the memory maps
 POSITIONAL_READS = hasattr(os, "preadv")
-#: shard files open for reading at most at once
-MAX_OPEN_SHARDS = 64
+#: whether the next reads are announced to the kernel (``posix_fadvise``, Linux and most POSIX)
+ADVICE = POSITIONAL_READS and hasattr(os, "posix_fadvise")
+#: shard files open for reading at most at once (a quarter of the process's file limit)
+MAX_OPEN_SHARDS = max(16, min(1024, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+                                     if resource else 256)))
 
 
 class PreparedData:
@@ -69,29 +77,53 @@ class PreparedData:
     def records(self, index: np.ndarray) -> np.ndarray:
         """The records of global example indices, in that order."""
         index = np.asarray(index, dtype=np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"example indices must be in [0, {len(self)}), got "
-                             f"{index.min()}..{index.max()}")
-        which = np.searchsorted(self.offsets, index, side="right") - 1
+        which = self._shards_of(index)
         if not POSITIONAL_READS:
             return self.mapped_records(index, which)
         out = np.empty(len(index), dtype=self.shards[0].dtype)
-        if not len(index):
-            return out
         size = out.dtype.itemsize
         buffer = memoryview(out.view(np.uint8))
-        rows = index - self.offsets[which]
-        # runs of consecutive rows of one shard (an evaluation pass in order): one read each
-        breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(which) != 0)) + 1
-        for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)]):
-            shard = int(which[start])
-            mapped = self.shards[shard]
-            read = os.preadv(self._file(shard), [buffer[start * size:stop * size]],
-                             mapped.offset + int(rows[start]) * size)
+        runs = self._runs(index, which)
+        self._advise(runs)  # all of the batch's reads at once, not one after another
+        for shard, offset, start, stop in runs:
+            read = os.preadv(self._file(shard), [buffer[start * size:stop * size]], offset)
             if read != (stop - start) * size:
-                raise DataError(f"{mapped.filename} is shorter than its manifest says (changed "
-                                "or damaged); prepare the corpus again")
+                raise DataError(f"{self.shards[shard].filename} is shorter than its manifest "
+                                "says (changed or damaged); prepare the corpus again")
         return out
+
+    def will_need(self, index: np.ndarray) -> None:
+        """Ask the kernel to start reading these examples' records now (the next batch's, while
+        this step computes), so that :meth:`records` finds them in the page cache."""
+        index = np.asarray(index, dtype=np.int64)
+        if POSITIONAL_READS and len(index):
+            self._advise(self._runs(index, self._shards_of(index)))
+
+    def _shards_of(self, index: np.ndarray) -> np.ndarray:
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"example indices must be in [0, {len(self)}), got "
+                             f"{index.min()}..{index.max()}")
+        return np.searchsorted(self.offsets, index, side="right") - 1
+
+    def _runs(self, index: np.ndarray, which: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """``(shard, file offset, start, stop)`` of each run of consecutive rows of one shard
+        (``index[start:stop]``): an evaluation pass in order reads a batch at once."""
+        if not len(index):
+            return []
+        size = self.shards[0].dtype.itemsize
+        rows = index - self.offsets[which]
+        breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(which) != 0)) + 1
+        return [(int(which[start]), self.shards[int(which[start])].offset
+                 + int(rows[start]) * size, start, stop)
+                for start, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), len(index)])]
+
+    def _advise(self, runs: list[tuple[int, int, int, int]]) -> None:
+        if not ADVICE:
+            return
+        size = self.shards[0].dtype.itemsize
+        for shard, offset, start, stop in runs:
+            os.posix_fadvise(self._file(shard), offset, (stop - start) * size,
+                             os.POSIX_FADV_WILLNEED)
 
     def mapped_records(self, index: np.ndarray, which: np.ndarray) -> np.ndarray:
         """:meth:`records` through the memory maps (``which``: the shard of each index)."""
@@ -104,12 +136,12 @@ class PreparedData:
         return out
 
     def _file(self, shard: int) -> int:
-        fd = self._files.get(shard)
+        fd = self._files.pop(shard, None)  # popped and put back: the most recently used last
         if fd is None:
-            if len(self._files) >= MAX_OPEN_SHARDS:  # a corpus of many shards: few fds at once
-                self.close()
-            fd = self._files[shard] = os.open(self.shards[shard].filename,
-                                              os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if len(self._files) >= MAX_OPEN_SHARDS:  # many shards: close the least recently used
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self.shards[shard].filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._files[shard] = fd
         return fd
 
     def close(self) -> None:
@@ -186,6 +218,10 @@ class PreparedBatches(ShuffledBatches):
         else:
             rec = np.zeros(len(idx), dtype=self.data.shards[0].dtype)
             rec[rows] = self.data.records(idx[rows])
+        if index + 1 < len(self):  # the next batch's records are read while this one trains
+            upcoming = self.indices(epoch, index + 1)
+            share = self._share_rows(len(upcoming))
+            self.data.will_need(upcoming if share is None else upcoming[share])
         i32 = np.int32
         tokens, segments = rec["tokens"].astype(i32), rec["segments"].astype(i32)
         valid_lens = rec["valid_len"].astype(np.float32)
