@@ -67,25 +67,33 @@ def test_one_wikitext_shard_equals_the_in_memory_pipeline(tmp_path, tokenizer):
                 assert x.dtype == y.dtype
 
 
-@pytest.mark.parametrize("fmt", ["wikitext", "lines", "text", "jsonl"])
-def test_every_format_prepares(tmp_path, fmt):
-    src = tmp_path / "src"
-    src.mkdir()
+FORMATS = ["wikitext", "lines", "text", "jsonl"]
+
+
+def _corpus_in(fmt: str, src: Path) -> Path:
+    """A small corpus in format ``fmt`` (text: Korean; jsonl: gzip-compressed)."""
+    src.mkdir(parents=True, exist_ok=True)
     if fmt == "wikitext":
-        path = SAMPLE
-    elif fmt == "lines":
+        return SAMPLE
+    if fmt == "lines":
         path = src / "a.txt"
         path.write_text("".join(f"Sentence {i} of doc.\nAnother line {i}!\n\n"
                                 for i in range(60)), encoding="utf-8")
-    elif fmt == "text":
-        path = _korean_corpus(src)
-    else:
-        path = src / "a.jsonl.gz"
-        import gzip
+        return path
+    if fmt == "text":
+        return _korean_corpus(src)
+    import gzip
 
-        path.write_bytes(gzip.compress("".join(
-            json.dumps({"text": f"Row {i} says hi. Then bye. 한국어 문장이다."}) + "\n"
-            for i in range(50)).encode()))
+    path = src / "a.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(
+        json.dumps({"text": f"Row {i} says hi. Then bye. 한국어 문장이다."}) + "\n"
+        for i in range(50)).encode()))
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_prepares(tmp_path, fmt):
+    path = _corpus_in(fmt, tmp_path / "src")
     folder = prepare(path, tmp_path / "p", format=fmt, max_len=32, min_freq=1, workers=1)
     manifest = read_manifest(folder)
     assert manifest["examples"] > 10 and manifest["settings"]["format"] == fmt
@@ -289,6 +297,22 @@ def test_cli_korean_text_prepare_and_pretrain(backend, tmp_path, capsys):
     code = main(["pretrain", "--backend", backend.name, "--data", str(out), "--steps", "1",
                  "--max-len", "32", "--no-plot", "--no-progress"])
     assert code == 2 and "max_len=24" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cli_prepare_then_pretrain_every_format(backend, fmt, tmp_path, capsys):
+    """`bertlite prepare` then `bertlite pretrain --data` on each format, on each backend."""
+    path = _corpus_in(fmt, tmp_path / "src")
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(path), "--format", fmt, "--out", str(out), "--max-len", "32",
+                 "--min-freq", "1", "--workers", "1"]) == 0
+    capsys.readouterr()
+    code = main(["pretrain", "--backend", backend.name, "--data", str(out), "--steps", "2",
+                 "--batch-size", "8", "--max-len", "32", "--no-plot", "--no-progress",
+                 "--save", str(tmp_path / "model")])
+    assert code == 0, capsys.readouterr().err
+    assert "MLM loss" in capsys.readouterr().out
+    assert (tmp_path / "model" / "config.json").is_file()
 
 
 def test_corpus_prepared_into_the_cache(tmp_path, backend):
