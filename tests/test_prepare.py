@@ -237,6 +237,16 @@ def test_positional_reads_equal_the_memory_maps(tmp_path, monkeypatch):
     data.close()
 
 
+def test_open_file_budget():
+    resource = pytest.importorskip("resource", reason="POSIX file limits")
+
+    from bertlite.data.prepared import open_file_budget
+
+    assert open_file_budget(resource.RLIM_INFINITY) == 1024  # unlimited is not "none at all"
+    assert open_file_budget(1024) == 256 and open_file_budget(20) == 16
+    assert open_file_budget(10**6) == 1024 and open_file_budget(None) == 256
+
+
 def test_bad_corpora(tmp_path):
     single = tmp_path / "single.txt"
     single.write_text("Only one sentence here.\n\nAnother lone one.\n", encoding="utf-8")

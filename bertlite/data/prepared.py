@@ -38,9 +38,21 @@ except ImportError:  # not on Windows
 POSITIONAL_READS = hasattr(os, "preadv")
 #: whether the next reads are announced to the kernel (``posix_fadvise``, Linux and most POSIX)
 ADVICE = POSITIONAL_READS and hasattr(os, "posix_fadvise")
-#: shard files open for reading at most at once (a quarter of the process's file limit)
-MAX_OPEN_SHARDS = max(16, min(1024, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
-                                     if resource else 256)))
+
+
+def open_file_budget(soft_limit: int | None) -> int:
+    """Shard files kept open at once: a quarter of the process's file limit, 16 to 1024
+    (1024 where the limit is infinite, 256 where it is unknown)."""
+    if soft_limit is None:
+        return 256
+    if soft_limit < 0:  # RLIM_INFINITY
+        return 1024
+    return max(16, min(1024, soft_limit // 4))
+
+
+#: shard files open for reading at most at once
+MAX_OPEN_SHARDS = open_file_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                                   if resource else None)
 
 
 class PreparedData:
