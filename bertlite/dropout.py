@@ -1,31 +1,36 @@
 """Dropout masks as a function of where they apply, not of who computes them.
 
-Every mask element is a 16-bit draw of a counter-based generator, Philox-4x64-10 (Salmon et al.,
-"Parallel random numbers: as easy as 1, 2, 3", SC'11), keyed by ``(run seed, step)``; its counter
-names the element: the dropout *site* (a layer's attention weights, or one of its two add & norm
-inputs: :func:`site_id`), the *global* index of the example in the batch, and the element's
-flat index within that example's shape (position, then feature). So the mask of rows
-``[a, b)`` computed alone equals rows ``a..b-1`` of the whole batch's mask: accumulation
-micro-batches, devices, DDP ranks and kvstore workers all see the masks of one process with the
-whole batch, and a resumed run the masks of an uninterrupted one (the step is in the key).
-Backends that take their masks from here draw the same ones, bit for bit.
+Every mask element is a 16-bit random draw fixed by the run seed, the step, the dropout *site*
+(a layer's attention weights, or one of its two add & norm inputs: :func:`site_id`), the
+*global* index of the example in the batch and the element's place in that example's shape.
+So the mask of rows ``[a, b)`` computed alone equals rows ``a..b-1`` of the whole batch's mask:
+accumulation micro-batches, devices, DDP ranks and kvstore workers all see the masks of one
+process with the whole batch, and a resumed run the masks of an uninterrupted one (the step
+is in the key). Backends that take their masks from here draw the same ones, bit for bit.
 
-Layout: one Philox block (4 x 64 bits) gives 16 draws, read as little-endian 16-bit words.
-Example ``r`` of a site whose per-example shape has ``n`` elements owns the blocks
-``r * ceil(n / 16)`` to ``(r + 1) * ceil(n / 16) - 1`` (its last block's spare draws are unused);
-block ``b`` of site ``s`` is the counter ``(b, s, 0, DOMAIN)`` (word 0, the lowest, first) under
-the key ``(seed, step)``. Element ``i`` of example ``r`` is draw ``i % 16`` of its block
-``r * ceil(n / 16) + i // 16``. The per-example shape is part of the layout, so every part of a
-batch must pass the same one (one example's shape at the batch's ``max_len``); a path that
-computes fewer positions (packed valid tokens, groups padded to their longest) draws the mask
-at that shape and takes its elements from it.
+The generator, counter-based so that any element costs the same to compute on its own:
 
-The draws come from NumPy's C Philox (:class:`numpy.random.Philox`, bit-identical in NumPy 1.23
-and 2.x), one generator state per site and contiguous run of rows, in cache-sized chunks that
-become the mask at once; a big mask is drawn by several threads (:func:`set_num_threads`;
-NumPy's generator releases the GIL), and ``out=`` fills a buffer reused from step to step.
-:func:`philox4x64` is a vectorized NumPy version of the same function; both are checked
-against Random123's known answers.
+* per ``(seed, step, site)`` a 64-bit stream key, word 0 of Philox-4x64-10 (Salmon et al.,
+  "Parallel random numbers: as easy as 1, 2, 3", SC'11) of the counter
+  ``(site, 0, 0, DOMAIN)`` under the key ``(seed, step)`` (:func:`stream_key`);
+* word ``c`` of the stream is word ``c`` of SplitMix64 (Steele, Lea and Flood, "Fast
+  splittable pseudorandom number generators", OOPSLA'14) seeded with that key:
+  ``mix64(key + (c + 1) * GAMMA)`` (:func:`splitmix64`), read as four little-endian 16-bit
+  draws, the lowest first.
+
+Layout: a site's per-example shape ``(..., n)`` is a stack of *rows* of its last axis; row
+``example * prod(shape[:-1]) + (flat index over the leading axes)`` owns the words
+``row * ceil(n / 4)`` to ``(row + 1) * ceil(n / 4) - 1``, and its element ``j`` is draw
+``j % 4`` of word ``row * ceil(n / 4) + j // 4`` (a row's spare draws are unused). So a path
+that computes fewer positions draws only those: some rows (the valid tokens,
+:func:`keep_rows`), or a prefix of each row (the keys of an attention group padded to its
+longest, ``take=``). The per-example shape is part of the layout: every part of a batch must
+pass the same one (one example's shape at the batch's ``max_len``).
+
+The draws are vectorized NumPy, in cache-sized chunks that become the mask at once; a big mask
+is drawn by several threads (:func:`set_num_threads`; NumPy releases the GIL), and ``out=``
+fills a buffer reused from step to step. :func:`philox4x64` is checked against Random123's
+known answers, :func:`splitmix64` against the published SplitMix64 sequence.
 
 An element is dropped when its draw is below :func:`threshold` ``= round(p * 65536)``, so it is
 kept with probability exactly :func:`keep_probability` ``= 1 - threshold(p) / 65536`` (``p``
@@ -35,6 +40,7 @@ rounded to a multiple of 2**-16); :func:`scaled_mask` scales kept elements by
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -45,12 +51,15 @@ import numpy as np
 
 from bertlite.config import BERTConfig
 
-#: Random draws per Philox-4x64 block (4 words of 64 bits, 16 bits a draw).
-DRAWS_PER_BLOCK = 16
+#: Random draws per 64-bit word of the stream (16 bits a draw).
+DRAWS_PER_WORD = 4
 #: Distinct values of a draw.
 LEVELS = 1 << 16
-#: The counter's last word: keeps these masks apart from any other use of Philox with the key.
+#: The Philox counter's last word: keeps these stream keys apart from any other use of Philox
+#: with the key.
 DOMAIN = 0x64726F70  # "drop"
+#: SplitMix64's increment (the golden ratio's 64-bit fraction).
+GAMMA = 0x9E3779B97F4A7C15
 #: The dropout sites of an encoder block, in the book's names: the attention weights and the
 #: inputs of the two add & norm layers.
 SITE_KINDS = ("attention", "addnorm1", "addnorm2")
@@ -58,10 +67,10 @@ SITE_KINDS = ("attention", "addnorm1", "addnorm2")
 _U64 = (1 << 64) - 1
 _M0, _M1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157  # Philox-4x64 multipliers
 _W0, _W1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B  # Weyl key increments
-_LO32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
-#: draws per chunk (about 256 KB of bits, in cache while they become a mask)
-_CHUNK_DRAWS = 1 << 17
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+#: words per chunk (512 KB: in cache while they become a mask)
+_CHUNK_WORDS = 1 << 16
 #: draws per thread at least, below which a mask is drawn by one thread
 _THREAD_MIN_DRAWS = 1 << 20
 _THREADS: int | None = None
@@ -95,6 +104,13 @@ def keep_probability(p: float) -> float:
     return 1.0 - threshold(p) / LEVELS
 
 
+def mask_scale(p: float) -> float:
+    """What a kept element is multiplied by, ``1 / keep_probability(p)``: a backend that takes
+    bool masks (:func:`keep_rows`, :func:`keep_mask`) scales them by its float32 value, which
+    gives :func:`scaled_mask`'s values exactly."""
+    return 1.0 / keep_probability(p)
+
+
 def site_id(layer: int, kind: str) -> int:
     """The site number of one dropout of encoder block ``layer`` (``kind`` one of
     :data:`SITE_KINDS`), the same in every backend."""
@@ -104,36 +120,54 @@ def site_id(layer: int, kind: str) -> int:
     return layer * len(SITE_KINDS) + SITE_KINDS.index(kind)
 
 
-# -- Philox-4x64-10 ------------------------------------------------------------------------------
+# -- the generator -------------------------------------------------------------------------------
 
 
-def _mulhilo(m: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(hi, lo)`` 64-bit halves of the 128-bit products ``m * x`` (32-bit limbs)."""
-    m_lo, m_hi = np.uint64(m & 0xFFFFFFFF), np.uint64(m >> 32)
-    x_lo, x_hi = x & _LO32, x >> _S32
-    ll, lh, hl, hh = x_lo * m_lo, x_lo * m_hi, x_hi * m_lo, x_hi * m_hi
-    mid = (ll >> _S32) + (lh & _LO32) + (hl & _LO32)
-    hi = hh + (lh >> _S32) + (hl >> _S32) + (mid >> _S32)
-    return hi, x * np.uint64(m)  # the low half is the product modulo 2**64
-
-
-def philox4x64(counter: Any, key: Sequence[int], rounds: int = 10) -> np.ndarray:
-    """Philox-4x64 of counters ``(..., 4)`` (uint64, word 0 first) under ``key`` (two words):
-    the ``(..., 4)`` uint64 outputs. Vectorized NumPy; the reference for the fast path."""
-    ctr = np.asarray(counter, dtype=np.uint64)
-    if ctr.shape[-1:] != (4,):
-        raise ValueError(f"counter must have shape (..., 4), got {ctr.shape}")
+def philox4x64(counter: Sequence[int], key: Sequence[int], rounds: int = 10
+               ) -> tuple[int, int, int, int]:
+    """Philox-4x64 of one counter (four 64-bit words, word 0 first) under ``key`` (two words):
+    the four output words."""
+    if len(counter) != 4:
+        raise ValueError(f"counter must be four 64-bit words, got {counter!r}")
     if len(key) != 2:
         raise ValueError(f"key must be two 64-bit words, got {key!r}")
+    c0, c1, c2, c3 = (_check_uint("counter word", c) for c in counter)
     k0, k1 = (_check_uint("key word", k) for k in key)
-    c0, c1, c2, c3 = (ctr.reshape(-1, 4)[:, i].copy() for i in range(4))
     for r in range(rounds):
         if r:
             k0, k1 = (k0 + _W0) & _U64, (k1 + _W1) & _U64
-        hi0, lo0 = _mulhilo(_M0, c0)
-        hi1, lo1 = _mulhilo(_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
-    return np.stack([c0, c1, c2, c3], axis=-1).reshape(ctr.shape)
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = (p1 >> 64) ^ c1 ^ k0, p1 & _U64, (p0 >> 64) ^ c3 ^ k1, p0 & _U64
+    return c0, c1, c2, c3
+
+
+@functools.lru_cache(maxsize=4096)
+def stream_key(seed: int, step: int, site: int) -> int:
+    """The 64-bit key of the stream of site ``site`` at step ``step`` of the run ``seed``:
+    word 0 of Philox-4x64-10 of ``(site, 0, 0, DOMAIN)`` under ``(seed, step)``."""
+    return philox4x64((_check_uint("site", site), 0, 0, DOMAIN),
+                      (_check_uint("seed", seed), _check_uint("step", step)))[0]
+
+
+def _mix(z: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, in place on uint64 ``z`` (``tmp``: scratch of its shape)."""
+    np.right_shift(z, _S30, out=tmp)
+    z ^= tmp
+    z *= _MIX1
+    np.right_shift(z, _S27, out=tmp)
+    z ^= tmp
+    z *= _MIX2
+    np.right_shift(z, _S31, out=tmp)
+    z ^= tmp
+    return z
+
+
+def splitmix64(key: int, counters: Any) -> np.ndarray:
+    """Words ``counters`` (uint64) of SplitMix64 seeded with ``key``: ``mix64(key + (c + 1) *
+    GAMMA)``, the ``c``-th output (from 0) of the sequential generator."""
+    z = np.asarray(counters, dtype=np.uint64) + np.uint64(1)
+    z = z * np.uint64(GAMMA) + np.uint64(_check_uint("key", key))
+    return _mix(z, np.empty_like(z))
 
 
 def _threads() -> int:
@@ -173,27 +207,121 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-# -- masks -------------------------------------------------------------------------------------
+def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int, take: int,
+              emit: Callable[[int, np.ndarray], None]) -> None:
+    """Draw the first ``take`` draws of every row of ``rows`` (1-D global row ids of rows of
+    ``row_length``) chunk by chunk, handing each to ``emit(first, bits)`` with ``bits`` a
+    ``(k, take)`` uint16 view of rows ``first .. first + k - 1``; big masks are drawn by several
+    threads."""
+    key = stream_key(seed, step, site)
+    words = -(-row_length // DRAWS_PER_WORD)
+    need = -(-take // DRAWS_PER_WORD)
+    if rows.size and int(rows.max()) * words + need > _U64:
+        raise ValueError(f"rows of {row_length} draws up to row {int(rows.max())} exceed the "
+                         "2**64 words of a site's stream")
+    per_chunk = max(1, _CHUNK_WORDS // need)
+    row_step = np.uint64(words * GAMMA & _U64)  # a row further: words * GAMMA more
+    consecutive = need == words and (rows.size < 2 or bool((np.diff(rows) == 1).all()))
+
+    def work(lo: int, hi: int) -> None:
+        size = min(per_chunk, hi - lo)
+        # word c of the stream is mix64(key + (c + 1) * GAMMA): the chunk's words from their
+        # rows' first words, or, for whole consecutive rows, from one ramp
+        ramp = np.arange(1, size * need + 1, dtype=np.uint64) * np.uint64(GAMMA)
+        offsets = ramp[:need] + np.uint64(key)
+        z = np.empty((size, need), dtype=np.uint64)
+        tmp = np.empty_like(z)
+        for first in range(lo, hi, per_chunk):
+            k = min(per_chunk, hi - first)
+            part = rows[first:first + k]
+            if consecutive:
+                start = np.uint64((int(part[0]) * words * GAMMA + key) & _U64)
+                np.add(ramp[:k * need], start, out=z[:k].reshape(-1))
+            else:
+                np.add((part.astype(np.uint64) * row_step)[:, None], offsets, out=z[:k])
+            _mix(z[:k], tmp[:k])
+            emit(first, z[:k].astype("<u8", copy=False).view("<u2")[:, :take])
+
+    threads = min(_threads(), max(1, rows.size * take // _THREAD_MIN_DRAWS))
+    if threads == 1:
+        work(0, rows.size)
+        return
+    bounds = [rows.size * i // threads for i in range(threads + 1)]
+    for future in [_pool(threads).submit(work, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+        future.result()
 
 
-def _row_runs(rows: Any) -> tuple[list[tuple[int, int]], int]:
-    """Runs ``(first, length)`` of consecutive global row indices, and the row count."""
-    if isinstance(rows, range) and rows.step == 1:
-        if rows.start < 0:
+def _check_rows(rows: Any) -> np.ndarray:
+    index = np.asarray(rows)
+    if not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
+        raise TypeError(f"rows must be integer row indices, got {rows!r}")
+    if index.size and index.min() < 0:
+        raise ValueError(f"rows must be global row indices >= 0, got {index.min()}")
+    return index.astype(np.int64, copy=False)
+
+
+def _check_take(row_length: Any, take: Any) -> tuple[int, int]:
+    row_length = _check_uint("row_length", row_length)
+    take = row_length if take is None else _check_uint("take", take)
+    if not 0 < take <= row_length:
+        raise ValueError(f"take must be in [1, row_length={row_length}], got {take}")
+    return row_length, take
+
+
+def row_bits(seed: int, step: int, site: int, rows: Any, row_length: int,
+             take: int | None = None) -> np.ndarray:
+    """The uint16 draws ``(*rows.shape, take)`` of the rows ``rows`` (global row ids, any
+    shape; see the layout above) of ``row_length`` draws, their first ``take`` (all by
+    default), of site ``site`` at step ``step`` of the run ``seed``."""
+    index = _check_rows(rows)
+    row_length, take = _check_take(row_length, take)
+    flat = index.reshape(-1)
+    out = np.empty((flat.size, take), dtype=np.uint16)
+
+    def emit(first: int, bits: np.ndarray) -> None:
+        out[first:first + len(bits)] = bits
+
+    _generate(seed, step, site, flat, row_length, take, emit)
+    return out.reshape(*index.shape, take)
+
+
+def keep_rows(seed: int, step: int, site: int, p: float, rows: Any, row_length: int,
+              take: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Which elements dropout keeps (bool ``(*rows.shape, take)``) in the rows ``rows``
+    (global row ids, any shape: example ``e``'s rows of a per-example shape ``(..., n)`` are
+    ``e * prod(shape[:-1])`` onwards) of ``row_length`` elements, their first ``take``: what a
+    path that computes only some positions reads of :func:`keep_mask`'s mask. ``out``: a
+    C-contiguous bool array of that shape to fill."""
+    drop = np.uint16(threshold(p))
+    index = _check_rows(rows)
+    row_length, take = _check_take(row_length, take)
+    flat = index.reshape(-1)
+    result = out = _output(out, (*index.shape, take), np.dtype(bool))
+    out = out.reshape(flat.size, take)
+
+    def emit(first: int, bits: np.ndarray) -> None:
+        np.greater_equal(bits, drop, out=out[first:first + len(bits)])
+
+    _generate(seed, step, site, flat, row_length, take, emit)
+    return result
+
+
+# -- whole masks ---------------------------------------------------------------------------------
+
+
+def _examples(rows: Any) -> np.ndarray:
+    """Global example indices: a ``range`` or a 1-D integer sequence."""
+    if isinstance(rows, range):
+        if rows.start < 0 or (len(rows) and rows[-1] < 0):
             raise ValueError(f"rows must be global example indices >= 0, got {rows!r}")
-        return ([(rows.start, len(rows))] if len(rows) else []), len(rows)
+        return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
     index = np.asarray(rows)
     if index.ndim != 1 or not (index.size == 0 or np.issubdtype(index.dtype, np.integer)):
         raise TypeError("rows must be a range or a 1-D sequence of integer example indices, "
                         f"got {rows!r}")
     if index.size and index.min() < 0:
         raise ValueError(f"rows must be global example indices >= 0, got {index.min()}")
-    index = index.astype(np.int64)
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    starts = np.concatenate([[0], breaks]).astype(np.int64)
-    ends = np.concatenate([breaks, [index.size]]).astype(np.int64)
-    return ([(int(index[s]), int(e - s)) for s, e in zip(starts, ends)] if index.size else []
-            ), int(index.size)
+    return index.astype(np.int64)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -204,63 +332,20 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _segments(runs: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
-    """The runs cut into ``parts`` pieces of about equal rows: lists of ``(out_row, first,
-    length)``, each piece contiguous in the output."""
-    total = sum(length for _, length in runs)
-    size = max(1, -(-total // parts))
-    pieces: list[list[tuple[int, int, int]]] = [[]]
-    out_row, room = 0, size
-    for first, length in runs:
-        while length:
-            if not room:
-                pieces.append([])
-                room = size
-            take = min(length, room)
-            pieces[-1].append((out_row, first, take))
-            out_row, first, length, room = out_row + take, first + take, length - take, room - take
-    return pieces
+def _example_rows(examples: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The global row ids of these examples' masks of per-example ``shape``, in order."""
+    per_example = math.prod(shape[:-1])
+    return (examples[:, None] * per_example + np.arange(per_example, dtype=np.int64)).reshape(-1)
 
 
-def _generate(seed: int, step: int, site: int, rows: Any, shape: Any,
-              emit: Callable[[int, np.ndarray], None]) -> tuple[int, tuple[int, ...]]:
-    """Draw the bits of ``rows`` x ``shape`` chunk by chunk (a few hundred KB, cache-sized),
-    handing each to ``emit(out_row, bits)`` with ``bits`` a ``(k, prod(shape))`` uint16 view;
-    big masks are drawn by several threads (NumPy's Philox runs without the GIL). Returns the
-    row count and the checked shape."""
-    key = np.array([_check_uint("seed", seed), _check_uint("step", step)], dtype=np.uint64)
+def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[int, ...],
+           out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    rows = _example_rows(examples, shape)
+    flat = out.reshape(rows.size, shape[-1])
     site = _check_uint("site", site)
-    shape = _check_shape(shape)
-    runs, count = _row_runs(rows)
-    per_row = math.prod(shape)
-    blocks = -(-per_row // DRAWS_PER_BLOCK)
-    if runs and max(first + length for first, length in runs) * blocks >= 1 << 64:
-        raise ValueError(f"rows x shape {shape} exceed the 2**64 blocks of a site's counter")
-    rows_per_chunk = max(1, _CHUNK_DRAWS // (blocks * DRAWS_PER_BLOCK))
-    threads = min(_threads(), max(1, count * per_row // _THREAD_MIN_DRAWS))
-
-    def work(piece: list[tuple[int, int, int]]) -> None:
-        gen = np.random.Philox(key=key)
-        for out_row, first, length in piece:
-            # NumPy steps its counter before each block: start one block before the run's
-            base = (first * blocks + (site << 64) + (DOMAIN << 192) - 1) % (1 << 256)
-            gen.state = {"bit_generator": "Philox", "buffer": np.zeros(4, np.uint64),
-                         "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
-                         "state": {"key": key, "counter": np.array(
-                             [(base >> (64 * i)) & _U64 for i in range(4)], dtype=np.uint64)}}
-            for done in range(0, length, rows_per_chunk):
-                k = min(rows_per_chunk, length - done)
-                raw = gen.random_raw(4 * blocks * k)
-                bits = raw.astype("<u8", copy=False).view("<u2").reshape(k, -1)
-                emit(out_row + done, bits[:, :per_row])
-
-    pieces = _segments(runs, threads)
-    if len(pieces) == 1:
-        work(pieces[0])
-    else:
-        for future in [_pool(len(pieces)).submit(work, piece) for piece in pieces]:
-            future.result()
-    return count, shape
+    _generate(_check_uint("seed", seed), _check_uint("step", step), site, rows, shape[-1],
+              shape[-1], lambda first, bits: fill(flat[first:first + len(bits)], bits))
+    return out
 
 
 def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
@@ -268,14 +353,13 @@ def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
     """The uint16 draws ``(len(rows), *shape)`` of site ``site`` at step ``step`` of the run
     ``seed``, for the global example indices ``rows`` (a ``range`` for a contiguous part of the
     batch, else any sequence); ``shape`` is one example's shape at this site."""
-    count, shape = _prepare(rows, shape)
-    out = np.empty((count, math.prod(shape)), dtype=np.uint16)
+    examples, shape = _examples(rows), _check_shape(shape)
+    out = np.empty((examples.size, *shape), dtype=np.uint16)
 
-    def emit(row: int, bits: np.ndarray) -> None:
-        out[row:row + len(bits)] = bits
+    def fill(part: np.ndarray, bits: np.ndarray) -> None:
+        part[...] = bits
 
-    _generate(seed, step, site, rows, shape, emit)
-    return out.reshape(count, *shape)
+    return _whole(seed, step, site, examples, shape, out, fill)
 
 
 def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
@@ -284,16 +368,13 @@ def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: i
     ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`.
     ``out``: a C-contiguous bool array of that shape to fill (a buffer reused every step)."""
     drop = np.uint16(threshold(p))
-    index = _row_range(row_start, rows)
-    count, shape = _prepare(index, shape)
-    result = out = _output(out, count, shape, np.dtype(bool))
-    out = out.reshape(count, math.prod(shape))
+    examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
+    out = _output(out, (examples.size, *shape), np.dtype(bool))
 
-    def emit(row: int, bits: np.ndarray) -> None:
-        np.greater_equal(bits, drop, out=out[row:row + len(bits)])
+    def fill(part: np.ndarray, bits: np.ndarray) -> None:
+        np.greater_equal(bits, drop, out=part)
 
-    _generate(seed, step, site, index, shape, emit)
-    return result
+    return _whole(seed, step, site, examples, shape, out, fill)
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
@@ -305,34 +386,25 @@ def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows:
     drop = np.uint16(threshold(p))
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
-    index = _row_range(row_start, rows)
-    count, shape = _prepare(index, shape)
-    result = out = _output(out, count, shape, np.dtype(dtype))
-    out = out.reshape(count, math.prod(shape))
-    scale = out.dtype.type(1.0 / keep_probability(p))
+    examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
+    out = _output(out, (examples.size, *shape), np.dtype(dtype))
+    scale = out.dtype.type(mask_scale(p))
 
-    def emit(row: int, bits: np.ndarray) -> None:
-        part = out[row:row + len(bits)]
+    def fill(part: np.ndarray, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=part)
         part *= scale
 
-    _generate(seed, step, site, index, shape, emit)
-    return result
+    return _whole(seed, step, site, examples, shape, out, fill)
 
 
-def _prepare(rows: Any, shape: Any) -> tuple[int, tuple[int, ...]]:
-    return _row_runs(rows)[1], _check_shape(shape)
-
-
-def _output(out: np.ndarray | None, count: int, shape: tuple[int, ...], dtype: np.dtype
-            ) -> np.ndarray:
-    """``out`` (checked) or a new array of shape ``(count, *shape)``."""
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``out`` (checked) or a new array of ``shape``."""
     if out is None:
-        return np.empty((count, *shape), dtype=dtype)
-    if (not isinstance(out, np.ndarray) or out.shape != (count, *shape) or out.dtype != dtype
+        return np.empty(shape, dtype=dtype)
+    if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype
             or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
-                         f"{(count, *shape)}, got "
+                         f"{shape}, got "
                          f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     return out
 
@@ -344,27 +416,26 @@ def _row_range(row_start: int, rows: int) -> range:
     return range(row_start, row_start + int(rows))
 
 
-def mask_scale(p: float) -> float:
-    """What a kept element is multiplied by, ``1 / keep_probability(p)``: a backend that takes
-    bool masks (:func:`encoder_masks` with ``dtype=bool``) scales them by its float32 value,
-    which gives :func:`scaled_mask`'s values exactly."""
-    return 1.0 / keep_probability(p)
+def site_shapes(config: BERTConfig, length: int) -> dict[str, tuple[int, ...]]:
+    """One example's mask shape at every site of a block, for a batch padded to ``length``:
+    ``"attention"`` ``(num_heads, length, length)`` (heads, then queries, then keys, as both
+    backends lay out the attention weights) and ``"addnorm1"``, ``"addnorm2"``
+    ``(length, num_hiddens)``."""
+    length = _check_uint("length", length)
+    return {"attention": (config.num_heads, length, length),
+            "addnorm1": (length, config.num_hiddens), "addnorm2": (length, config.num_hiddens)}
 
 
 def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows: int,
                   length: int, dtype: Any = np.float32) -> list[dict[str, np.ndarray]]:
     """The scaled masks of every dropout of the encoder for the global examples ``row_start ..
-    row_start + rows - 1`` of a batch padded to ``length``: per layer, ``"attention"``
-    ``(rows, num_heads, length, length)`` (batch-major, then heads, as both backends lay out
-    the attention weights) and ``"addnorm1"``, ``"addnorm2"`` ``(rows, length, num_hiddens)``.
-    ``dtype=bool``: the keep masks (:func:`keep_mask`, a quarter of float32's memory) for a
-    backend that scales by :func:`mask_scale` only the elements it reads. Empty when
-    ``config.dropout`` is 0."""
+    row_start + rows - 1`` of a batch padded to ``length``, per layer by site
+    (:func:`site_shapes`, batch-major). ``dtype=bool``: the keep masks (:func:`keep_mask`, a
+    quarter of float32's memory) for a backend that scales by :func:`mask_scale` only the
+    elements it reads. Empty when ``config.dropout`` is 0."""
     if config.dropout == 0:
         return []
-    length = _check_uint("length", length)
-    shapes = {"attention": (config.num_heads, length, length),
-              "addnorm1": (length, config.num_hiddens), "addnorm2": (length, config.num_hiddens)}
+    shapes = site_shapes(config, length)
     if np.dtype(dtype) == np.dtype(bool):
         return [{kind: keep_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
                                  rows, shape)

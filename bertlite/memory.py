@@ -62,7 +62,8 @@ class SavedTensors:
     #: ... and of the FFN's hidden activation (per token, x ffn_num_hiddens)
     backward_ffn: int = 1
     #: bytes per element of the dropout masks drawn on the host (bertlite.dropout) as the
-    #: backend takes them: 4 for float32 masks, 1 for bool keep masks
+    #: backend holds them: 4 for float32 masks, 1 for bool keep masks, 0 for masks drawn where
+    #: they are read (nothing held between steps)
     host_mask_bytes: int = 4
 
     def __post_init__(self) -> None:

@@ -62,8 +62,9 @@ FRAMEWORK_SPECIFIC: dict[str, dict[str, set[str]]] = {
                     "cross_entropy_reference", "decoder_cross_entropy_reference", "dropout",
                     "dropout_add_reference", "ffn_reference", "gelu_linear", "keep_mask",
                     "linear", "linear_reference", "mkldnn_linear", "uses_keep_mask",
-                    # dropout masks as bool keep masks, scaled where they are read
-                    "Keeps", "scale_keep"},
+                    # dropout masks drawn where the packed path reads them (MXNet's static
+                    # graph takes whole masks, fast.shard_masks), scaled once drawn
+                    "LayerMasks", "scale_keep"},
         # the per-batch loss of one model (MXNet: per device shard, `shard_loss`) and the plain
         # per-row cross-entropy (MXNet's `cross_entropy` takes Gluon's F to run in a graph too)
         "loss": {"batch_loss", "plain_cross_entropy"},

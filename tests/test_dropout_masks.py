@@ -38,58 +38,104 @@ KAT_4X64 = {
 @pytest.mark.parametrize("rounds,counter,key,expected",
                          [(r, *case) for r, cases in KAT_4X64.items() for case in cases])
 def test_philox4x64_known_answers(rounds, counter, key, expected):
-    out = D.philox4x64(np.array(counter, dtype=np.uint64), key, rounds=rounds)
-    assert out.dtype == np.uint64 and out.shape == (4,)
-    assert [int(x) for x in out] == expected
+    assert list(D.philox4x64(counter, key, rounds=rounds)) == expected
 
 
-@pytest.mark.parametrize("counter,key,expected", KAT_4X64[10])
-def test_numpys_philox_gives_the_known_answers(counter, key, expected):
-    """The fast path's engine, with its convention (it steps the counter before a block)."""
-    before = (sum(c << (64 * i) for i, c in enumerate(counter)) - 1) % (1 << 256)
-    gen = np.random.Philox(counter=np.array([(before >> (64 * i)) & (2**64 - 1)
-                                             for i in range(4)], dtype=np.uint64),
-                           key=np.array(key, dtype=np.uint64))
-    assert [int(x) for x in gen.random_raw(4)] == expected
+def _splitmix64(seed, n):
+    """The sequential SplitMix64 of Steele, Lea and Flood (Vigna's splitmix64.c), n outputs."""
+    state, out = seed, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) % 2**64
+        z = state
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        out.append(z ^ (z >> 31))
+    return out
 
 
-def test_philox4x64_is_vectorized_over_counters():
-    (zero, _, out0), (ones, _, _), (pi, _, _) = KAT_4X64[10]
-    key = KAT_4X64[10][2][1]
-    counters = np.array([[pi, zero], [ones, pi]], dtype=np.uint64)
-    batch = D.philox4x64(counters, key)
-    assert batch.shape == (2, 2, 4)
-    assert [int(x) for x in batch[0, 0]] == KAT_4X64[10][2][2]
-    for i, j in np.ndindex(2, 2):
-        np.testing.assert_array_equal(batch[i, j], D.philox4x64(counters[i, j], key))
-    assert [int(x) for x in D.philox4x64(np.zeros(4, np.uint64), [0, 0])] == out0
+def test_splitmix64_is_the_sequential_generator():
+    # its published first outputs from seed 0
+    assert _splitmix64(0, 2) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    for seed in (0, 1, 2**64 - 1, 0x243F6A8885A308D3):
+        words = D.splitmix64(seed, np.arange(40, dtype=np.uint64))
+        assert words.dtype == np.uint64
+        assert [int(w) for w in words] == _splitmix64(seed, 40)
+    # any word on its own: counter c is the c-th output
+    assert int(D.splitmix64(7, [39])[0]) == _splitmix64(7, 40)[39]
+
+
+def test_stream_keys_are_philox_of_the_site():
+    assert D.stream_key(3, 5, 7) == D.philox4x64((7, 0, 0, D.DOMAIN), (3, 5))[0]
+    keys = {D.stream_key(seed, step, site) for seed in range(3) for step in range(3)
+            for site in range(3)}
+    assert len(keys) == 27
 
 
 def _reference_bits(seed, step, site, rows, shape):
-    """The documented layout, from the vectorized reference: example r's element i is draw
-    i % 16 of block r * ceil(n / 16) + i // 16, counter (block, site, 0, DOMAIN)."""
-    n = math.prod(shape)
-    blocks = -(-n // 16)
-    out = []
-    for r in rows:
-        counter = np.zeros((blocks, 4), dtype=np.uint64)
-        counter[:, 0] = np.arange(r * blocks, (r + 1) * blocks, dtype=np.uint64)
-        counter[:, 1] = site
-        counter[:, 3] = D.DOMAIN
-        words = D.philox4x64(counter, (seed, step))
-        out.append(words.astype("<u8").view("<u2").reshape(-1)[:n].reshape(shape))
-    return np.stack(out)
+    """The documented layout, from the scalar references: element ``j`` of row ``r`` (example
+    ``e``'s leading index ``a``: ``r = e * prod(shape[:-1]) + a``) is draw ``j % 4`` of word
+    ``r * ceil(n / 4) + j // 4`` of SplitMix64 seeded with the site's stream key."""
+    n, per_example = shape[-1], math.prod(shape[:-1])
+    words = -(-n // 4)
+    key = D.philox4x64((site, 0, 0, D.DOMAIN), (seed, step))[0]
+    out = np.empty((len(rows), per_example, n), dtype=np.uint16)
+    for i, e in enumerate(rows):
+        for a in range(per_example):
+            first = (e * per_example + a) * words
+            stream = [(key + (first + c + 1) * 0x9E3779B97F4A7C15) % 2**64
+                      for c in range(words)]
+            ws = [_mix(z) for z in stream]
+            draws = [(w >> (16 * lane)) & 0xFFFF for w in ws for lane in range(4)]
+            out[i, a] = draws[:n]
+    return out.reshape(len(rows), *shape)
+
+
+def _mix(z):
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+    return z ^ (z >> 31)
 
 
 @pytest.mark.parametrize("seed,step,site,rows,shape", [
     (0, 0, 0, range(3), (16,)),
-    (7, 123, 5, range(40, 44), (3, 37)),  # 111 draws a row: the last block half used
+    (7, 123, 5, range(40, 44), (3, 37)),  # 37 draws a row: the last word's three spare
     (2**64 - 1, 2**64 - 1, 2**40, [9, 2, 2**20], (2, 5, 5)),
 ])
-def test_fast_path_is_the_documented_philox_layout(seed, step, site, rows, shape):
+def test_fast_path_is_the_documented_layout(seed, step, site, rows, shape):
     bits = D.random_bits(seed, step, site, rows, shape)
     assert bits.dtype == np.uint16 and bits.shape == (len(rows), *shape)
     np.testing.assert_array_equal(bits, _reference_bits(seed, step, site, rows, shape))
+
+
+def test_keep_rows_are_the_whole_masks_elements():
+    """What a path that computes fewer positions draws: some rows, a prefix of each."""
+    rng = np.random.default_rng(1)
+    batch, shape, p = 12, (3, 10, 10), 0.3  # (heads, queries, keys) of one example
+    whole = D.keep_mask(5, 6, 7, p, 0, batch, shape)
+    rows_of_whole = whole.reshape(-1, shape[-1])
+    np.testing.assert_array_equal(D.keep_rows(5, 6, 7, p, np.arange(batch * 30), 10),
+                                  rows_of_whole)
+    for _ in range(20):
+        index = rng.integers(0, batch * 30, size=tuple(rng.integers(1, 5, size=2)))
+        take = int(rng.integers(1, 11))
+        got = D.keep_rows(5, 6, 7, p, index, 10, take=take)
+        assert got.shape == (*index.shape, take) and got.dtype == bool
+        np.testing.assert_array_equal(got, rows_of_whole[index][..., :take])
+    # the bits under them, and an out buffer
+    np.testing.assert_array_equal(D.row_bits(5, 6, 7, [4, 0], 10, take=6),
+                                  D.random_bits(5, 6, 7, range(1), shape)
+                                  .reshape(-1, 10)[[4, 0], :6])
+    out = np.empty((2, 10), bool)
+    assert D.keep_rows(5, 6, 7, p, [3, 1], 10, out=out) is out
+    np.testing.assert_array_equal(out, rows_of_whole[[3, 1]])
+    # drawn by several threads: the same
+    try:
+        D.set_num_threads(3)
+        many = D.keep_rows(5, 6, 7, p, np.arange(200_000), 16)
+        D.set_num_threads(1)
+        np.testing.assert_array_equal(D.keep_rows(5, 6, 7, p, np.arange(200_000), 16), many)
+    finally:
+        D.set_num_threads(None)
 
 
 def test_any_split_of_the_batch_gives_the_same_masks():
@@ -253,9 +299,12 @@ def test_bad_probability(p, error, message):
     (lambda: D.random_bits(0, 0, 0, [1, -3], (8,)), ValueError, "indices >= 0"),
     (lambda: D.random_bits(0, 0, 0, [[1, 2]], (8,)), TypeError, "1-D sequence"),
     (lambda: D.random_bits(0, 0, 0, [0.5], (8,)), TypeError, "1-D sequence"),
-    (lambda: D.random_bits(0, 0, 0, [2**62], (64,)), ValueError, "2\\*\\*64 blocks"),
+    (lambda: D.random_bits(0, 0, 0, [2**62], (64,)), ValueError, "2\\*\\*64 words"),
+    (lambda: D.keep_rows(0, 0, 0, 0.2, [1, 2], 8, take=9), ValueError, r"take must be in \[1, "),
+    (lambda: D.keep_rows(0, 0, 0, 0.2, [1, -2], 8), ValueError, "row indices >= 0"),
+    (lambda: D.keep_rows(0, 0, 0, 0.2, [0.5], 8), TypeError, "integer row indices"),
     (lambda: D.set_num_threads(0), ValueError, "threads must be a positive integer"),
-    (lambda: D.philox4x64([1, 2, 3], [0, 0]), ValueError, r"shape \(\.\.\., 4\)"),
+    (lambda: D.philox4x64([1, 2, 3], [0, 0]), ValueError, "four 64-bit words"),
     (lambda: D.philox4x64([1, 2, 3, 4], [0]), ValueError, "two 64-bit words"),
 ])
 def test_argument_errors(call, error, message):

@@ -39,7 +39,9 @@ SAVED_TENSORS = SavedTensors(block_hidden=8, block_ffn=1, block_hidden_float32=2
                              block_float32=4, block_scores=3, embedding_hidden_float32=1,
                              head_hidden=3, head_vocab_float32=1,
                              backward_head_vocab_float32=1, backward_scores=2, backward_ffn=1,
-                             host_mask_bytes=1)  # bool keep masks (kernels.Keeps)
+                             # masks drawn where read, in the forward pass (kernels.LayerMasks):
+                             # none held on the host (the saved scaled ones are in block_*)
+                             host_mask_bytes=0)
 
 
 class TorchBackend(Backend):

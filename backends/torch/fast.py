@@ -40,12 +40,11 @@ from .kernels import (
     CrossEntropy,
     DecoderCrossEntropy,
     DropoutAdd,
-    Keeps,
+    LayerMasks,
     dropout,
     keep_mask,
     linear,
     mkldnn_linear,
-    scale_keep,
     uses_keep_mask,
 )
 from .packing import (
@@ -204,37 +203,68 @@ def decoder_cross_entropy(mlm: MaskLM, rows: torch.Tensor, labels: torch.Tensor
 
 # -- the packed forward -----------------------------------------------------------------------
 
+def _groups(packing: Packing, queries: Packing | None
+            ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """Per attention group: its examples, their query positions ``(size, queries)`` (with
+    ``queries``, :func:`select`'s; padded query slots read position 0, their outputs are
+    dropped; None: the first ``keys``) and its number of keys."""
+    groups, first = [], 0
+    for g, (size, n, _) in enumerate(packing.groups):
+        members = packing.order[first:first + size]
+        positions = None
+        if queries is not None:
+            _, m, start = queries.groups[g]
+            slots = torch.zeros(queries.num_slots, dtype=torch.int64, device=members.device)
+            slots[queries.rows] = queries.positions
+            positions = slots[start:start + size * m].view(m, size).t()  # (size, m)
+        groups.append((members, positions, n))
+        first += size
+    return groups
+
+
 def group_keeps(keep: torch.Tensor, packing: Packing, queries: Packing | None = None
                 ) -> list[torch.Tensor]:
     """Every attention group's ``(size * heads, queries, keys)`` elements of a full-shape
-    attention dropout mask ``keep`` ``(batch, heads, length, length)``, of its dtype (a bool
-    keep mask is gathered before it is scaled, :func:`.kernels.scale_keep`): its examples, their
-    query positions (with ``queries``, :func:`select`'s; padded query slots read position 0,
-    their outputs are dropped) and the group's keys."""
-    keeps, first = [], 0
-    for g, (size, n, _) in enumerate(packing.groups):
-        members = packing.order[first:first + size]
-        if queries is None:
+    attention dropout mask ``keep`` ``(batch, heads, length, length)``: its examples, their
+    query positions (:func:`_groups`) and the group's keys. The reference for
+    :meth:`.kernels.LayerMasks.attention`, which draws only these elements."""
+    keeps = []
+    for members, positions, n in _groups(packing, queries):
+        if positions is None:
             part = keep.index_select(0, members)[:, :, :n, :n]
-        else:
-            _, m, start = queries.groups[g]
-            slots = torch.zeros(queries.num_slots, dtype=torch.int64, device=keep.device)
-            slots[queries.rows] = queries.positions
-            positions = slots[start:start + size * m].view(m, size).t()  # (size, m)
-            # advanced indices around a slice: (size, m, heads, n)
+        else:  # advanced indices around a slice: (size, m, heads, n)
             part = keep[members.unsqueeze(1), :, positions, :n].transpose(1, 2)
-        keeps.append(part.reshape(size * part.shape[1], part.shape[2], part.shape[3]))
-        first += size
+        keeps.append(part.reshape(-1, part.shape[2], part.shape[3]))
     return keeps
 
 
+def _attention_keeps(masks: LayerMasks | dict[str, torch.Tensor], packing: Packing,
+                     queries: Packing | None) -> list[torch.Tensor]:
+    """The groups' scaled attention masks: drawn where read, or gathered from a full mask."""
+    if isinstance(masks, LayerMasks):
+        return [masks.attention(members, positions, n)
+                for members, positions, n in _groups(packing, queries)]
+    return group_keeps(masks["attention"], packing, queries)
+
+
+def _row_keep(masks: LayerMasks | dict[str, torch.Tensor] | None, kind: str, layout: Packing
+              ) -> torch.Tensor | None:
+    """An add & norm site's scaled mask at the layout's rows: drawn there, or gathered."""
+    if masks is None:
+        return None
+    if isinstance(masks, LayerMasks):
+        return masks.rows(kind, layout.padded_rows)
+    keep = masks[kind]
+    return keep.reshape(-1, keep.shape[-1]).index_select(0, layout.padded_rows)
+
+
 def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
-              queries: Packing | None = None, keep: torch.Tensor | None = None,
-              keep_scale: float | None = None) -> torch.Tensor:
+              queries: Packing | None = None,
+              masks: LayerMasks | dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Self-attention of packed rows ``(tokens, hidden)``; with ``queries`` (:func:`select`)
-    only for those rows, every row a key. ``keep``: the full-shape dropout mask of the
-    attention weights (:func:`group_keeps`; a bool one with its ``keep_scale``), else one drawn
-    here when training."""
+    only for those rows, every row a key. ``masks``: the layer's dropout masks (a
+    :class:`.kernels.LayerMasks`, or full-shape scaled masks by site), else one drawn here
+    when training."""
     num_heads = mha.num_heads
     scale = 1.0 / math.sqrt(X.shape[-1] // num_heads)
     bias = mha.W_q.bias
@@ -245,36 +275,33 @@ def attention(mha: MultiHeadAttention, X: torch.Tensor, packing: Packing,
     if queries is None:
         heads = Projections.apply(X, packing, num_heads, wq, bq, *kv)
         qs, heads = heads[:num_groups], heads[num_groups:]
-        queries = packing
     else:
         qs = Projections.apply(X, queries, num_heads, wq, bq)
         heads = Projections.apply(X, packing, num_heads, *kv)
     ks, vs = heads[:num_groups], heads[num_groups:]
     p = mha.dropout.p
     keeps: list[torch.Tensor | None] = [None] * num_groups
-    if keep is not None:
-        keeps = [scale_keep(k, keep_scale, X.dtype)
-                 for k in group_keeps(keep, packing, None if queries is packing else queries)]
+    if masks is not None:
+        keeps = [k.to(X.dtype) for k in _attention_keeps(masks, packing, queries)]
     elif uses_keep_mask(p, mha.training):  # all groups' dropout masks drawn at once
+        layout = packing if queries is None else queries
         shapes = [(size * num_heads, m, n) for (size, m, _), (_, n, _)
-                  in zip(queries.groups, packing.groups)]
+                  in zip(layout.groups, packing.groups)]
         keep = keep_mask((sum(math.prod(s) for s in shapes),), p, X.dtype)
         keeps = [m.view(s) for m, s in zip(keep.split([math.prod(s) for s in shapes]), shapes)]
     outputs = [Attention.apply(q, k, v, key_mask, keep)
                for q, k, v, key_mask, keep in zip(qs, ks, vs, packing.key_masks, keeps)]
-    return Output.apply(queries, num_heads, mha.W_o.weight, mha.W_o.bias, *outputs)
+    return Output.apply(packing if queries is None else queries, num_heads, mha.W_o.weight,
+                        mha.W_o.bias, *outputs)
 
 
 def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor,
-             keep: torch.Tensor | None = None, layout: Packing | None = None,
-             keep_scale: float | None = None) -> torch.Tensor:
+             keep: torch.Tensor | None = None) -> torch.Tensor:
     """``ln(dropout(Y) + X)`` on rows, the dropout and the residual addition in one pass.
-    ``keep``: the full-shape ``(batch, length, hidden)`` dropout mask (a bool one with its
-    ``keep_scale``), whose elements at the ``layout``'s rows apply; else one drawn here when
-    training."""
+    ``keep``: ``Y``'s scaled dropout mask (the layer's, at these rows), else one drawn here
+    when training."""
     if keep is not None:
-        rows = keep.reshape(-1, keep.shape[-1]).index_select(0, layout.padded_rows)
-        return addnorm.ln(DropoutAdd.apply(X, Y, scale_keep(rows, keep_scale, Y.dtype)))
+        return addnorm.ln(DropoutAdd.apply(X, Y, keep.to(Y.dtype)))
     p = addnorm.dropout.p
     if not uses_keep_mask(p, addnorm.training):
         return addnorm.ln(F.dropout(Y, p, addnorm.training) + X)
@@ -282,25 +309,22 @@ def add_norm(addnorm: AddNorm, X: torch.Tensor, Y: torch.Tensor,
 
 
 def block(blk: EncoderBlock, X: torch.Tensor, packing: Packing,
-          queries: Packing | None = None, keeps: dict[str, torch.Tensor] | None = None
-          ) -> torch.Tensor:
+          queries: Packing | None = None,
+          masks: LayerMasks | dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The encoder block on packed rows ``(tokens, hidden)``; with ``queries``
-    (:func:`select`) it returns those rows only. ``keeps``: its full-shape dropout masks by
-    site (one layer of :func:`bertlite.dropout.encoder_masks`: scaled, or bool in a
-    :class:`.kernels.Keeps`, whose elements are scaled once gathered)."""
-    keeps = keeps or {}
-    scale = keeps.scale if isinstance(keeps, Keeps) else None
-    keeps = dict(keeps)  # the masks as stored (a Keeps' get would scale the whole mask)
-    Y = attention(blk.attention, X, packing, queries, keeps.get("attention"), scale)
+    (:func:`select`) it returns those rows only. ``masks``: its dropout masks (a
+    :class:`.kernels.LayerMasks`, which draws only the elements read, or one layer of
+    :func:`bertlite.dropout.encoder_masks` as full-shape tensors)."""
+    Y = attention(blk.attention, X, packing, queries, masks)
     if queries is not None:
         X = X.index_select(0, queries.inputs)
     layout = packing if queries is None else queries
-    Y = add_norm(blk.addnorm1, X, Y, keeps.get("addnorm1"), layout, scale)
+    Y = add_norm(blk.addnorm1, X, Y, _row_keep(masks, "addnorm1", layout))
     ffn = blk.ffn
     return add_norm(blk.addnorm2, Y, FFN.apply(Y, ffn.dense1.weight, ffn.dense1.bias,
                                                ffn.dense2.weight, ffn.dense2.bias,
                                                ffn.activation),
-                    keeps.get("addnorm2"), layout, scale)
+                    _row_keep(masks, "addnorm2", layout))
 
 
 def encode(model: BERTModel, tokens: torch.Tensor, segments: torch.Tensor,

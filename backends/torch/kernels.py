@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bertlite.config import BERTConfig
+from bertlite.dropout import keep_rows, mask_scale, scaled_mask, site_id, site_shapes
+
 # -- dense layers with fused bias and ReLU ------------------------------------------------------
 
 
@@ -330,21 +333,60 @@ def scale_keep(keep: torch.Tensor, scale: float | None, dtype: torch.dtype = tor
     return keep.to(torch.float32).mul_(scale).to(dtype)
 
 
-class Keeps(dict):
-    """One layer's dropout masks by site as bool keep masks (the core's
-    :func:`bertlite.dropout.encoder_masks` with ``dtype=bool``: a quarter of float32's memory
-    and copies). ``get(kind)`` gives the whole float32 scaled mask, which is what the plain
-    model multiplies by; the fast path reads the bool mask (``self[kind]``) and scales only the
-    elements it gathers (:func:`scale_keep` with :attr:`scale`). Same values either way."""
+class LayerMasks:
+    """One encoder layer's dropout masks for one piece of a batch (the global examples
+    ``row_start .. row_start + rows - 1``, padded to ``length``), drawn from
+    :mod:`bertlite.dropout` where and when they are read, as float32 scaled masks on
+    ``device``: :meth:`get` the whole mask of a site (what the plain model multiplies by),
+    :meth:`rows` the add & norm rows and :meth:`attention` the attention groups that the packed
+    path computes (only those elements are drawn). The same values either way: every element
+    is a function of its global place (``tests/test_dropout_where_read.py``)."""
 
-    def __init__(self, keeps: dict[str, torch.Tensor], scale: float) -> None:
-        super().__init__(keeps)
+    def __init__(self, config: BERTConfig, seed: int, step: int, layer: int, row_start: int,
+                 rows: int, length: int, device: torch.device | str = "cpu") -> None:
+        self.config, self.p = config, config.dropout
+        self.seed, self.step, self.layer = seed, step, layer
+        self.row_start, self.num_rows, self.length = row_start, rows, length
+        self.num_heads, self.num_hiddens, self.device = (config.num_heads, config.num_hiddens,
+                                                         device)
         #: float32 ``1 / keep_probability`` (:func:`bertlite.dropout.mask_scale`), as a float
-        self.scale = float(np.float32(scale))
+        self.scale = float(np.float32(mask_scale(self.p)))
 
-    def get(self, kind: str, default: Any = None) -> Any:
-        keep = super().get(kind)
-        return default if keep is None else scale_keep(keep, self.scale)
+    def _site(self, kind: str) -> int:
+        return site_id(self.layer, kind)
+
+    def _scaled(self, keep: np.ndarray) -> torch.Tensor:
+        return scale_keep(torch.from_numpy(keep).to(self.device), self.scale)
+
+    def get(self, kind: str, default: Any = None) -> torch.Tensor:
+        """The whole scaled mask of site ``kind`` (:func:`bertlite.dropout.encoder_masks`'
+        shape)."""
+        shape = site_shapes(self.config, self.length)[kind]
+        return torch.from_numpy(scaled_mask(self.seed, self.step, self._site(kind), self.p,
+                                            self.row_start, self.num_rows, shape)
+                                ).to(self.device)
+
+    def rows(self, kind: str, padded_rows: torch.Tensor) -> torch.Tensor:
+        """The scaled mask ``(len(padded_rows), num_hiddens)`` of an add & norm site at the
+        positions ``padded_rows`` (``example * length + position`` within the piece)."""
+        index = padded_rows.cpu().numpy() + self.row_start * self.length
+        return self._scaled(keep_rows(self.seed, self.step, self._site(kind), self.p, index,
+                                      self.num_hiddens))
+
+    def attention(self, members: torch.Tensor, positions: torch.Tensor | None, keys: int
+                  ) -> torch.Tensor:
+        """The scaled attention mask ``(len(members) * num_heads, queries, keys)`` of the
+        examples ``members`` (within the piece): their first ``keys`` keys at the query
+        positions ``positions`` ``(len(members), queries)``, or at the first ``keys`` (None)."""
+        examples = members.cpu().numpy() + self.row_start
+        queries = (np.arange(keys)[None, :] if positions is None
+                   else positions.cpu().numpy())
+        heads = np.arange(self.num_heads)[None, :, None]
+        index = (examples[:, None, None] * self.num_heads + heads) * self.length \
+            + queries[:, None, :]
+        keep = keep_rows(self.seed, self.step, self._site("attention"), self.p, index,
+                         self.length, take=keys)
+        return self._scaled(keep.reshape(-1, keep.shape[2], keys))
 
 
 class DropoutAdd(torch.autograd.Function):

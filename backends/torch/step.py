@@ -5,7 +5,6 @@ non-finite losses), gradients for parity checks, and the optimizer state as nump
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -16,14 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bertlite import sharding
 from bertlite.data.loader import Batch
-from bertlite.dropout import mask_scale
-from bertlite.dropout_ahead import MasksAhead
+from bertlite.dropout import SITE_KINDS
 from bertlite.errors import BackendError
 from bertlite.optim import OptimizerSettings
 from bertlite.params import is_no_decay
 
 from . import distributed
-from .kernels import Keeps
+from .kernels import LayerMasks
 from .loss import batch_loss
 from .model import BERTModel
 
@@ -194,34 +192,22 @@ def _rows(batch: Batch, rows: slice) -> Batch:
     return Batch(*(np.asarray(a)[rows] for a in batch))
 
 
-#: each model's masks drawn ahead (a weak map: nothing is added to the module itself)
-_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def dropout_masks(model: BERTModel, seed: int, step: int, rows: slice, length: int,
+                  device: torch.device) -> list[LayerMasks]:
+    """The dropout masks at ``(seed, step)`` of the global rows ``rows`` of a batch padded to
+    ``length``, per layer (:class:`.kernels.LayerMasks`: drawn where the model reads them, so
+    the packed path draws only the valid tokens' elements): those of one process with the
+    whole batch, whatever the split. Empty when the model has no dropout."""
+    config = model.config
+    if config.dropout == 0:
+        return []
+    return [LayerMasks(config, seed, step, layer, rows.start, rows.stop - rows.start, length,
+                       device) for layer in range(config.num_layers)]
 
 
-def dropout_masks(model: BERTModel, seed: int, step: int, pieces: list[slice], length: int
-                  ) -> list[list[dict[str, np.ndarray]]]:
-    """Per piece (global rows ``pieces[i]`` of a batch padded to ``length``), the dropout masks
-    at ``(seed, step)`` (:func:`bertlite.dropout.encoder_masks`, host bool keep masks: a quarter
-    of float32's memory, scaled where they apply, :func:`_on`): those of one process with the
-    whole batch, whatever the split; the next step's are drawn while this one computes
-    (:class:`bertlite.dropout_ahead.MasksAhead`). Empty lists when the model has no dropout."""
-    if model.config.dropout == 0:
-        return [[] for _ in pieces]
-    ahead = _AHEAD.get(model)
-    if ahead is None:
-        ahead = _AHEAD[model] = MasksAhead()
-    return ahead.get(model.config, seed, step, pieces, length, dtype=bool)
-
-
-def _on(device: torch.device, masks: list[dict[str, np.ndarray]], p: float
-        ) -> list[dict[str, torch.Tensor]]:
-    """The host masks as tensors on ``device``: bool keep masks (:func:`dropout_masks`) in
-    :class:`.kernels.Keeps` (the plain model gets them scaled, the fast path scales only the
-    elements it gathers); scaled float masks as they are."""
-    layers = [{site: torch.from_numpy(m).to(device) for site, m in layer.items()}
-              for layer in masks]
-    return [Keeps(layer, mask_scale(p)) if any(m.dtype == torch.bool for m in layer.values())
-            else layer for layer in layers]
+def _full(masks: list[LayerMasks]) -> list[dict[str, torch.Tensor]]:
+    """Whole masks by site (what ``nn.DataParallel`` can scatter over its devices)."""
+    return [{kind: layer.get(kind) for kind in SITE_KINDS} for layer in masks]
 
 
 def micro_batches(batch: Batch, accumulate: int, rank: int = 0, world_size: int = 1
@@ -280,10 +266,13 @@ def train_step(model: nn.Module, optimizer: TorchOptimizer, batch: Batch, lr: fl
     # the global batch's normalizers (0/1 weights: the float32 sum is exact)
     mlm_weight_total, num_examples = sharding.normalizers(batch.mlm_weights)
     chunks = _parts(batch, accumulate, rank, world_size)
-    masks = dropout_masks(unwrap(model), seed, step, [rows for rows, _ in chunks],
-                          batch.tokens.shape[1])
     scaler = grad_scaler(optimizer, precision)
     optimizer.zero_grad(set_to_none=True)
+
+    def masks(rows: slice) -> list[LayerMasks] | list[dict[str, torch.Tensor]]:
+        layers = dropout_masks(unwrap(model), seed, step, rows, batch.tokens.shape[1], device)
+        return _full(layers) if isinstance(model, nn.DataParallel) else layers
+
     total = torch.zeros(2, dtype=torch.float32, device=device)
     for i, (rows, factor) in enumerate(chunks):
         last = i == len(chunks) - 1
@@ -293,7 +282,7 @@ def train_step(model: nn.Module, optimizer: TorchOptimizer, batch: Batch, lr: fl
                 mlm_l, nsp_l, l = batch_loss(
                     model, to_tensors(_rows(batch, rows), device),
                     mlm_weight_total=mlm_weight_total, num_examples=num_examples,
-                    masks=_on(device, masks[i], unwrap(model).config.dropout))
+                    masks=masks(rows))
             values = torch.stack((mlm_l.detach(), nsp_l.detach())) * factor
             if skip_nonfinite:
                 if ddp:
