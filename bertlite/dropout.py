@@ -338,13 +338,45 @@ def _example_rows(examples: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return (examples[:, None] * per_example + np.arange(per_example, dtype=np.int64)).reshape(-1)
 
 
+def _valid_rows(examples: np.ndarray, shape: tuple[int, ...], valid_lens: Any
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The global row ids, and their places in the mask, of the rows at a valid position
+    (the second-to-last axis below the example's valid length)."""
+    if len(shape) < 2:
+        raise ValueError(f"valid_lens needs a per-example shape with a position axis (the "
+                         f"second-to-last), got {shape}")
+    lens = np.asarray(valid_lens)
+    if lens.shape != examples.shape or not (lens.size == 0
+                                            or np.issubdtype(lens.dtype, np.number)):
+        raise ValueError(f"valid_lens must give one length per example ({examples.size}), "
+                         f"got {valid_lens!r}")
+    per_example = math.prod(shape[:-1])
+    positions = np.arange(per_example) % shape[-2]
+    index, row = np.nonzero(positions[None, :] < lens.astype(np.int64)[:, None])
+    return examples[index] * per_example + row, index * per_example + row
+
+
 def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[int, ...],
-           out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
-    rows = _example_rows(examples, shape)
-    flat = out.reshape(rows.size, shape[-1])
-    site = _check_uint("site", site)
-    _generate(_check_uint("seed", seed), _check_uint("step", step), site, rows, shape[-1],
-              shape[-1], lambda first, bits: fill(flat[first:first + len(bits)], bits))
+           out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None],
+           valid_lens: Any = None) -> np.ndarray:
+    flat = out.reshape(-1, shape[-1])
+    seed, step, site = (_check_uint(n, v) for n, v in (("seed", seed), ("step", step),
+                                                        ("site", site)))
+    if valid_lens is None:
+        rows = _example_rows(examples, shape)
+
+        def emit(first: int, bits: np.ndarray) -> None:
+            fill(flat[first:first + len(bits)], bits)
+    else:  # the valid rows only, each in its place; the others 0
+        rows, places = _valid_rows(examples, shape, valid_lens)
+        flat[...] = 0
+
+        def emit(first: int, bits: np.ndarray) -> None:
+            part = np.empty(bits.shape, dtype=out.dtype)
+            fill(part, bits)
+            flat[places[first:first + len(bits)]] = part
+
+    _generate(seed, step, site, rows, shape[-1], shape[-1], emit)
     return out
 
 
@@ -363,10 +395,15 @@ def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
 
 
 def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
-              shape: int | Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+              shape: int | Sequence[int], out: np.ndarray | None = None,
+              valid_lens: Any = None) -> np.ndarray:
     """Which elements dropout keeps (bool ``(rows, *shape)``), for the global examples
     ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`.
-    ``out``: a C-contiguous bool array of that shape to fill (a buffer reused every step)."""
+    ``out``: a C-contiguous bool array of that shape to fill (a buffer reused every step).
+    ``valid_lens`` (one per example): draw only the rows at valid positions (the
+    second-to-last axis below the example's valid length) and leave the others False: what a
+    model that gives padded keys no attention weight reads (its padded positions never reach
+    a valid one)."""
     drop = np.uint16(threshold(p))
     examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
     out = _output(out, (examples.size, *shape), np.dtype(bool))
@@ -374,15 +411,16 @@ def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: i
     def fill(part: np.ndarray, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=part)
 
-    return _whole(seed, step, site, examples, shape, out, fill)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens)
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
                 shape: int | Sequence[int], dtype: Any = np.float32,
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, valid_lens: Any = None) -> np.ndarray:
     """:func:`keep_mask` as ``dtype`` (float32), kept elements ``1 / keep_probability(p)``:
     dropout is ``x * scaled_mask(...)``, with every element's expectation kept exactly.
-    ``out``: a C-contiguous array of that shape and dtype to fill."""
+    ``out``: a C-contiguous array of that shape and dtype to fill; ``valid_lens``: as
+    :func:`keep_mask`'s (the other rows 0)."""
     drop = np.uint16(threshold(p))
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
@@ -394,7 +432,7 @@ def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows:
         np.greater_equal(bits, drop, out=part)
         part *= scale
 
-    return _whole(seed, step, site, examples, shape, out, fill)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens)
 
 
 def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -427,21 +465,25 @@ def site_shapes(config: BERTConfig, length: int) -> dict[str, tuple[int, ...]]:
 
 
 def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows: int,
-                  length: int, dtype: Any = np.float32) -> list[dict[str, np.ndarray]]:
+                  length: int, dtype: Any = np.float32, valid_lens: Any = None,
+                  layers: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
     """The scaled masks of every dropout of the encoder for the global examples ``row_start ..
     row_start + rows - 1`` of a batch padded to ``length``, per layer by site
     (:func:`site_shapes`, batch-major). ``dtype=bool``: the keep masks (:func:`keep_mask`, a
     quarter of float32's memory) for a backend that scales by :func:`mask_scale` only the
-    elements it reads. Empty when ``config.dropout`` is 0."""
+    elements it reads. ``valid_lens``: only the valid positions' rows drawn, the others 0
+    (:func:`keep_mask`). ``layers``: these layers only (default all). Empty when
+    ``config.dropout`` is 0."""
     if config.dropout == 0:
         return []
     shapes = site_shapes(config, length)
+    layers = range(config.num_layers) if layers is None else layers
     if np.dtype(dtype) == np.dtype(bool):
         return [{kind: keep_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
-                                 rows, shape)
+                                 rows, shape, valid_lens=valid_lens)
                  for kind, shape in shapes.items()}
-                for layer in range(config.num_layers)]
+                for layer in layers]
     return [{kind: scaled_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
-                               rows, shape, dtype=dtype)
+                               rows, shape, dtype=dtype, valid_lens=valid_lens)
              for kind, shape in shapes.items()}
-            for layer in range(config.num_layers)]
+            for layer in layers]

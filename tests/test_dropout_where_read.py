@@ -113,3 +113,54 @@ def test_masks_drawn_where_read_train_like_whole_masks(fast):
 
         packing = FP.pack(torch.as_tensor(lens), 96, 64)
         assert len(packing.groups) > 1 and packing.padded_rows.numel() < 96 * 64
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_mxnet_masks_drawn_where_read_train_like_whole_masks(fast):
+    """MXNet's graph takes whole masks; it draws only the rows that reach the loss (valid
+    positions; the sparse last layer's rows) and leaves the rest 0. Against the core's whole
+    masks (taken at the sparse rows by ``fast.sparse_masks``): the same losses and gradients,
+    bit for bit, on uneven valid lengths."""
+    mx = pytest.importorskip("mxnet")
+    from mxnet import autograd
+
+    from bertlite import sharding
+    from bertlite.backends.mxnet import fast as FP
+    from bertlite.backends.mxnet import step as S
+    from bertlite.backends.mxnet.backend import MXNetBackend
+    from bertlite.backends.mxnet.model import flat_masks
+    from bertlite.data.loader import load_data_wiki
+    from bertlite.params import init_params
+
+    batches, vocab = load_data_wiki(48, 64, corpus="sample", seed=0)
+    batch = next(iter(batches))
+    assert (np.asarray(batch.valid_lens) < 64).any()
+    config = CONFIG.replace(vocab_size=len(vocab))
+    be = MXNetBackend(fast=fast)
+    net = be.build_model(config, be.parse_devices("cpu"))
+    be.load_state_dict(net, init_params(config, 0))
+    sparse = FP.loss_graph(net, None, True) is not None
+    assert sparse is fast
+    positions = batch.pred_positions if sparse else None
+    where_read = FP.shard_masks(net, 0, 4, [slice(0, 48)], 64, positions, batch.valid_lens)
+    whole = [flat_masks(D.encoder_masks(config, 0, 4, 0, 48, 64))]
+    if sparse:
+        whole = [FP.sparse_masks(whole[0], batch.pred_positions)]
+    assert [m.shape for m in where_read[0]] == [m.shape for m in whole[0]]
+    assert any(not np.array_equal(a, b) for a, b in zip(where_read[0], whole[0]))
+    mlm_total, num_examples = sharding.normalizers(batch.mlm_weights)
+
+    def loss_and_grads(masks):
+        shards = S.split_batch(batch, [mx.cpu()])
+        with autograd.record():
+            mlm, nsp, ls = S.shard_losses(net, shards, mlm_total, num_examples, masks=masks)
+        ls[0].backward()
+        return ([float(mlm[0]), float(nsp[0])],
+                {n: p.grad().asnumpy().copy() for n, p in net.canonical_parameters().items()})
+
+    losses, grads = loss_and_grads(where_read)
+    ref_losses, ref_grads = loss_and_grads(whole)
+    assert losses == ref_losses
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        np.testing.assert_array_equal(grad, ref_grads[name], err_msg=name)

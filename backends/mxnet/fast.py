@@ -36,7 +36,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet.gluon import nn
 
-from bertlite.dropout_ahead import MasksAhead
+from bertlite.dropout import encoder_masks, keep_rows, mask_scale, site_id
 from bertlite.loss import bert_loss
 
 from .loss import output_row_losses
@@ -121,23 +121,52 @@ def sparse_masks(masks: Sequence[onp.ndarray], pred_positions: onp.ndarray
 
 
 def shard_masks(net, seed: int, step: int, pieces: Sequence[slice], length: int,
-                pred_positions: onp.ndarray | None = None) -> list[list[onp.ndarray]]:
+                pred_positions: onp.ndarray | None = None, valid_lens: onp.ndarray | None = None
+                ) -> list[list[onp.ndarray]]:
     """The dropout masks (host float32, :func:`.model.flat_masks` order) of every piece of a
     step, each the rows of the one-process batch's masks at the piece's global rows: the same
-    whatever the split (:mod:`bertlite.dropout`; the next step's are drawn while this one
-    computes, :class:`bertlite.dropout_ahead.MasksAhead`). ``pred_positions`` (the global
-    batch's): the last block's masks at the rows of the fast path's sparse last block
-    (:func:`sparse_masks`). Empty when the model has no dropout."""
-    if net.config.dropout == 0:
+    whatever the split (:mod:`bertlite.dropout`). ``pred_positions`` (the global batch's): the
+    last block's masks only at the rows of the fast path's sparse last block, drawn there
+    (:func:`sparse_masks` is their reference). ``valid_lens`` (the global batch's): only the
+    rows at valid positions drawn, the others 0, which no valid position reads (padded keys
+    get no attention weight). Empty when the model has no dropout."""
+    config = net.config
+    if config.dropout == 0:
         return []
-    ahead = net.__dict__.get("_bertlite_masks_ahead")
-    if ahead is None:
-        ahead = MasksAhead()
-        object.__setattr__(net, "_bertlite_masks_ahead", ahead)  # not a Gluon child
-    masks = [flat_masks(m) for m in ahead.get(net.config, seed, step, pieces, length)]
-    if pred_positions is not None:
-        masks = [sparse_masks(m, pred_positions[rows]) for m, rows in zip(masks, pieces)]
+    masks = []
+    for rows in pieces:
+        start, count = rows.start, rows.stop - rows.start
+        lens = None if valid_lens is None else onp.asarray(valid_lens)[rows]
+        if pred_positions is None:
+            masks.append(flat_masks(encoder_masks(config, seed, step, start, count, length,
+                                                  valid_lens=lens)))
+            continue
+        last = config.num_layers - 1
+        first = encoder_masks(config, seed, step, start, count, length, valid_lens=lens,
+                              layers=range(last))
+        masks.append(flat_masks(first) + _sparse_rows(config, seed, step, last, start, length,
+                                                      onp.asarray(pred_positions)[rows]))
     return masks
+
+
+def _sparse_rows(config, seed: int, step: int, layer: int, row_start: int, length: int,
+                 pred_positions: onp.ndarray) -> list[onp.ndarray]:
+    """Layer ``layer``'s masks at the rows :func:`sparse_forward` computes (``<cls>``, then
+    ``pred_positions``), drawn only there: what :func:`sparse_masks` takes of whole masks."""
+    positions = onp.asarray(pred_positions, dtype=onp.int64).reshape(len(pred_positions), -1)
+    rows = onp.concatenate([onp.zeros((len(positions), 1), onp.int64), positions], axis=1)
+    examples = onp.arange(row_start, row_start + len(rows), dtype=onp.int64)[:, None]
+    heads = onp.arange(config.num_heads, dtype=onp.int64)[None, :, None]
+    scale = onp.float32(mask_scale(config.dropout))
+
+    def scaled(kind: str, index: onp.ndarray, row_length: int) -> onp.ndarray:
+        keep = keep_rows(seed, step, site_id(layer, kind), config.dropout, index, row_length)
+        return onp.multiply(keep, scale, dtype=onp.float32)
+
+    attention = scaled("attention", (examples[:, None] * config.num_heads + heads) * length
+                       + rows[:, None, :], length)  # (B, heads, 1 + P, L)
+    return [attention, scaled("addnorm1", examples * length + rows, config.num_hiddens),
+            scaled("addnorm2", examples * length + rows, config.num_hiddens)]
 
 
 # -- mixed precision ----------------------------------------------------------------------------

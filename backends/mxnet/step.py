@@ -344,7 +344,7 @@ def train_step(model, optimizer: MXNetOptimizer, batch: Batch, lr: float, *, acc
     sparse = model.config.dropout > 0 and loss_graph(model, plan.dtype, True) is not None
     every_piece = [rows for pieces in parts for rows in pieces]
     masks = shard_masks(model, seed, step, every_piece, length,
-                        batch.pred_positions if sparse else None)
+                        batch.pred_positions if sparse else None, batch.valid_lens)
     mlm_parts, nsp_parts, used = [], [], set()
     for pieces in parts:
         # a part shorter than the device list runs on its first devices only
