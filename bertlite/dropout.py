@@ -208,7 +208,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int, take: int,
-              emit: Callable[[int, np.ndarray], None]) -> None:
+              emit: Callable[[int, np.ndarray], None], threads: int | None = None) -> None:
     """Draw the first ``take`` draws of every row of ``rows`` (1-D global row ids of rows of
     ``row_length``) chunk by chunk, handing each to ``emit(first, bits)`` with ``bits`` a
     ``(k, take)`` uint16 view of rows ``first .. first + k - 1``; big masks are drawn by several
@@ -242,7 +242,7 @@ def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int
             _mix(z[:k], tmp[:k])
             emit(first, z[:k].astype("<u8", copy=False).view("<u2")[:, :take])
 
-    threads = min(_threads(), max(1, rows.size * take // _THREAD_MIN_DRAWS))
+    threads = min(threads or _threads(), max(1, rows.size * take // _THREAD_MIN_DRAWS))
     if threads == 1:
         work(0, rows.size)
         return
@@ -286,23 +286,53 @@ def row_bits(seed: int, step: int, site: int, rows: Any, row_length: int,
 
 
 def keep_rows(seed: int, step: int, site: int, p: float, rows: Any, row_length: int,
-              take: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+              take: int | None = None, out: np.ndarray | None = None,
+              threads: int | None = None) -> np.ndarray:
     """Which elements dropout keeps (bool ``(*rows.shape, take)``) in the rows ``rows``
     (global row ids, any shape: example ``e``'s rows of a per-example shape ``(..., n)`` are
     ``e * prod(shape[:-1])`` onwards) of ``row_length`` elements, their first ``take``: what a
     path that computes only some positions reads of :func:`keep_mask`'s mask. ``out``: a
-    C-contiguous bool array of that shape to fill."""
+    C-contiguous bool array of that shape to fill; ``threads``: at most this many draw it
+    (default: :func:`set_num_threads`')."""
     drop = np.uint16(threshold(p))
+
+    def fill(part: np.ndarray, bits: np.ndarray) -> None:
+        np.greater_equal(bits, drop, out=part)
+
+    return _rows(seed, step, site, rows, row_length, take, out, np.dtype(bool), fill, threads)
+
+
+def scaled_rows(seed: int, step: int, site: int, p: float, rows: Any, row_length: int,
+                take: int | None = None, dtype: Any = np.float32,
+                out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """:func:`keep_rows` as ``dtype`` (float32), kept elements ``1 / keep_probability(p)``
+    (:func:`scaled_mask`'s values at those rows)."""
+    drop = np.uint16(threshold(p))
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
+    scale = np.dtype(dtype).type(mask_scale(p))
+
+    def fill(part: np.ndarray, bits: np.ndarray) -> None:
+        np.greater_equal(bits, drop, out=part)
+        part *= scale
+
+    return _rows(seed, step, site, rows, row_length, take, out, np.dtype(dtype), fill,
+                 threads)
+
+
+def _rows(seed: int, step: int, site: int, rows: Any, row_length: int, take: int | None,
+          out: np.ndarray | None, dtype: np.dtype,
+          fill: Callable[[np.ndarray, np.ndarray], None], threads: int | None) -> np.ndarray:
     index = _check_rows(rows)
     row_length, take = _check_take(row_length, take)
     flat = index.reshape(-1)
-    result = out = _output(out, (*index.shape, take), np.dtype(bool))
+    result = out = _output(out, (*index.shape, take), dtype)
     out = out.reshape(flat.size, take)
 
     def emit(first: int, bits: np.ndarray) -> None:
-        np.greater_equal(bits, drop, out=out[first:first + len(bits)])
+        fill(out[first:first + len(bits)], bits)
 
-    _generate(seed, step, site, flat, row_length, take, emit)
+    _generate(seed, step, site, flat, row_length, take, emit, threads)
     return result
 
 
@@ -358,7 +388,7 @@ def _valid_rows(examples: np.ndarray, shape: tuple[int, ...], valid_lens: Any
 
 def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[int, ...],
            out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None],
-           valid_lens: Any = None) -> np.ndarray:
+           valid_lens: Any = None, threads: int | None = None) -> np.ndarray:
     flat = out.reshape(-1, shape[-1])
     seed, step, site = (_check_uint(n, v) for n, v in (("seed", seed), ("step", step),
                                                         ("site", site)))
@@ -376,7 +406,7 @@ def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[i
             fill(part, bits)
             flat[places[first:first + len(bits)]] = part
 
-    _generate(seed, step, site, rows, shape[-1], shape[-1], emit)
+    _generate(seed, step, site, rows, shape[-1], shape[-1], emit, threads)
     return out
 
 
@@ -396,14 +426,14 @@ def random_bits(seed: int, step: int, site: int, rows: range | Sequence[int],
 
 def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
               shape: int | Sequence[int], out: np.ndarray | None = None,
-              valid_lens: Any = None) -> np.ndarray:
+              valid_lens: Any = None, threads: int | None = None) -> np.ndarray:
     """Which elements dropout keeps (bool ``(rows, *shape)``), for the global examples
     ``row_start .. row_start + rows - 1``; each kept with probability :func:`keep_probability`.
     ``out``: a C-contiguous bool array of that shape to fill (a buffer reused every step).
     ``valid_lens`` (one per example): draw only the rows at valid positions (the
     second-to-last axis below the example's valid length) and leave the others False: what a
     model that gives padded keys no attention weight reads (its padded positions never reach
-    a valid one)."""
+    a valid one). ``threads``: at most this many draw it (default: :func:`set_num_threads`')."""
     drop = np.uint16(threshold(p))
     examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
     out = _output(out, (examples.size, *shape), np.dtype(bool))
@@ -411,16 +441,17 @@ def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: i
     def fill(part: np.ndarray, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=part)
 
-    return _whole(seed, step, site, examples, shape, out, fill, valid_lens)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads)
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
                 shape: int | Sequence[int], dtype: Any = np.float32,
-                out: np.ndarray | None = None, valid_lens: Any = None) -> np.ndarray:
+                out: np.ndarray | None = None, valid_lens: Any = None,
+                threads: int | None = None) -> np.ndarray:
     """:func:`keep_mask` as ``dtype`` (float32), kept elements ``1 / keep_probability(p)``:
     dropout is ``x * scaled_mask(...)``, with every element's expectation kept exactly.
-    ``out``: a C-contiguous array of that shape and dtype to fill; ``valid_lens``: as
-    :func:`keep_mask`'s (the other rows 0)."""
+    ``out``: a C-contiguous array of that shape and dtype to fill; ``valid_lens``,
+    ``threads``: as :func:`keep_mask`'s (the other rows 0)."""
     drop = np.uint16(threshold(p))
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
@@ -432,7 +463,7 @@ def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows:
         np.greater_equal(bits, drop, out=part)
         part *= scale
 
-    return _whole(seed, step, site, examples, shape, out, fill, valid_lens)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads)
 
 
 def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -477,13 +508,22 @@ def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows
     if config.dropout == 0:
         return []
     shapes = site_shapes(config, length)
-    layers = range(config.num_layers) if layers is None else layers
-    if np.dtype(dtype) == np.dtype(bool):
-        return [{kind: keep_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
-                                 rows, shape, valid_lens=valid_lens)
-                 for kind, shape in shapes.items()}
-                for layer in layers]
-    return [{kind: scaled_mask(seed, step, site_id(layer, kind), config.dropout, row_start,
-                               rows, shape, dtype=dtype, valid_lens=valid_lens)
-             for kind, shape in shapes.items()}
-            for layer in layers]
+    sites = [(layer, kind) for layer in (range(config.num_layers) if layers is None else layers)
+             for kind in shapes]
+    draw = keep_mask if np.dtype(dtype) == np.dtype(bool) else functools.partial(scaled_mask,
+                                                                                 dtype=dtype)
+
+    def site_mask(layer: int, kind: str, threads: int | None = None) -> np.ndarray:
+        return draw(seed, step, site_id(layer, kind), config.dropout, row_start, rows,
+                    shapes[kind], valid_lens=valid_lens, threads=threads)
+
+    threads = _threads()
+    draws = rows * sum(math.prod(shapes[kind]) for _, kind in sites)
+    if threads > 1 and len(sites) > 1 and draws >= 2 * _THREAD_MIN_DRAWS:
+        # the sites side by side, one thread each (no thread waits on another's pool task)
+        futures = [_pool(threads).submit(site_mask, layer, kind, 1) for layer, kind in sites]
+        masks = [future.result() for future in futures]
+    else:
+        masks = [site_mask(layer, kind) for layer, kind in sites]
+    per_layer = len(shapes)
+    return [dict(zip(shapes, masks[i:i + per_layer])) for i in range(0, len(masks), per_layer)]

@@ -128,11 +128,11 @@ def estimate_memory(config: BERTConfig, batch_size: int, max_len: int, *,
     mlm_head = preds * (terms.head_hidden * h * act + 4 * v * terms.head_vocab_float32)
     saved = config.num_layers * per_block + embeddings + mlm_head
     if host and config.dropout > 0:
-        # dropout masks are drawn on the host at the full shape (bertlite.dropout), in the
-        # backend's dtype (terms.host_mask_bytes):
-        # the next step's, drawn ahead while this step computes (bertlite.dropout_ahead), and
-        # in mixed precision this step's too (the activations count their half-precision copy)
-        copies = 1 if precision == "float32" else 2
+        # dropout masks drawn on the host at the full shape (bertlite.dropout), in the
+        # backend's dtype (terms.host_mask_bytes), at the step: in float32 the model reads
+        # them in place (the activations count them); in mixed precision the activations
+        # count their half-precision copy, and the host keeps these
+        copies = 0 if precision == "float32" else 1
         saved += (copies * config.num_layers * (scores + 2 * tokens * h)
                   * terms.host_mask_bytes)
     # The peak comes in backward, on top of what is saved: either at the MLM head or, once

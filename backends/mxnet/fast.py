@@ -36,7 +36,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet.gluon import nn
 
-from bertlite.dropout import encoder_masks, keep_rows, mask_scale, site_id
+from bertlite.dropout import encoder_masks, scaled_rows, site_id
 from bertlite.loss import bert_loss
 
 from .loss import output_row_losses
@@ -157,11 +157,9 @@ def _sparse_rows(config, seed: int, step: int, layer: int, row_start: int, lengt
     rows = onp.concatenate([onp.zeros((len(positions), 1), onp.int64), positions], axis=1)
     examples = onp.arange(row_start, row_start + len(rows), dtype=onp.int64)[:, None]
     heads = onp.arange(config.num_heads, dtype=onp.int64)[None, :, None]
-    scale = onp.float32(mask_scale(config.dropout))
 
     def scaled(kind: str, index: onp.ndarray, row_length: int) -> onp.ndarray:
-        keep = keep_rows(seed, step, site_id(layer, kind), config.dropout, index, row_length)
-        return onp.multiply(keep, scale, dtype=onp.float32)
+        return scaled_rows(seed, step, site_id(layer, kind), config.dropout, index, row_length)
 
     attention = scaled("attention", (examples[:, None] * config.num_heads + heads) * length
                        + rows[:, None, :], length)  # (B, heads, 1 + P, L)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bertlite.config import BERTConfig
-from bertlite.dropout import keep_rows, mask_scale, scaled_mask, site_id, site_shapes
+from bertlite.dropout import scaled_mask, scaled_rows, site_id, site_shapes
 
 # -- dense layers with fused bias and ReLU ------------------------------------------------------
 
@@ -349,29 +349,26 @@ class LayerMasks:
         self.row_start, self.num_rows, self.length = row_start, rows, length
         self.num_heads, self.num_hiddens, self.device = (config.num_heads, config.num_hiddens,
                                                          device)
-        #: float32 ``1 / keep_probability`` (:func:`bertlite.dropout.mask_scale`), as a float
-        self.scale = float(np.float32(mask_scale(self.p)))
 
     def _site(self, kind: str) -> int:
         return site_id(self.layer, kind)
 
-    def _scaled(self, keep: np.ndarray) -> torch.Tensor:
-        return scale_keep(torch.from_numpy(keep).to(self.device), self.scale)
+    def _tensor(self, mask: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(mask).to(self.device)
 
     def get(self, kind: str, default: Any = None) -> torch.Tensor:
         """The whole scaled mask of site ``kind`` (:func:`bertlite.dropout.encoder_masks`'
         shape)."""
         shape = site_shapes(self.config, self.length)[kind]
-        return torch.from_numpy(scaled_mask(self.seed, self.step, self._site(kind), self.p,
-                                            self.row_start, self.num_rows, shape)
-                                ).to(self.device)
+        return self._tensor(scaled_mask(self.seed, self.step, self._site(kind), self.p,
+                                        self.row_start, self.num_rows, shape))
 
     def rows(self, kind: str, padded_rows: torch.Tensor) -> torch.Tensor:
         """The scaled mask ``(len(padded_rows), num_hiddens)`` of an add & norm site at the
         positions ``padded_rows`` (``example * length + position`` within the piece)."""
         index = padded_rows.cpu().numpy() + self.row_start * self.length
-        return self._scaled(keep_rows(self.seed, self.step, self._site(kind), self.p, index,
-                                      self.num_hiddens))
+        return self._tensor(scaled_rows(self.seed, self.step, self._site(kind), self.p, index,
+                                        self.num_hiddens))
 
     def attention(self, members: torch.Tensor, positions: torch.Tensor | None, keys: int
                   ) -> torch.Tensor:
@@ -384,9 +381,9 @@ class LayerMasks:
         heads = np.arange(self.num_heads)[None, :, None]
         index = (examples[:, None, None] * self.num_heads + heads) * self.length \
             + queries[:, None, :]
-        keep = keep_rows(self.seed, self.step, self._site("attention"), self.p, index,
-                         self.length, take=keys)
-        return self._scaled(keep.reshape(-1, keep.shape[2], keys))
+        mask = scaled_rows(self.seed, self.step, self._site("attention"), self.p, index,
+                           self.length, take=keys)
+        return self._tensor(mask.reshape(-1, mask.shape[2], keys))
 
 
 class DropoutAdd(torch.autograd.Function):
