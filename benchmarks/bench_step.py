@@ -113,7 +113,7 @@ def _torch_book(batch, vocab_size: int):
     tensors = [torch.tensor(np.asarray(a), dtype=torch.float32 if a.dtype.kind == "f"
                             else torch.int64) for a in batch]
 
-    def step():
+    def step(wait: bool = True):
         trainer.zero_grad()
         mlm_l, _, l = d2l._get_batch_loss_bert(net, loss, vocab_size, *tensors)
         l.backward()
@@ -146,12 +146,12 @@ def _bertlite(backend: str, batch, vocab_size: int, hybridize: bool = True,
         def dropout_key(backend, seed, step):
             return {}
 
-    def step():
+    def step(wait: bool = True):
         be.seed(state["step"])  # as the trainer does before every step
         key = dropout_key(be, 0, state["step"])
         state["step"] += 1
         mlm, _ = be.train_step(net, opt, batch, 0.01, **key)
-        if backend == "mxnet":
+        if backend == "mxnet" and wait:
             _mxnet_wait()
         return float(mlm)
 
@@ -237,14 +237,15 @@ def _mxnet_book(batch, vocab_size: int):
     trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 0.01})
     arrays = [mx.np.array(np.asarray(a), dtype=np.asarray(a).dtype) for a in batch]
 
-    def step():
+    def step(wait: bool = True):
         shards = [gluon.utils.split_and_load(a, devices, even_split=False) for a in arrays]
         with autograd.record():
             mlm_ls, _, ls = d2l._get_batch_loss_bert(net, loss, vocab_size, *shards)
         for l in ls:
             l.backward()
         trainer.step(1)
-        _mxnet_wait()
+        if wait:
+            _mxnet_wait()
         return float(mlm_ls[0])
 
     return step, model_flops(batch, vocab_size, all_slots=True)
@@ -280,11 +281,13 @@ def serve(args) -> None:
                       "rss_after_warmup_mb": M.rss_mb()}), flush=True)
     for line in sys.stdin:
         command = line.strip()
-        if command == "step":
+        if command == "step":  # --steps-per-round steps, as the trainer runs them
             start, cpu = time.perf_counter(), time.process_time()
-            loss = step()
-            print(json.dumps({"s": time.perf_counter() - start,
-                              "cpu_s": time.process_time() - cpu, "loss": loss}), flush=True)
+            for i in range(args.steps_per_round):
+                loss = step(wait=i == args.steps_per_round - 1)
+            print(json.dumps({"s": (time.perf_counter() - start) / args.steps_per_round,
+                              "cpu_s": (time.process_time() - cpu) / args.steps_per_round,
+                              "loss": loss}), flush=True)
         elif command == "peak":
             peak.sample(3)
             print(json.dumps({"gflops": peak.gflops}), flush=True)
@@ -305,7 +308,8 @@ class Server:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", f"{backend}:{impl}",
                "--data-dir", str(args.data_dir), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--max-len", str(args.max_len), "--corpus", args.corpus]
+               "--max-len", str(args.max_len), "--corpus", args.corpus,
+               "--steps-per-round", str(args.steps_per_round)]
         # MXNet's CPU operators take their thread count from the environment at import
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
                "MPLBACKEND": "Agg", **(MALLOC_ADVICE if impl.endswith(ADVISED) else {})}
@@ -505,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"folder of WikiText-2's wiki.valid.tokens ({M.DEFAULT_DATA_DIR})")
     parser.add_argument("--repeats", type=int, default=12, help="timed rounds (default 12)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (default 3)")
+    parser.add_argument("--steps-per-round", type=int, default=1,
+                        help="steps per timed round, run as the trainer runs them (MXNet: "
+                             "its asynchronous work waited for only after the last); the "
+                             "figures are per step (default 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-len", type=int, default=64)
