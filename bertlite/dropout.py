@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -207,6 +208,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+_LOCAL = threading.local()
+
+
+def _ramp(words: int) -> np.ndarray:
+    """``(c + 1) * GAMMA`` for ``c < words`` (one array, extended on demand)."""
+    ramp = getattr(_LOCAL, "ramp", None)
+    if ramp is None or ramp.size < words:
+        ramp = _LOCAL.ramp = (np.arange(1, max(words, _CHUNK_WORDS) + 1, dtype=np.uint64)
+                              * np.uint64(GAMMA))
+    return ramp[:words]
+
+
+def _scratch(words: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 buffers of ``words`` for this thread, kept from call to call: a chunk's
+    words and their scratch, without allocating (and page-faulting) them every time."""
+    buffers = getattr(_LOCAL, "scratch", None)
+    if buffers is None or buffers[0].size < words:
+        buffers = _LOCAL.scratch = tuple(np.empty(max(words, _CHUNK_WORDS), dtype=np.uint64)
+                                         for _ in range(2))
+    return buffers[0][:words], buffers[1][:words]
+
+
 def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int, take: int,
               emit: Callable[[int, np.ndarray], None], threads: int | None = None) -> None:
     """Draw the first ``take`` draws of every row of ``rows`` (1-D global row ids of rows of
@@ -227,10 +250,10 @@ def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int
         size = min(per_chunk, hi - lo)
         # word c of the stream is mix64(key + (c + 1) * GAMMA): the chunk's words from their
         # rows' first words, or, for whole consecutive rows, from one ramp
-        ramp = np.arange(1, size * need + 1, dtype=np.uint64) * np.uint64(GAMMA)
+        ramp = _ramp(size * need)
         offsets = ramp[:need] + np.uint64(key)
-        z = np.empty((size, need), dtype=np.uint64)
-        tmp = np.empty_like(z)
+        z, tmp = _scratch(size * need)
+        z, tmp = z.reshape(size, need), tmp.reshape(size, need)
         for first in range(lo, hi, per_chunk):
             k = min(per_chunk, hi - first)
             part = rows[first:first + k]
