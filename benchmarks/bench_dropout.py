@@ -11,9 +11,12 @@ load, medians over the rounds:
   (float32, kept elements ``1 / keep_probability``), for the whole batch, with the default
   threads (``$OMP_NUM_THREADS``, else the usable CPUs, at most 4), and ``keep_mask`` with one
   thread, and ``scaled_mask`` filling a buffer reused from call to call (``out=``);
+* ``bertlite.dropout.scaled_rows`` at 59% of the rows (the valid positions of the sample
+  batch): what torch's packed path draws;
 * torch: ``x.bernoulli_(1 - p)`` into a preallocated float32 tensor, ``torch.rand(shape) >= p``
-  (bool), and the torch backend's present mask (SFC64 bits, ``_keep_scale``), each with
-  ``--threads`` torch threads (skipped when torch is absent).
+  (bool), and the torch backend's own mask for dropout not keyed by the step
+  (``kernels.keep_mask``, 16-bit draws of torch's generator), each with ``--threads`` torch
+  threads (skipped when torch is absent).
 
 Ratios are ``bernoulli_``'s median over each one's, measured in the same run.
 """
@@ -49,7 +52,14 @@ def candidates(rows: int, shape: tuple[int, ...], p: float, threads: int) -> dic
         "bertlite scaled_mask, out= buffer": lambda: dropout.scaled_mask(
             0, 1, 2, p, 0, rows, shape, out=buffer),
         "bertlite keep_mask, 1 thread": lambda: one_thread(dropout.keep_mask),
+        # what torch's packed path draws of an add & norm mask: the valid tokens' rows (59% of
+        # the sample batch's positions), scaled
+        "bertlite scaled_rows, 59% of the rows": lambda: dropout.scaled_rows(
+            0, 1, 2, p, valid_rows, shape[-1]),
     }
+    per_example = math.prod(shape[:-1])
+    valid_rows = np.flatnonzero(np.arange(rows * per_example) % shape[-2]
+                                < round(0.59 * shape[-2]))
     buffer = np.empty((rows, *shape), dtype=np.float32)
 
     def one_thread(fn):
@@ -68,12 +78,10 @@ def candidates(rows: int, shape: tuple[int, ...], p: float, threads: int) -> dic
     buf = torch.empty(full)
     fns["torch bernoulli_"] = lambda: buf.bernoulli_(1 - p)
     fns["torch rand >= p"] = lambda: torch.rand(full) >= p
-    try:
-        from bertlite.backends.torch.model import _keep_scale
-    except ImportError:  # the torch backend without its present mask
-        pass
-    else:
-        fns["torch backend _keep_scale (SFC64)"] = lambda: _keep_scale(full, p, torch.float32)
+    from bertlite.backends.torch.kernels import keep_mask
+
+    fns["torch backend kernels.keep_mask (torch's generator)"] = lambda: keep_mask(
+        full, p, torch.float32)
     return fns
 
 

@@ -358,3 +358,56 @@ def test_masks_need_no_framework():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mxnet')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_valid_lens_draw_only_the_valid_positions_rows():
+    """A static-shape model (MXNet's graph) takes whole masks but reads only the rows at valid
+    positions: those are the whole masks' rows, the others 0 (False), in a new or given
+    buffer."""
+    lens = np.array([3, 7, 1, 5])
+    for shape in ((2, 7, 7), (7, 16)):  # attention (heads, queries, keys); add & norm
+        full = D.scaled_mask(1, 2, 3, 0.2, 5, 4, shape)
+        some = D.scaled_mask(1, 2, 3, 0.2, 5, 4, shape, valid_lens=lens)
+        keep = D.keep_mask(1, 2, 3, 0.2, 5, 4, shape, valid_lens=lens)
+        reused = D.scaled_mask(1, 2, 3, 0.2, 5, 4, shape, valid_lens=lens,
+                               out=np.full((4, *shape), np.nan, dtype=np.float32))
+        for i, n in enumerate(lens):
+            valid = (i, Ellipsis, slice(None, n), slice(None))
+            padded = (i, Ellipsis, slice(n, None), slice(None))
+            np.testing.assert_array_equal(some[valid], full[valid])
+            np.testing.assert_array_equal(keep[valid], full[valid] > 0)
+            assert not some[padded].any() and not keep[padded].any()
+        np.testing.assert_array_equal(reused, some)
+        masks = D.encoder_masks(CONFIG_TINY, 1, 2, 5, 4, 7, valid_lens=lens)
+        np.testing.assert_array_equal(
+            masks[0]["addnorm1"], D.scaled_mask(1, 2, D.site_id(0, "addnorm1"), 0.25, 5, 4,
+                                                (7, 8), valid_lens=lens))
+    with pytest.raises(ValueError, match="position axis"):
+        D.keep_mask(1, 2, 3, 0.2, 0, 4, (7,), valid_lens=lens)
+    with pytest.raises(ValueError, match="one length per example"):
+        D.keep_mask(1, 2, 3, 0.2, 0, 3, (7, 4), valid_lens=lens)
+
+
+def _tiny_config():
+    from bertlite.config import BERTConfig
+
+    return BERTConfig(vocab_size=50, num_hiddens=8, ffn_num_hiddens=16, num_heads=2,
+                      num_layers=2, dropout=0.25)
+
+
+CONFIG_TINY = _tiny_config()
+
+
+def test_encoder_masks_drawn_side_by_side_are_the_same():
+    lens = np.random.default_rng(0).integers(1, 65, size=240)
+    try:
+        D.set_num_threads(1)
+        one = D.encoder_masks(CONFIG_TINY, 3, 4, 10, 240, 64, valid_lens=lens)
+        D.set_num_threads(2)  # 2.2 M draws: the six sites drawn two at a time
+        two = D.encoder_masks(CONFIG_TINY, 3, 4, 10, 240, 64, valid_lens=lens)
+    finally:
+        D.set_num_threads(None)
+    assert [list(layer) for layer in two] == [list(D.SITE_KINDS)] * 2
+    for a, b in zip(one, two):
+        for kind in D.SITE_KINDS:
+            np.testing.assert_array_equal(a[kind], b[kind])
