@@ -62,6 +62,27 @@ def test_layer_masks_give_the_whole_masks_elements():
                            torch.from_numpy(ref.reshape(-1, 2, 4)))
 
 
+def test_whole_masks_for_data_parallel_are_the_cores():
+    """``nn.DataParallel`` scatters its inputs over its GPUs along the batch: it gets the whole
+    masks by site as tensors (what ``step._full`` makes of the layers' masks)."""
+    torch = pytest.importorskip("torch")
+    from bertlite.backends.torch import step as S
+
+    class Model:
+        config = CONFIG
+
+    layers = S.dropout_masks(Model(), 3, 8, slice(4, 10), 9, torch.device("cpu"))
+    whole = D.encoder_masks(CONFIG, 3, 8, 4, 6, 9)
+    full = S._full(layers)
+    assert len(full) == CONFIG.num_layers
+    for got, ref in zip(full, whole):
+        assert list(got) == list(ref) == list(D.SITE_KINDS)
+        for kind in D.SITE_KINDS:
+            assert torch.equal(got[kind], torch.from_numpy(ref[kind]))
+    assert S.dropout_masks(type("M", (), {"config": CONFIG.replace(dropout=0.0)})(), 3, 8,
+                           slice(4, 10), 9, torch.device("cpu")) == []
+
+
 def _loss_and_grads(model, batch, masks):
     import torch
 
