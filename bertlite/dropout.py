@@ -411,8 +411,7 @@ def _valid_rows(examples: np.ndarray, shape: tuple[int, ...], valid_lens: Any
 
 def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[int, ...],
            out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None],
-           valid_lens: Any = None, threads: int | None = None, zeroed: bool = False
-           ) -> np.ndarray:
+           valid_lens: Any = None, threads: int | None = None) -> np.ndarray:
     flat = out.reshape(-1, shape[-1])
     seed, step, site = (_check_uint(n, v) for n, v in (("seed", seed), ("step", step),
                                                         ("site", site)))
@@ -423,8 +422,7 @@ def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[i
             fill(flat[first:first + len(bits)], bits)
     else:  # the valid rows only, each in its place; the others 0
         rows, places = _valid_rows(examples, shape, valid_lens)
-        if not zeroed:
-            flat[...] = 0
+        flat[...] = 0
 
         def emit(first: int, bits: np.ndarray) -> None:
             part = np.empty(bits.shape, dtype=out.dtype)
@@ -461,13 +459,12 @@ def keep_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: i
     a valid one). ``threads``: at most this many draw it (default: :func:`set_num_threads`')."""
     drop = np.uint16(threshold(p))
     examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
-    zeroed = out is None and valid_lens is not None
-    out = _output(out, (examples.size, *shape), np.dtype(bool), zeroed)
+    out = _output(out, (examples.size, *shape), np.dtype(bool))
 
     def fill(part: np.ndarray, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=part)
 
-    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads, zeroed)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads)
 
 
 def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows: int,
@@ -482,23 +479,20 @@ def scaled_mask(seed: int, step: int, site: int, p: float, row_start: int, rows:
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype!r}")
     examples, shape = _examples(_row_range(row_start, rows)), _check_shape(shape)
-    zeroed = out is None and valid_lens is not None
-    out = _output(out, (examples.size, *shape), np.dtype(dtype), zeroed)
+    out = _output(out, (examples.size, *shape), np.dtype(dtype))
     scale = out.dtype.type(mask_scale(p))
 
     def fill(part: np.ndarray, bits: np.ndarray) -> None:
         np.greater_equal(bits, drop, out=part)
         part *= scale
 
-    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads, zeroed)
+    return _whole(seed, step, site, examples, shape, out, fill, valid_lens, threads)
 
 
-def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
-            zeroed: bool = False) -> np.ndarray:
-    """``out`` (checked) or a new array of ``shape`` (``zeroed``: of zeros, which the kernel
-    hands out already zeroed)."""
+def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``out`` (checked) or a new array of ``shape``."""
     if out is None:
-        return (np.zeros if zeroed else np.empty)(shape, dtype=dtype)
+        return np.empty(shape, dtype=dtype)
     if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype
             or not out.flags.c_contiguous or not out.flags.writeable):
         raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
