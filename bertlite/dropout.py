@@ -8,29 +8,21 @@ accumulation micro-batches, devices, DDP ranks and kvstore workers all see the m
 process with the whole batch, and a resumed run the masks of an uninterrupted one (the step
 is in the key). Backends that take their masks from here draw the same ones, bit for bit.
 
-The generator, counter-based so that any element costs the same to compute on its own:
+The draws come from a counter-based stream per ``(seed, step, site)``
+(:mod:`bertlite.dropout_stream`: SplitMix64 keyed by Philox-4x64-10), so any element costs the
+same to compute on its own.
 
-* per ``(seed, step, site)`` a 64-bit stream key, word 0 of Philox-4x64-10 (Salmon et al.,
-  "Parallel random numbers: as easy as 1, 2, 3", SC'11) of the counter
-  ``(site, 0, 0, DOMAIN)`` under the key ``(seed, step)`` (:func:`stream_key`);
-* word ``c`` of the stream is word ``c`` of SplitMix64 (Steele, Lea and Flood, "Fast
-  splittable pseudorandom number generators", OOPSLA'14) seeded with that key:
-  ``mix64(key + (c + 1) * GAMMA)`` (:func:`splitmix64`), read as four little-endian 16-bit
-  draws, the lowest first.
+Layout: a site's per-example shape ``(..., n)`` is a stack of *rows* of its last axis, row
+``example * prod(shape[:-1]) + (flat index over the leading axes)`` of the site's stream read
+in rows of ``n`` draws (:func:`bertlite.dropout_stream.draw_rows`). So a path that computes
+fewer positions draws only those: some rows (the valid tokens, :func:`keep_rows` at
+:func:`position_rows`), or a prefix of each row (the keys of an attention group padded to its
+longest, ``take=``, at :func:`attention_rows`). The per-example shape is part of the layout:
+every part of a batch must pass the same one (one example's shape at the batch's
+``max_len``).
 
-Layout: a site's per-example shape ``(..., n)`` is a stack of *rows* of its last axis; row
-``example * prod(shape[:-1]) + (flat index over the leading axes)`` owns the words
-``row * ceil(n / 4)`` to ``(row + 1) * ceil(n / 4) - 1``, and its element ``j`` is draw
-``j % 4`` of word ``row * ceil(n / 4) + j // 4`` (a row's spare draws are unused). So a path
-that computes fewer positions draws only those: some rows (the valid tokens,
-:func:`keep_rows`), or a prefix of each row (the keys of an attention group padded to its
-longest, ``take=``). The per-example shape is part of the layout: every part of a batch must
-pass the same one (one example's shape at the batch's ``max_len``).
-
-The draws are vectorized NumPy, in cache-sized chunks that become the mask at once; a big mask
-is drawn by several threads (:func:`set_num_threads`; NumPy releases the GIL), and ``out=``
-fills a buffer reused from step to step. :func:`philox4x64` is checked against Random123's
-known answers, :func:`splitmix64` against the published SplitMix64 sequence.
+The draws become the mask chunk by chunk while in cache; a big mask is drawn by several threads
+(:func:`set_num_threads`), and ``out=`` fills a buffer reused from step to step.
 
 An element is dropped when its draw is below :func:`threshold` ``= round(p * 65536)``, so it is
 kept with probability exactly :func:`keep_probability` ``= 1 - threshold(p) / 65536`` (``p``
@@ -42,49 +34,34 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from bertlite.config import BERTConfig
+from bertlite.dropout_stream import (
+    DRAWS_PER_WORD,
+    THREAD_MIN_DRAWS,
+    check_uint,
+    default_threads,
+    draw_rows,
+    pool,
+    scratch,
+    set_num_threads,
+)
 
-#: Random draws per 64-bit word of the stream (16 bits a draw).
-DRAWS_PER_WORD = 4
+__all__ = ["DRAWS_PER_WORD", "LEVELS", "SITE_KINDS", "encoder_masks", "keep_mask",
+           "attention_rows", "keep_probability", "keep_rows", "mask_scale", "position_rows",
+           "random_bits", "row_bits",
+           "scaled_mask", "scaled_rows", "set_num_threads", "site_id", "site_shapes",
+           "threshold"]
+
 #: Distinct values of a draw.
 LEVELS = 1 << 16
-#: The Philox counter's last word: keeps these stream keys apart from any other use of Philox
-#: with the key.
-DOMAIN = 0x64726F70  # "drop"
-#: SplitMix64's increment (the golden ratio's 64-bit fraction).
-GAMMA = 0x9E3779B97F4A7C15
 #: The dropout sites of an encoder block, in the book's names: the attention weights and the
 #: inputs of the two add & norm layers.
 SITE_KINDS = ("attention", "addnorm1", "addnorm2")
-
-_U64 = (1 << 64) - 1
-_M0, _M1 = 0xD2E7470EE14C6C93, 0xCA5A826395121157  # Philox-4x64 multipliers
-_W0, _W1 = 0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B  # Weyl key increments
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-#: words per chunk (512 KB: in cache while they become a mask)
-_CHUNK_WORDS = 1 << 16
-#: draws per thread at least, below which a mask is drawn by one thread
-_THREAD_MIN_DRAWS = 1 << 20
-_THREADS: int | None = None
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def _check_uint(name: str, value: Any, bits: int = 64) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if not 0 <= int(value) < 1 << bits:
-        raise ValueError(f"{name} must be in [0, 2**{bits}), got {value!r}")
-    return int(value)
 
 
 def _check_p(p: Any) -> float:
@@ -115,163 +92,10 @@ def mask_scale(p: float) -> float:
 def site_id(layer: int, kind: str) -> int:
     """The site number of one dropout of encoder block ``layer`` (``kind`` one of
     :data:`SITE_KINDS`), the same in every backend."""
-    layer = _check_uint("layer", layer, 32)
+    layer = check_uint("layer", layer, 32)
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown dropout site kind {kind!r}; choose one of {SITE_KINDS}")
     return layer * len(SITE_KINDS) + SITE_KINDS.index(kind)
-
-
-# -- the generator -------------------------------------------------------------------------------
-
-
-def philox4x64(counter: Sequence[int], key: Sequence[int], rounds: int = 10
-               ) -> tuple[int, int, int, int]:
-    """Philox-4x64 of one counter (four 64-bit words, word 0 first) under ``key`` (two words):
-    the four output words."""
-    if len(counter) != 4:
-        raise ValueError(f"counter must be four 64-bit words, got {counter!r}")
-    if len(key) != 2:
-        raise ValueError(f"key must be two 64-bit words, got {key!r}")
-    c0, c1, c2, c3 = (_check_uint("counter word", c) for c in counter)
-    k0, k1 = (_check_uint("key word", k) for k in key)
-    for r in range(rounds):
-        if r:
-            k0, k1 = (k0 + _W0) & _U64, (k1 + _W1) & _U64
-        p0, p1 = _M0 * c0, _M1 * c2
-        c0, c1, c2, c3 = (p1 >> 64) ^ c1 ^ k0, p1 & _U64, (p0 >> 64) ^ c3 ^ k1, p0 & _U64
-    return c0, c1, c2, c3
-
-
-@functools.lru_cache(maxsize=4096)
-def stream_key(seed: int, step: int, site: int) -> int:
-    """The 64-bit key of the stream of site ``site`` at step ``step`` of the run ``seed``:
-    word 0 of Philox-4x64-10 of ``(site, 0, 0, DOMAIN)`` under ``(seed, step)``."""
-    return philox4x64((_check_uint("site", site), 0, 0, DOMAIN),
-                      (_check_uint("seed", seed), _check_uint("step", step)))[0]
-
-
-def _mix(z: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function, in place on uint64 ``z`` (``tmp``: scratch of its shape)."""
-    np.right_shift(z, _S30, out=tmp)
-    z ^= tmp
-    z *= _MIX1
-    np.right_shift(z, _S27, out=tmp)
-    z ^= tmp
-    z *= _MIX2
-    np.right_shift(z, _S31, out=tmp)
-    z ^= tmp
-    return z
-
-
-def splitmix64(key: int, counters: Any) -> np.ndarray:
-    """Words ``counters`` (uint64) of SplitMix64 seeded with ``key``: ``mix64(key + (c + 1) *
-    GAMMA)``, the ``c``-th output (from 0) of the sequential generator."""
-    z = np.asarray(counters, dtype=np.uint64) + np.uint64(1)
-    z = z * np.uint64(GAMMA) + np.uint64(_check_uint("key", key))
-    return _mix(z, np.empty_like(z))
-
-
-def _threads() -> int:
-    if _THREADS:
-        return _THREADS
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:  # the frameworks' own thread count (torchrun sets 1)
-        return min(4, int(omp))
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
-
-
-def set_num_threads(threads: int | None) -> None:
-    """Threads that draw a big mask. ``None`` (the default): ``$OMP_NUM_THREADS`` when set (as
-    the frameworks do), else the usable CPUs; at most 4."""
-    global _THREADS
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    _THREADS = threads
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE < threads:
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, "bertlite-dropout"), threads
-    return _POOL
-
-
-def _forget_pool() -> None:
-    """A forked child has none of the parent's threads: it starts a pool of its own."""
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-_LOCAL = threading.local()
-
-
-def _ramp(words: int) -> np.ndarray:
-    """``(c + 1) * GAMMA`` for ``c < words`` (one array, extended on demand)."""
-    ramp = getattr(_LOCAL, "ramp", None)
-    if ramp is None or ramp.size < words:
-        ramp = _LOCAL.ramp = (np.arange(1, max(words, _CHUNK_WORDS) + 1, dtype=np.uint64)
-                              * np.uint64(GAMMA))
-    return ramp[:words]
-
-
-def _scratch(words: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint64 buffers of ``words`` for this thread, kept from call to call: a chunk's
-    words and their scratch, without allocating (and page-faulting) them every time."""
-    buffers = getattr(_LOCAL, "scratch", None)
-    if buffers is None or buffers[0].size < words:
-        buffers = _LOCAL.scratch = tuple(np.empty(max(words, _CHUNK_WORDS), dtype=np.uint64)
-                                         for _ in range(2))
-    return buffers[0][:words], buffers[1][:words]
-
-
-def _generate(seed: int, step: int, site: int, rows: np.ndarray, row_length: int, take: int,
-              emit: Callable[[int, np.ndarray], None], threads: int | None = None) -> None:
-    """Draw the first ``take`` draws of every row of ``rows`` (1-D global row ids of rows of
-    ``row_length``) chunk by chunk, handing each to ``emit(first, bits)`` with ``bits`` a
-    ``(k, take)`` uint16 view of rows ``first .. first + k - 1``; big masks are drawn by several
-    threads."""
-    key = stream_key(seed, step, site)
-    words = -(-row_length // DRAWS_PER_WORD)
-    need = -(-take // DRAWS_PER_WORD)
-    if rows.size and int(rows.max()) * words + need > _U64:
-        raise ValueError(f"rows of {row_length} draws up to row {int(rows.max())} exceed the "
-                         "2**64 words of a site's stream")
-    per_chunk = max(1, _CHUNK_WORDS // need)
-    row_step = np.uint64(words * GAMMA & _U64)  # a row further: words * GAMMA more
-    consecutive = need == words and (rows.size < 2 or bool((np.diff(rows) == 1).all()))
-
-    def work(lo: int, hi: int) -> None:
-        size = min(per_chunk, hi - lo)
-        # word c of the stream is mix64(key + (c + 1) * GAMMA): the chunk's words from their
-        # rows' first words, or, for whole consecutive rows, from one ramp
-        ramp = _ramp(size * need)
-        offsets = ramp[:need] + np.uint64(key)
-        z, tmp = _scratch(size * need)
-        z, tmp = z.reshape(size, need), tmp.reshape(size, need)
-        for first in range(lo, hi, per_chunk):
-            k = min(per_chunk, hi - first)
-            part = rows[first:first + k]
-            if consecutive:
-                start = np.uint64((int(part[0]) * words * GAMMA + key) & _U64)
-                np.add(ramp[:k * need], start, out=z[:k].reshape(-1))
-            else:
-                np.add((part.astype(np.uint64) * row_step)[:, None], offsets, out=z[:k])
-            _mix(z[:k], tmp[:k])
-            emit(first, z[:k].astype("<u8", copy=False).view("<u2")[:, :take])
-
-    threads = min(threads or _threads(), max(1, rows.size * take // _THREAD_MIN_DRAWS))
-    if threads == 1:
-        work(0, rows.size)
-        return
-    bounds = [rows.size * i // threads for i in range(threads + 1)]
-    for future in [_pool(threads).submit(work, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
-        future.result()
 
 
 def _check_rows(rows: Any) -> np.ndarray:
@@ -284,8 +108,8 @@ def _check_rows(rows: Any) -> np.ndarray:
 
 
 def _check_take(row_length: Any, take: Any) -> tuple[int, int]:
-    row_length = _check_uint("row_length", row_length)
-    take = row_length if take is None else _check_uint("take", take)
+    row_length = check_uint("row_length", row_length)
+    take = row_length if take is None else check_uint("take", take)
     if not 0 < take <= row_length:
         raise ValueError(f"take must be in [1, row_length={row_length}], got {take}")
     return row_length, take
@@ -304,7 +128,7 @@ def row_bits(seed: int, step: int, site: int, rows: Any, row_length: int,
     def emit(first: int, bits: np.ndarray) -> None:
         out[first:first + len(bits)] = bits
 
-    _generate(seed, step, site, flat, row_length, take, emit)
+    draw_rows(seed, step, site, flat, row_length, take, emit)
     return out.reshape(*index.shape, take)
 
 
@@ -355,7 +179,7 @@ def _rows(seed: int, step: int, site: int, rows: Any, row_length: int, take: int
     def emit(first: int, bits: np.ndarray) -> None:
         fill(out[first:first + len(bits)], bits)
 
-    _generate(seed, step, site, flat, row_length, take, emit, threads)
+    draw_rows(seed, step, site, flat, row_length, take, emit, threads)
     return result
 
 
@@ -413,7 +237,7 @@ def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[i
            out: np.ndarray, fill: Callable[[np.ndarray, np.ndarray], None],
            valid_lens: Any = None, threads: int | None = None) -> np.ndarray:
     flat = out.reshape(-1, shape[-1])
-    seed, step, site = (_check_uint(n, v) for n, v in (("seed", seed), ("step", step),
+    seed, step, site = (check_uint(n, v) for n, v in (("seed", seed), ("step", step),
                                                         ("site", site)))
     if valid_lens is None:
         rows = _example_rows(examples, shape)
@@ -425,11 +249,11 @@ def _whole(seed: int, step: int, site: int, examples: np.ndarray, shape: tuple[i
         flat[...] = 0
 
         def emit(first: int, bits: np.ndarray) -> None:
-            part = np.empty(bits.shape, dtype=out.dtype)
+            part = scratch("mask rows", bits.size, out.dtype).reshape(bits.shape)
             fill(part, bits)
             flat[places[first:first + len(bits)]] = part
 
-    _generate(seed, step, site, rows, shape[-1], shape[-1], emit, threads)
+    draw_rows(seed, step, site, rows, shape[-1], shape[-1], emit, threads)
     return out
 
 
@@ -502,7 +326,7 @@ def _output(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> 
 
 
 def _row_range(row_start: int, rows: int) -> range:
-    row_start = _check_uint("row_start", row_start)
+    row_start = check_uint("row_start", row_start)
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
         raise ValueError(f"rows must be a number of examples >= 0, got {rows!r}")
     return range(row_start, row_start + int(rows))
@@ -513,9 +337,25 @@ def site_shapes(config: BERTConfig, length: int) -> dict[str, tuple[int, ...]]:
     ``"attention"`` ``(num_heads, length, length)`` (heads, then queries, then keys, as both
     backends lay out the attention weights) and ``"addnorm1"``, ``"addnorm2"``
     ``(length, num_hiddens)``."""
-    length = _check_uint("length", length)
+    length = check_uint("length", length)
     return {"attention": (config.num_heads, length, length),
             "addnorm1": (length, config.num_hiddens), "addnorm2": (length, config.num_hiddens)}
+
+
+def position_rows(examples: Any, positions: Any, length: int) -> np.ndarray:
+    """The rows of an add & norm site (per-example shape ``(length, hidden)``) at the global
+    ``examples`` and their ``positions`` (broadcast together): ``example * length +
+    position``."""
+    return np.asarray(examples, dtype=np.int64) * length + np.asarray(positions, dtype=np.int64)
+
+
+def attention_rows(examples: Any, queries: Any, num_heads: int, length: int) -> np.ndarray:
+    """The rows ``(len(examples), num_heads, queries)`` of the attention site (per-example
+    shape ``(num_heads, length, length)``) of the global ``examples`` (1-D) at their query
+    positions ``queries`` (``(len(examples), Q)``, or ``(1, Q)`` for all alike), every head."""
+    examples = np.asarray(examples, dtype=np.int64)[:, None, None]
+    heads = np.arange(num_heads, dtype=np.int64)[None, :, None]
+    return (examples * num_heads + heads) * length + np.asarray(queries, dtype=np.int64)[:, None, :]
 
 
 def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows: int,
@@ -540,11 +380,11 @@ def encoder_masks(config: BERTConfig, seed: int, step: int, row_start: int, rows
         return draw(seed, step, site_id(layer, kind), config.dropout, row_start, rows,
                     shapes[kind], valid_lens=valid_lens, threads=threads)
 
-    threads = _threads()
+    threads = default_threads()
     draws = rows * sum(math.prod(shapes[kind]) for _, kind in sites)
-    if threads > 1 and len(sites) > 1 and draws >= 2 * _THREAD_MIN_DRAWS:
+    if threads > 1 and len(sites) > 1 and draws >= 2 * THREAD_MIN_DRAWS:
         # the sites side by side, one thread each (no thread waits on another's pool task)
-        futures = [_pool(threads).submit(site_mask, layer, kind, 1) for layer, kind in sites]
+        futures = [pool(threads).submit(site_mask, layer, kind, 1) for layer, kind in sites]
         masks = [future.result() for future in futures]
     else:
         masks = [site_mask(layer, kind) for layer, kind in sites]

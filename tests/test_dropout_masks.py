@@ -1,5 +1,6 @@
-"""bertlite.dropout: Philox known answers, masks that do not depend on how the batch is split,
-their statistics, independence and argument errors (no framework needed)."""
+"""bertlite.dropout and its stream (bertlite.dropout_stream): Philox and SplitMix64 known
+answers, masks that do not depend on how the batch is split, their statistics, independence
+and argument errors (no framework needed)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from bertlite import dropout as D
+from bertlite import dropout_stream as S
 
 # Random123's published known answers (kat_vectors): counter words, key words, output words.
 KAT_4X64 = {
@@ -38,7 +40,7 @@ KAT_4X64 = {
 @pytest.mark.parametrize("rounds,counter,key,expected",
                          [(r, *case) for r, cases in KAT_4X64.items() for case in cases])
 def test_philox4x64_known_answers(rounds, counter, key, expected):
-    assert list(D.philox4x64(counter, key, rounds=rounds)) == expected
+    assert list(S.philox4x64(counter, key, rounds=rounds)) == expected
 
 
 def _splitmix64(seed, n):
@@ -57,16 +59,16 @@ def test_splitmix64_is_the_sequential_generator():
     # its published first outputs from seed 0
     assert _splitmix64(0, 2) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
     for seed in (0, 1, 2**64 - 1, 0x243F6A8885A308D3):
-        words = D.splitmix64(seed, np.arange(40, dtype=np.uint64))
+        words = S.splitmix64(seed, np.arange(40, dtype=np.uint64))
         assert words.dtype == np.uint64
         assert [int(w) for w in words] == _splitmix64(seed, 40)
     # any word on its own: counter c is the c-th output
-    assert int(D.splitmix64(7, [39])[0]) == _splitmix64(7, 40)[39]
+    assert int(S.splitmix64(7, [39])[0]) == _splitmix64(7, 40)[39]
 
 
 def test_stream_keys_are_philox_of_the_site():
-    assert D.stream_key(3, 5, 7) == D.philox4x64((7, 0, 0, D.DOMAIN), (3, 5))[0]
-    keys = {D.stream_key(seed, step, site) for seed in range(3) for step in range(3)
+    assert S.stream_key(3, 5, 7) == S.philox4x64((7, 0, 0, S.DOMAIN), (3, 5))[0]
+    keys = {S.stream_key(seed, step, site) for seed in range(3) for step in range(3)
             for site in range(3)}
     assert len(keys) == 27
 
@@ -77,7 +79,7 @@ def _reference_bits(seed, step, site, rows, shape):
     ``r * ceil(n / 4) + j // 4`` of SplitMix64 seeded with the site's stream key."""
     n, per_example = shape[-1], math.prod(shape[:-1])
     words = -(-n // 4)
-    key = D.philox4x64((site, 0, 0, D.DOMAIN), (seed, step))[0]
+    key = S.philox4x64((site, 0, 0, S.DOMAIN), (seed, step))[0]
     out = np.empty((len(rows), per_example, n), dtype=np.uint16)
     for i, e in enumerate(rows):
         for a in range(per_example):
@@ -166,7 +168,7 @@ def test_threads_draw_the_same_masks(threads):
         D.set_num_threads(1)
         one = D.scaled_mask(5, 9, 1, 0.2, 3, 300, shape)
         D.set_num_threads(threads)
-        assert D._threads() == threads
+        assert S.default_threads() == threads
         many = D.scaled_mask(5, 9, 1, 0.2, 3, 300, shape)
         parts = [D.scaled_mask(5, 9, 1, 0.2, 3 + a, 100, shape) for a in (0, 100, 200)]
     finally:
@@ -177,11 +179,11 @@ def test_threads_draw_the_same_masks(threads):
 
 def test_default_threads_follow_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert D._threads() == 1
+    assert S.default_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "16")
-    assert D._threads() == 4
+    assert S.default_threads() == 4
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert 1 <= D._threads() <= 4
+    assert 1 <= S.default_threads() <= 4
 
 
 def test_threshold_and_keep_probability_are_exact():
@@ -304,8 +306,8 @@ def test_bad_probability(p, error, message):
     (lambda: D.keep_rows(0, 0, 0, 0.2, [1, -2], 8), ValueError, "row indices >= 0"),
     (lambda: D.keep_rows(0, 0, 0, 0.2, [0.5], 8), TypeError, "integer row indices"),
     (lambda: D.set_num_threads(0), ValueError, "threads must be a positive integer"),
-    (lambda: D.philox4x64([1, 2, 3], [0, 0]), ValueError, "four 64-bit words"),
-    (lambda: D.philox4x64([1, 2, 3, 4], [0]), ValueError, "two 64-bit words"),
+    (lambda: S.philox4x64([1, 2, 3], [0, 0]), ValueError, "four 64-bit words"),
+    (lambda: S.philox4x64([1, 2, 3, 4], [0]), ValueError, "two 64-bit words"),
 ])
 def test_argument_errors(call, error, message):
     with pytest.raises(error, match=message):

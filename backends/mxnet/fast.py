@@ -36,7 +36,13 @@ import mxnet as mx
 import numpy as onp
 from mxnet.gluon import nn
 
-from bertlite.dropout import encoder_masks, scaled_rows, site_id
+from bertlite.dropout import (
+    attention_rows,
+    encoder_masks,
+    position_rows,
+    scaled_rows,
+    site_id,
+)
 from bertlite.loss import bert_loss
 
 from .loss import output_row_losses
@@ -155,16 +161,16 @@ def _sparse_rows(config, seed: int, step: int, layer: int, row_start: int, lengt
     ``pred_positions``), drawn only there: what :func:`sparse_masks` takes of whole masks."""
     positions = onp.asarray(pred_positions, dtype=onp.int64).reshape(len(pred_positions), -1)
     rows = onp.concatenate([onp.zeros((len(positions), 1), onp.int64), positions], axis=1)
-    examples = onp.arange(row_start, row_start + len(rows), dtype=onp.int64)[:, None]
-    heads = onp.arange(config.num_heads, dtype=onp.int64)[None, :, None]
+    examples = onp.arange(row_start, row_start + len(rows), dtype=onp.int64)
 
     def scaled(kind: str, index: onp.ndarray, row_length: int) -> onp.ndarray:
         return scaled_rows(seed, step, site_id(layer, kind), config.dropout, index, row_length)
 
-    attention = scaled("attention", (examples[:, None] * config.num_heads + heads) * length
-                       + rows[:, None, :], length)  # (B, heads, 1 + P, L)
-    return [attention, scaled("addnorm1", examples * length + rows, config.num_hiddens),
-            scaled("addnorm2", examples * length + rows, config.num_hiddens)]
+    tokens = position_rows(examples[:, None], rows, length)  # (B, 1 + P)
+    return [scaled("attention", attention_rows(examples, rows, config.num_heads, length),
+                   length),  # (B, heads, 1 + P, L)
+            scaled("addnorm1", tokens, config.num_hiddens),
+            scaled("addnorm2", tokens, config.num_hiddens)]
 
 
 # -- mixed precision ----------------------------------------------------------------------------

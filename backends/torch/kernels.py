@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from bertlite.config import BERTConfig
-from bertlite.dropout import scaled_mask, scaled_rows, site_id, site_shapes
+from bertlite.dropout import (
+    attention_rows,
+    position_rows,
+    scaled_mask,
+    scaled_rows,
+    site_id,
+    site_shapes,
+)
 
 # -- dense layers with fused bias and ReLU ------------------------------------------------------
 
@@ -347,8 +354,7 @@ class LayerMasks:
         self.config, self.p = config, config.dropout
         self.seed, self.step, self.layer = seed, step, layer
         self.row_start, self.num_rows, self.length = row_start, rows, length
-        self.num_heads, self.num_hiddens, self.device = (config.num_heads, config.num_hiddens,
-                                                         device)
+        self.device = device
 
     def _site(self, kind: str) -> int:
         return site_id(self.layer, kind)
@@ -366,21 +372,20 @@ class LayerMasks:
     def rows(self, kind: str, padded_rows: torch.Tensor) -> torch.Tensor:
         """The scaled mask ``(len(padded_rows), num_hiddens)`` of an add & norm site at the
         positions ``padded_rows`` (``example * length + position`` within the piece)."""
-        index = padded_rows.cpu().numpy() + self.row_start * self.length
+        # (row_start + e) * length + p: the piece's rows at their global examples
+        index = position_rows(self.row_start, padded_rows.cpu().numpy(), self.length)
         return self._tensor(scaled_rows(self.seed, self.step, self._site(kind), self.p, index,
-                                        self.num_hiddens))
+                                        self.config.num_hiddens))
 
     def attention(self, members: torch.Tensor, positions: torch.Tensor | None, keys: int
                   ) -> torch.Tensor:
         """The scaled attention mask ``(len(members) * num_heads, queries, keys)`` of the
         examples ``members`` (within the piece): their first ``keys`` keys at the query
         positions ``positions`` ``(len(members), queries)``, or at the first ``keys`` (None)."""
-        examples = members.cpu().numpy() + self.row_start
         queries = (np.arange(keys)[None, :] if positions is None
                    else positions.cpu().numpy())
-        heads = np.arange(self.num_heads)[None, :, None]
-        index = (examples[:, None, None] * self.num_heads + heads) * self.length \
-            + queries[:, None, :]
+        index = attention_rows(members.cpu().numpy() + self.row_start, queries,
+                               self.config.num_heads, self.length)
         mask = scaled_rows(self.seed, self.step, self._site("attention"), self.p, index,
                            self.length, take=keys)
         return self._tensor(mask.reshape(-1, mask.shape[2], keys))
